@@ -1,0 +1,3 @@
+"""rredcot: RL fine-tuning of reasoning models with GRPO and RREDCoT credit assignment."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from rredcot.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""`rredcot`: train, eval, config show, list. Hydra overrides are plain arguments (key=value).
+
+Errors a user can fix print as one paragraph and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.text import Text
+from omegaconf import OmegaConf
+
+from rredcot.errors import UserError
+from rredcot.ui import console, err_console, metrics_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RL fine-tuning of reasoning models with GRPO and RREDCoT credit assignment.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed config.")
+app.add_typer(config_app, name="config")
+OVERRIDES = typer.Argument(None, help="Hydra overrides: key=value, group=option, +exp=NAME")
+
+
+@app.command()
+def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Train with RL (the default config trains the built-in task)."""
+    from rredcot.config import load_config
+    from rredcot.pipeline import train as run_train
+
+    run_train(load_config(overrides))
+
+
+@app.command("eval")
+def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Evaluate checkpoint=RUN_DIR_OR_CHECKPOINT on the held-out split; writes eval.json."""
+    from rredcot.config import load_config
+    from rredcot.evaluate import evaluate
+    from rredcot.registry import get
+    from rredcot.runlog import resolve_checkpoint
+    from rredcot.stages.verify import build_reward_funcs
+    from rredcot.task.model import load_pretrained, load_tokenizer
+
+    cfg = load_config(overrides)
+    if not cfg.checkpoint:
+        raise UserError("rredcot eval needs checkpoint=PATH: a run directory made by `rredcot train` "
+                        "(its latest checkpoint is used) or a checkpoint directory such as RUN/checkpoints/step_000150.")
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    model, tokenizer = load_pretrained(str(ckpt)), load_tokenizer(str(ckpt))
+    samples = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.eval.n_prompts]
+    result = evaluate(model, tokenizer, samples, cfg, build_reward_funcs(cfg.verify))
+    result["checkpoint"] = str(ckpt)
+    out = Path(cfg.run_dir) if cfg.run_dir else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    console.print(metrics_table(f"rredcot eval: {ckpt} on {cfg.eval.split} ({len(samples)} prompts)", {"value": result}))
+    console.print(f"wrote {out / 'eval.json'}")
+
+
+@config_app.command("show")
+def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Print the composed, resolved config."""
+    from rredcot.config import load_config
+
+    console.print(OmegaConf.to_yaml(load_config(overrides)), markup=False)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Print every registry (stage -> names) and every config group (group -> options)."""
+    from rich.table import Table
+
+    from rredcot.config import groups
+    from rredcot.registry import STAGES, names
+
+    table = Table(title="registries (choose with <stage>.name=..., update with update.loss_type=...)")
+    table.add_column("stage")
+    table.add_column("names")
+    for stage in STAGES:
+        table.add_row(stage, ", ".join(names(stage)))
+    console.print(table)
+    table = Table(title="config groups (choose with group=option; exp with +exp=option)")
+    table.add_column("group")
+    table.add_column("options")
+    for group, options in groups().items():
+        table.add_row(group, ", ".join(options))
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        err_console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,55 @@
+"""Held-out evaluation: greedy accuracy, pass@1 (mean over n samples), unbiased pass@k, completion
+length and the truncated fraction."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rredcot.registry import get
+from rredcot.stages.verify import run_verify
+from rredcot.types import Sample
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    Example: n=4, c=1, k=2 -> 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5.
+    """
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _rollout(model, tokenizer, samples, cfg: Any, n: int, greedy: bool):
+    return get("rollout", cfg.rollout.name)(
+        model, tokenizer, samples, group_size=n, max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+        greedy=greedy, chunk_size=cfg.rollout.chunk_size,
+    )
+
+
+def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:
+    """Metrics on `samples`; with sampled=False only the greedy ones (cheap, for periodic evals)."""
+    greedy = _rollout(model, tokenizer, samples, cfg, 1, greedy=True)
+    v = run_verify(greedy.texts, greedy.samples, reward_funcs)
+    out: dict[str, Any] = {
+        "accuracy": float(v.correct.float().mean()),
+        "mean_length": float(greedy.lengths.float().mean()),
+        "truncated_frac": float(greedy.truncated.float().mean()),
+        "n_prompts": len(samples),
+    }
+    if sampled:
+        n = cfg.eval.n_samples
+        ro = _rollout(model, tokenizer, samples, cfg, n, greedy=False)
+        correct = run_verify(ro.texts, ro.samples, reward_funcs).correct.view(len(samples), n)  # [prompts, n]
+        c = correct.sum(1).tolist()
+        out["pass@1"] = float(correct.float().mean())
+        for k in cfg.eval.ks:
+            out[f"pass@{k}"] = sum(pass_at_k(n, ci, k) for ci in c) / len(c)
+        out["sampled_mean_length"] = float(ro.lengths.float().mean())
+        out["sampled_truncated_frac"] = float(ro.truncated.float().mean())
+        out["examples"] = [{"prompt": s.prompt, "gold": s.gold, "completion": t, "correct": bool(ok)}
+                           for s, t, ok in list(zip(greedy.samples, greedy.texts, v.correct.tolist()))[:8]]
+    return out

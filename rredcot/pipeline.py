@@ -1,0 +1,190 @@
+"""The training loop, top to bottom: rollout -> verify -> segment -> redistribute -> update.
+
+Each stage is a registry entry chosen by config (`rredcot list` shows them); this loop never branches
+on their names. Batch semantics per RL step: P = train.generation_batch_size / rollout.group_size
+prompts, G = rollout.group_size completions each, N = P * G completions, optimised in
+update.steps_per_generation optimizer steps of micro-batches of update.micro_batch_size, repeated
+update.num_iterations times.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM
+
+from rredcot.config import stage_options
+from rredcot.evaluate import evaluate
+from rredcot.registry import get
+from rredcot.runlog import MetricsLog, latest_checkpoint, prepare_run_dir, save_checkpoint
+from rredcot.stages.segment import run_segment, segment_lengths
+from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
+from rredcot.stages.verify import build_reward_funcs, run_verify
+from rredcot.task.arith import THINK_CLOSE
+from rredcot.task.warmstart import load_policy
+from rredcot.ui import console, make_progress, summary_table
+
+
+@dataclass
+class Stages:
+    """The registry entries the config chose, with their options bound."""
+
+    rollout: Callable
+    reward_funcs: dict
+    segment: Callable
+    redistribute: Callable
+
+
+def build_stages(cfg: DictConfig) -> Stages:
+    return Stages(
+        rollout=partial(get("rollout", cfg.rollout.name), **stage_options(cfg.rollout)),
+        reward_funcs=build_reward_funcs(cfg.verify),
+        segment=partial(get("segment", cfg.segment.name), **stage_options(cfg.segment)),
+        redistribute=partial(get("redistribute", cfg.redistribute.name), group_size=cfg.rollout.group_size,
+                             **stage_options(cfg.redistribute)),
+    )
+
+
+class PromptSampler:
+    """Draws prompt indices epoch by epoch, each epoch a seeded permutation; `drawn` is its whole state."""
+
+    def __init__(self, n: int, seed: int, drawn: int = 0):
+        self.n, self.seed, self.drawn, self._perm = n, seed, drawn, (None, None)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, pos = divmod(self.drawn, self.n)
+            if self._perm[0] != epoch:
+                self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)))
+            out.append(int(self._perm[1][pos]))
+            self.drawn += 1
+        return out
+
+
+def marker_id(tokenizer) -> int | None:
+    """The end-of-thinking token id, when the vocabulary has it as one token."""
+    ids = tokenizer.convert_tokens_to_ids([THINK_CLOSE])
+    return ids[0] if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id else None
+
+
+def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group_size: int) -> dict[str, Any]:
+    """What a user watches: reward, accuracy, lengths, entropy, credit spread, losses, stage times."""
+    lengths = ro.lengths.float()
+    mask = ro.completion_mask.bool()
+    valid = ~torch.isnan(ver.rewards)
+    out = {
+        "reward/mean": float(ver.rewards[valid].mean()) if valid.any() else float("nan"),
+        "reward/std": float(ver.rewards[valid].std()) if valid.sum() > 1 else 0.0,
+        "accuracy": float(ver.correct.float().mean()),
+        "frac_reward_zero_std": frac_zero_std(torch.nan_to_num(ver.rewards, nan=-1.0), group_size),
+        "frac_reward_undefined": float((~valid).float().mean()),
+        "completion/mean_length": float(lengths.mean()),
+        "completion/max_length": float(lengths.max()),
+        "completion/clipped_ratio": float(ro.truncated.float().mean()),
+        "entropy": float(ro.entropies[mask].mean()),
+        "segments/per_trace": float(segment_lengths(seg).mean()),
+        "advantage/token_std": float(credit.advantages[mask].std()) if mask.sum() > 1 else 0.0,
+        **{f"reward/{k}/mean": float(torch.nanmean(v)) for k, v in ver.per_func.items()},
+        **{f"extractor/{e}": ver.extractor.count(e) / len(ver.extractor) for e in sorted(set(ver.extractor))},
+        **credit.stats, **upd,
+    }
+    out.update({f"time/{k}_s": v for k, v in times.items()})
+    out["time/step_s"] = sum(times.values())
+    out["tokens/s"] = float(lengths.sum()) / max(out["time/step_s"], 1e-9)
+    return out
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run RL training as configured; returns the run directory."""
+    run = prepare_run_dir(cfg)
+    set_seed(cfg.seed)
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    log = MetricsLog(run, cfg)
+    stages = build_stages(cfg)
+    with make_progress(cfg.logging.progress) as progress:
+        model, tokenizer = load_policy(cfg, progress)
+        train_set = get("task", cfg.task.name)(cfg.task, "train", tokenizer)
+        eval_set = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.eval.n_prompts]
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg["update"].beta > 0 else None
+        start, drawn, resume_state = 0, 0, None
+        if cfg.resume:
+            ckpt = latest_checkpoint(run)
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
+            resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+            start, drawn = resume_state["step"], resume_state["drawn"]
+        total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
+        optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if ref_model is not None:
+            ref_model = ref_model.to(accelerator.device)
+        if resume_state is not None:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            torch.set_rng_state(resume_state["rng"])
+        sampler = PromptSampler(len(train_set), cfg.seed, drawn)
+        marker = marker_id(tokenizer)
+        prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
+
+        def checkpoint(step: int) -> None:
+            state = {"step": step, "drawn": sampler.drawn, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
+            save_checkpoint(run, step, accelerator.unwrap_model(model), tokenizer, state, cfg.train.save_total_limit)
+
+        first_eval = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs, sampled=start == 0)
+        if start == 0:
+            log.log({"step": 0, "eval/accuracy": first_eval["accuracy"]})
+        bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
+        done = start  # the last step whose update finished
+        try:
+            for step in range(start + 1, cfg.train.steps + 1):
+                times: dict[str, float] = {}
+                t = time.perf_counter()
+                batch = [train_set[i] for i in sampler.take(prompts_per_step)]
+                ro = stages.rollout(accelerator.unwrap_model(model), tokenizer, batch)
+                times["rollout"], t = time.perf_counter() - t, time.perf_counter()
+                ver = run_verify(ro.texts, ro.samples, stages.reward_funcs)
+                times["verify"], t = time.perf_counter() - t, time.perf_counter()
+                seg = run_segment(ro, stages.segment, marker)
+                times["segment"], t = time.perf_counter() - t, time.perf_counter()
+                credit = stages.redistribute(ro, ver, seg)
+                times["redistribute"], t = time.perf_counter() - t, time.perf_counter()
+                upd = update_policy(model, ro, credit, cfg=cfg["update"], temperature=cfg.rollout.temperature,
+                                    max_completion_length=cfg.rollout.max_new_tokens, optimizer=optimizer,
+                                    scheduler=scheduler, accelerator=accelerator, ref_model=ref_model)
+                times["update"] = time.perf_counter() - t
+                row = {"step": step, **step_metrics(ro, ver, seg, credit, upd, times, cfg.rollout.group_size)}
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                    row["eval/accuracy"] = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs, sampled=False)["accuracy"]
+                log.log(row)
+                if step % cfg.train.log_every == 0 or step == 1:
+                    log.samples(step, [{"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r),
+                                        "segments": b} for s, txt, r, b in
+                                       list(zip(ro.samples, ro.texts, ver.rewards.tolist(), seg.boundaries))[: cfg.train.samples_per_log]])
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                    checkpoint(step)
+                done = step
+                progress.update(bar, advance=1, description=f"RL reward {row['reward/mean']:.2f} acc {row['accuracy']:.2f} "
+                                                          f"{row['time/step_s']:.2f}s/step")
+        except KeyboardInterrupt:
+            console.print(f"[yellow]Interrupted after step {done}: saving a checkpoint (continue with resume=true run_dir={run}).")
+            checkpoint(done)
+            log.close()
+            raise
+        checkpoint(cfg.train.steps)
+        final = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs)
+        log.log({"step": cfg.train.steps, "eval/accuracy": final["accuracy"], "eval/pass@1": final["pass@1"]})
+        log.close()
+    result = {"start": first_eval if start == 0 else None, "final": final, "steps": cfg.train.steps}
+    (run / "eval.json").write_text(json.dumps(result, indent=2))
+    console.print(summary_table(run, result))
+    return run

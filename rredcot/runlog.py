@@ -1,0 +1,125 @@
+"""The run directory: config.yaml, metrics.jsonl, samples/, checkpoints/, eval.json.
+
+Everything is a plain file that standard tools open (YAML, JSON lines, safetensors); tensorboard and
+wandb are optional mirrors of metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rredcot.errors import UserError
+
+CKPT_PREFIX = "step_"
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d_%H%M%S")
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    """Create (or, with resume=true, reopen) the run directory. Never overwrites a finished run."""
+    run = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
+    has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
+    if has_run and not cfg.resume:
+        raise UserError(f"Run directory {str(run)!r} already holds a run. To continue it, add resume=true; "
+                        "to start a new one, choose another run_dir=PATH (nothing was overwritten).")
+    if cfg.resume and latest_checkpoint(run) is None:
+        raise UserError(f"resume=true but {str(run)!r} has no checkpoint to resume from. "
+                        "Point run_dir at a run with a checkpoints/ folder, or drop resume=true.")
+    (run / "samples").mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Step checkpoints of a run, oldest first."""
+    return sorted((run / "checkpoints").glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = [p for p in checkpoints(run) if (p / "config.json").exists()]
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A model directory (has config.json) or a run directory (its latest checkpoint)."""
+    p = Path(path).expanduser()
+    if (p / "config.json").exists():
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise UserError(f"checkpoint={path!r} is neither a model directory (with config.json) nor a run directory "
+                        "with checkpoints/. Pass a run directory made by `rredcot train` or one of its checkpoints/step_N.")
+    return ckpt
+
+
+def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones."""
+    final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # a crash mid-save never leaves a checkpoint that looks complete
+    for old in checkpoints(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class MetricsLog:
+    """Appends one JSON object per step to metrics.jsonl, mirrored to tensorboard / wandb if asked."""
+
+    def __init__(self, run: Path, cfg: DictConfig):
+        self.path = run / "metrics.jsonl"
+        self.run = run
+        self.tb = self.wandb = None
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        if cfg.logging.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("logging.wandb=true needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run),
+                                    config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        step = int(row["step"])
+        for k, v in row.items():
+            if self.tb is not None and isinstance(v, (int, float)) and k != "step":
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(clean, step=step)
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        with (self.run / "samples" / f"step_{step:06d}.jsonl").open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,1 @@
+"""The pipeline stages: rollout -> verify -> segment -> redistribute -> update."""

@@ -1,0 +1,123 @@
+"""Rollout stage: batched sampling with the KV cache.
+
+Keeps, for free, each sampled token's log-prob and the entropy of the distribution it was drawn from
+(the segmenters use the entropies). Log-probs use temperature-scaled logits before top-k/top-p
+filtering, the same distribution the update's log-probs use.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rredcot.logprobs import entropy_from_logits, position_ids
+from rredcot.registry import register
+from rredcot.types import Rollout, Sample
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus filtering: logits [N, V] -> [N, V] with dropped entries at -inf.
+
+    Example: logits [2, 1, 0], top_k=2 -> [2, 1, -inf]; top_p=0.6 keeps the smallest set of most likely
+    tokens whose mass reaches 0.6: p = [.665, .245, .090] -> [2, -inf, -inf].
+    """
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Sample completions for left-padded prompts [N, P].
+
+    Returns completion_ids, completion_mask, logprobs, entropies (all [N, T], T <= max_new_tokens)
+    and truncated [N]. Rows stop at EOS (included in the mask); the loop ends when all have stopped.
+    """
+    n = prompt_ids.shape[0]
+    mask = prompt_mask.clone()
+    pos = position_ids(mask)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, done = out.past_key_values, torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
+    toks, alive, logps, ents = [], [], [], []
+    pos = pos[:, -1:]
+    for _ in range(max_new_tokens):
+        scaled = out.logits[:, -1].float() / (1.0 if greedy else temperature)  # [N, V]
+        logp_all = torch.log_softmax(scaled, dim=-1)
+        if greedy:
+            tok = scaled.argmax(-1)
+        else:
+            probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
+            tok = torch.multinomial(probs, 1).squeeze(-1)  # [N]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        toks.append(tok)
+        alive.append(~done)
+        logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1))
+        ents.append(entropy_from_logits(scaled))
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    completion_mask = torch.stack(alive, 1).long()  # [N, T]
+    logprobs = torch.stack(logps, 1) * completion_mask
+    entropies = torch.stack(ents, 1) * completion_mask
+    return torch.stack(toks, 1), completion_mask, logprobs, entropies, ~done
+
+
+@register("rollout", "sample")
+def sample_rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    samples: list[Sample],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    chunk_size: int = 256,
+) -> Rollout:
+    """Sample `group_size` completions for each sample, in chunks of `chunk_size` rows (memory bound)."""
+    repeated = [s for s in samples for _ in range(group_size)]
+    device = next(model.parameters()).device
+    enc = tokenizer([s.prompt for s in repeated], return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    was_training = model.training
+    model.eval()
+    parts = []
+    for lo in range(0, len(repeated), chunk_size):
+        sl = slice(lo, lo + chunk_size)
+        parts.append(generate(
+            model, prompt_ids[sl], prompt_mask[sl], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+        ))
+    model.train(was_training)
+    T = max(p[0].shape[1] for p in parts)
+    fill = (tokenizer.pad_token_id, 0, 0.0, 0.0)
+    ids, cmask, logp, ent = (
+        torch.cat([torch.nn.functional.pad(p[i], (0, T - p[i].shape[1]), value=fill[i]) for p in parts])
+        for i in range(4)
+    )
+    truncated = torch.cat([p[4] for p in parts])
+    texts = tokenizer.batch_decode(ids.masked_fill(cmask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, ids, cmask, logp, ent, truncated, texts, repeated, group_size)

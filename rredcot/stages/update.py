@@ -1,0 +1,234 @@
+"""Update stage: GRPO's group advantages, clipped surrogate and loss aggregations, at TRL parity.
+
+Loss aggregations are the `update` registry (`update.loss_type=...`); see ../shared/docs/REFERENCE.md.
+Shapes: B rows in a micro-batch, T completion tokens, G completions per prompt.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from rredcot.registry import get, register
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: rewards [N] (G consecutive rows per prompt) -> [N].
+
+    Example, G=2, rewards [1, 0, 1, 1]: group means [.5, 1]; Bessel stds [.7071, 0]
+      scale="group": [.5/(.7071+1e-4), -.5/(.7071+1e-4), 0, 0] = [.7070, -.7070, 0, 0]
+      scale="none":  [.5, -.5, 0, 0]          (Dr. GRPO)
+      scale="batch": [.5, -.5, 0, 0] / (std([1,0,1,1]) = .5 + 1e-4)
+    NaN rewards (undefined) are left out of the group statistics and get advantage 0.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+    r = rewards.view(-1, group_size).float()  # [N/G, G]
+    valid = ~torch.isnan(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    n = valid.sum(1, keepdim=True)  # [N/G, 1]
+    mean = r0.sum(1, keepdim=True) / n.clamp(min=1)
+    adv = r0 - mean
+    if scale == "group":
+        var = ((adv * valid) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)  # Bessel
+        adv = adv / (var.sqrt() + eps)
+    elif scale == "batch":
+        adv = adv / (r[valid].std() + eps) if int(valid.sum()) > 1 else adv / (1 + eps)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+    return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
+
+
+def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal (zero GRPO advantage: no signal)."""
+    r = rewards.view(-1, group_size)
+    return float(((r.max(1).values - r.min(1).values).abs() < 1e-8).float().mean())
+
+
+# ---- loss aggregations: per-token loss [B, T], mask [B, T] -> scalar --------------------------------
+# `divide_by_accum` says whether the trainer divides by the gradient-accumulation steps (all but dapo).
+
+
+@register("update", "grpo")
+def agg_grpo(loss: torch.Tensor, mask: torch.Tensor, **_: object) -> torch.Tensor:
+    """Mean over rows of each row's token mean."""
+    return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+@register("update", "bnpo")
+def agg_bnpo(loss: torch.Tensor, mask: torch.Tensor, **_: object) -> torch.Tensor:
+    """Token mean over the micro-batch."""
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@register("update", "dr_grpo")
+def agg_dr_grpo(loss: torch.Tensor, mask: torch.Tensor, *, max_completion_length: int | None = None, **_: object) -> torch.Tensor:
+    """Sum over tokens / (B * max_completion_length): no length bias."""
+    length = max_completion_length or loss.shape[1]
+    return (loss * mask).sum() / (loss.shape[0] * length)
+
+
+@register("update", "dapo")
+def agg_dapo(loss: torch.Tensor, mask: torch.Tensor, *, num_items: float | None = None, **_: object) -> torch.Tensor:
+    """Sum over tokens / active tokens of the whole batch (num_items; default: this batch's)."""
+    denom = float(mask.sum()) if num_items is None else float(num_items)
+    return (loss * mask).sum() / max(denom, 1.0)
+
+
+for _name, _fn in (("grpo", agg_grpo), ("bnpo", agg_bnpo), ("dr_grpo", agg_dr_grpo), ("dapo", agg_dapo)):
+    _fn.divide_by_accum = _name != "dapo"  # type: ignore[attr-defined]
+
+
+def per_token_terms(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(per-token loss [B, T], ratio rho [B, T], k3 KL [B, T] or None). advantages [B] or [B, T].
+
+    Example: logp = old_logp (rho = 1), A = 2: loss = -min(1 * 2, 1 * 2) = -2 per token.
+    rho = 1.5, A = 1: -min(1.5, clip(1.5, .8, 1.2) = 1.2) = -1.2 (clipped); A = -1: -min(-1.5, -1.2) = 1.5.
+    """
+    adv = advantages if advantages.ndim == 2 else advantages[:, None]  # [B, T] or [B, 1]
+    rho = torch.exp(logp - old_logp)
+    clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(rho * adv, clipped * adv)
+    kl = None
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1  # k3 >= 0; e.g. delta = .1 -> 1.10517 - .1 - 1 = .00517
+        loss = loss + beta * kl
+    return loss, rho, kl
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "dapo",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items: float | None = None,
+) -> torch.Tensor:
+    """GRPO's clipped surrogate (+ beta * k3 KL), aggregated by `loss_type`. Returns a scalar.
+
+    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] or [B, T]. Not divided by the
+    gradient-accumulation steps: the trainer does that for the types whose `divide_by_accum` is set.
+    """
+    loss, _, _ = per_token_terms(logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp)
+    agg: Callable[..., torch.Tensor] = get("update", loss_type)
+    return agg(loss, mask.to(loss.dtype), max_completion_length=max_completion_length, num_items=num_items)
+
+
+def clip_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float) -> dict[str, float]:
+    """TRL's clip ratios: tokens clipped below with A < 0, above with A > 0, and either (masked means)."""
+    adv = advantages if advantages.ndim == 2 else advantages[:, None].expand_as(rho)
+    low = (rho < 1 - eps_low) & (adv < 0)
+    high = (rho > 1 + eps_high) & (adv > 0)
+    m = mask.bool()
+    denom = max(float(m.sum()), 1.0)
+    return {
+        "clip_ratio/low_mean": float((low & m).sum()) / denom,
+        "clip_ratio/high_mean": float((high & m).sum()) / denom,
+        "clip_ratio/region_mean": float(((low | high) & m).sum()) / denom,
+    }
+
+
+# ---- the optimisation of one generation batch ------------------------------------------------------
+
+
+def _no_grad_logprobs(model, rollout, rows: torch.Tensor, micro: int, temperature: float) -> torch.Tensor:
+    """Log-probs [N, T] of the completions under `model`, without gradients, in micro-batches."""
+    from rredcot.logprobs import completion_logprobs
+
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(rows), micro):
+            r = rows[lo : lo + micro]
+            lp, _ = completion_logprobs(model, rollout.prompt_ids[r], rollout.prompt_mask[r],
+                                        rollout.completion_ids[r], rollout.completion_mask[r], temperature)
+            out.append(lp)
+    return torch.cat(out)
+
+
+def update_policy(model, rollout, credit, *, cfg, temperature: float, max_completion_length: int, optimizer,
+                  scheduler, accelerator, ref_model=None) -> dict[str, float]:
+    """num_iterations x steps_per_generation optimizer steps on one generation batch of N completions.
+
+    Each optimizer step takes N / steps_per_generation completions, in micro-batches of
+    cfg.micro_batch_size (gradient accumulation). Old log-probs are the detached current ones when each
+    completion is used once (rho == 1); otherwise they are recomputed before the first step.
+    """
+    from rredcot.logprobs import completion_logprobs
+
+    N, T = rollout.completion_ids.shape
+    mask = rollout.completion_mask * credit.valid[:, None]  # [N, T]; undefined rewards are skipped
+    if cfg.mask_truncated_completions:
+        mask = mask * (~rollout.truncated)[:, None]
+    rows = torch.arange(N, device=mask.device)
+    per_step = N // cfg.steps_per_generation
+    accum = per_step // cfg.micro_batch_size
+    reuse = cfg.num_iterations > 1 or cfg.steps_per_generation > 1
+    old_all = _no_grad_logprobs(model, rollout, rows, cfg.micro_batch_size, temperature) if reuse else None
+    ref_all = _no_grad_logprobs(ref_model, rollout, rows, cfg.micro_batch_size, temperature) if cfg.beta > 0 else None
+    agg = get("update", cfg.loss_type)
+    num_items = float(mask.sum())  # dapo: active tokens of the whole generation batch (one process)
+    stats: dict[str, list[float]] = {}
+    for _ in range(cfg.num_iterations):
+        for s in range(cfg.steps_per_generation):
+            for lo in range(s * per_step, (s + 1) * per_step, cfg.micro_batch_size):
+                r = rows[lo : lo + cfg.micro_batch_size]
+                logp, _ = completion_logprobs(model, rollout.prompt_ids[r], rollout.prompt_mask[r],
+                                              rollout.completion_ids[r], rollout.completion_mask[r], temperature)
+                old = logp.detach() if old_all is None else old_all[r]
+                ref = None if ref_all is None else ref_all[r]
+                tok_loss, rho, kl = per_token_terms(logp, old, credit.advantages[r], eps_low=cfg.eps_low,
+                                                    eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref)
+                m = mask[r].to(tok_loss.dtype)
+                loss = agg(tok_loss, m, max_completion_length=max_completion_length, num_items=num_items)
+                if agg.divide_by_accum:
+                    loss = loss / accum
+                accelerator.backward(loss)
+                _append(stats, {"loss": float(loss) * (accum if agg.divide_by_accum else 1)},
+                        clip_stats(rho.detach(), credit.advantages[r], m, cfg.eps_low, cfg.eps_high))
+                if kl is not None:
+                    _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            _append(stats, {"grad_norm": float(grad_norm)})
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out
+
+
+def _append(stats: dict[str, list[float]], *dicts: dict[str, float]) -> None:
+    for d in dicts:
+        for k, v in d.items():
+            stats.setdefault(k, []).append(v)
+
+
+def build_optimizer(model, cfg, total_steps: int):
+    """AdamW and a warmup + constant/cosine schedule over `total_steps` optimizer steps."""
+    from transformers import get_scheduler
+
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+    )
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    kind = {"constant": "constant_with_warmup", "cosine": "cosine"}[cfg.schedule]
+    return opt, get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total_steps)

@@ -1,0 +1,68 @@
+"""The small typed records that travel between stages.
+
+Shapes: N = completions in a generation batch (prompts x group_size), T = max completion length,
+P = max prompt length. Every tensor lives on the policy's device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One problem: the prompt text the model sees and the gold answer the verifier checks."""
+
+    prompt: str
+    gold: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """Output of the rollout stage for N completions (G consecutive rows share a prompt)."""
+
+    prompt_ids: torch.Tensor  # [N, P] left-padded prompt tokens
+    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, T] sampled tokens, pad after EOS
+    completion_mask: torch.Tensor  # [N, T] 1 up to and including EOS
+    logprobs: torch.Tensor  # [N, T] log-prob of each sampled token (temperature-scaled logits)
+    entropies: torch.Tensor  # [N, T] entropy of the sampling distribution at each step
+    truncated: torch.Tensor  # [N] bool, True when no EOS within max_new_tokens
+    texts: list[str]  # N decoded completions (special tokens kept out)
+    samples: list[Sample]  # N samples, each repeated group_size times
+    group_size: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[N] completion tokens per row (including EOS)."""
+        return self.completion_mask.sum(-1)
+
+
+@dataclass
+class Verified:
+    """Output of the verify stage."""
+
+    rewards: torch.Tensor  # [N] weighted total; NaN where undefined (e.g. unparseable gold)
+    per_func: dict[str, torch.Tensor]  # name -> [N] raw reward of each reward function
+    correct: torch.Tensor  # [N] bool, the accuracy reward fired
+    extractor: list[str]  # N names of the answer extractor that fired ("none" if nothing parsed)
+
+
+@dataclass
+class Segmented:
+    """Output of the segment stage: per row, prefix lengths 0 = b_0 < b_1 < ... < b_K <= T."""
+
+    boundaries: list[list[int]]  # N lists of completion-token offsets
+    think_end: list[int | None]  # N offsets of the end-of-thinking marker (None if absent)
+
+
+@dataclass
+class Credit:
+    """Output of the redistribute stage: what the update multiplies into the surrogate."""
+
+    advantages: torch.Tensor  # [N, T] token advantages (0 on padding)
+    valid: torch.Tensor  # [N] bool, False for rows to skip (undefined reward)
+    stats: dict[str, float] = field(default_factory=dict)

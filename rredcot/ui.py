@@ -1,0 +1,40 @@
+"""Terminal output: the progress bar, the error paragraph, the summary tables (rich)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def make_progress(enabled: bool = True) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:
+    """Columns are the dict keys (e.g. "start", "final"); rows are the metrics they share."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for col in rows:
+        table.add_column(col, justify="right")
+    keys = [k for k in next(iter(rows.values())) if not isinstance(next(iter(rows.values()))[k], (list, dict))]
+    for k in keys:
+        table.add_row(k, *[_fmt(r.get(k)) for r in rows.values()])
+    return table
+
+
+def summary_table(run: Path, result: dict[str, Any]) -> Table:
+    cols = {"start": result["start"], "final": result["final"]} if result.get("start") else {"final": result["final"]}
+    return metrics_table(f"rredcot train: {result['steps']} steps, held-out metrics  ({run})", cols)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)

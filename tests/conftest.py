@@ -1,0 +1,44 @@
+"""Test tiers: unit/ (hand-sized tensors, string tables, properties), config/ (everything composes),
+integration/ (real CPU runs through the CLI). `slow` and `gpu` tests are skipped by default."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(pytest.mark.skip(reason="slow: pass --runslow"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warmstart_cache(tmp_path_factory):
+    """One warm-start cache for the whole session, so each debug=fast warm start is trained once."""
+    path = tmp_path_factory.mktemp("rredcot_cache")
+    os.environ["RREDCOT_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model():
+    """A random 2-layer built-in Llama and its tokenizer (no warm start)."""
+    from omegaconf import OmegaConf
+
+    from rredcot.task.model import build_tiny, load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    cfg = OmegaConf.create({"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2,
+                            "max_positions": 128})
+    return build_tiny(cfg, len(tok), seed=0).eval(), tok
