@@ -89,6 +89,9 @@ def list_cmd() -> None:
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough
     try:
         app()
     except UserError as e:

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from rredcot.config import stage_options
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
-from rredcot.runlog import MetricsLog, latest_checkpoint, prepare_run_dir, save_checkpoint
+from rredcot.runlog import MetricsLog, check_run_dir, init_run_dir, latest_checkpoint, save_checkpoint
 from rredcot.stages.segment import run_segment, segment_lengths
 from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, run_verify
@@ -106,15 +106,16 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
 
 def train(cfg: DictConfig) -> Path:
     """Run RL training as configured; returns the run directory."""
-    run = prepare_run_dir(cfg)
+    run = check_run_dir(cfg)
     set_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    log = MetricsLog(run, cfg)
     stages = build_stages(cfg)
     with make_progress(cfg.logging.progress) as progress:
         model, tokenizer = load_policy(cfg, progress)
         train_set = get("task", cfg.task.name)(cfg.task, "train", tokenizer)
         eval_set = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.eval.n_prompts]
+        init_run_dir(run, cfg)  # only now: a config or data error leaves nothing behind
+        log = MetricsLog(run, cfg)
         ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg["update"].beta > 0 else None
         start, drawn, resume_state = 0, 0, None
         if cfg.resume:

@@ -24,8 +24,8 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d_%H%M%S")
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    """Create (or, with resume=true, reopen) the run directory. Never overwrites a finished run."""
+def check_run_dir(cfg: DictConfig) -> Path:
+    """The run directory to use, checked before any work: never overwrites a run, resume needs one."""
     run = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
     has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
     if has_run and not cfg.resume:
@@ -34,9 +34,14 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if cfg.resume and latest_checkpoint(run) is None:
         raise UserError(f"resume=true but {str(run)!r} has no checkpoint to resume from. "
                         "Point run_dir at a run with a checkpoints/ folder, or drop resume=true.")
-    (run / "samples").mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return run
+
+
+def init_run_dir(run: Path, cfg: DictConfig) -> None:
+    """Create the run directory and write the resolved config (a resumed run keeps its first one)."""
+    (run / "samples").mkdir(parents=True, exist_ok=True)
+    name = f"config.resume_{time.strftime('%Y%m%d_%H%M%S')}.yaml" if cfg.resume else "config.yaml"
+    (run / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def checkpoints(run: Path) -> list[Path]:

@@ -201,7 +201,7 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
                 if agg.divide_by_accum:
                     loss = loss / accum
                 accelerator.backward(loss)
-                _append(stats, {"loss": float(loss) * (accum if agg.divide_by_accum else 1)},
+                _append(stats, {"loss": loss.item() * (accum if agg.divide_by_accum else 1)},
                         clip_stats(rho.detach(), credit.advantages[r], m, cfg.eps_low, cfg.eps_high))
                 if kl is not None:
                     _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})

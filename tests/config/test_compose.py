@@ -1,0 +1,106 @@
+"""Every config composes and validates; bad input gives one clear UserError (the CLI's exit status 2)."""
+import pytest
+
+from rredcot.config import groups, load_config
+from rredcot.errors import UserError
+from rredcot.pipeline import build_stages
+
+GROUP_OPTIONS = [(g, o) for g, opts in groups().items() if g != "exp" for o in opts]
+
+
+def test_default_composes_and_builds():
+    cfg = load_config([])
+    assert cfg.task.name == "builtin" and cfg.segment.name == "none" and cfg["update"].loss_type == "dapo"
+    build_stages(cfg)
+
+
+@pytest.mark.parametrize("group, option", GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    cfg = load_config([f"{group}={option}"])
+    build_stages(cfg)
+
+
+@pytest.mark.parametrize("exp", groups()["exp"])
+def test_every_exp_composes(exp):
+    cfg = load_config([f"+exp={exp}"])
+    build_stages(cfg)
+    assert cfg.warmstart.enabled is False  # experiments use pretrained models
+
+
+@pytest.mark.parametrize("exp", groups()["exp"])
+def test_every_exp_composes_with_debug_fast(exp):
+    load_config(["debug=fast", f"+exp={exp}"])
+
+
+def test_debug_fast_is_small():
+    cfg = load_config(["debug=fast"])
+    assert cfg.train.steps <= 5 and cfg.warmstart.steps <= 50
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_loss_types_compose(loss_type):
+    assert load_config([f"update.loss_type={loss_type}"])["update"].loss_type == loss_type
+
+
+def _error(overrides) -> str:
+    with pytest.raises(UserError) as e:
+        load_config(overrides)
+    return str(e.value)
+
+
+def test_unknown_key_suggests_the_closest():
+    msg = _error(["rollout.temprature=0.8"])
+    assert "Unknown config key 'rollout.temprature'" in msg and "rollout.temperature" in msg and "+rollout.temprature" in msg
+
+
+def test_wrong_type():
+    msg = _error(["rollout.temperature=hot"])
+    assert "wrong type" in msg and "expected number" in msg
+    assert "expected int" in _error(["rollout.group_size=2.5"])
+    assert "expected bool" in _error(["update.mask_truncated_completions=maybe"])
+
+
+def test_int_where_float_is_fine():
+    assert load_config(["rollout.temperature=1"]).rollout.temperature == 1
+
+
+def test_exp_needs_a_plus():
+    msg = _error(["exp=gsm8k"])
+    assert "+exp=gsm8k" in msg
+
+
+def test_new_key_needs_a_plus_and_with_it_composes():
+    assert "+train.note" in _error(["train.note=hello"])
+    assert load_config(["+train.note=hello"]).train.note == "hello"
+
+
+def test_unknown_group_option_lists_the_options():
+    msg = _error(["algo=ppo"])
+    assert "grpo" in msg
+
+
+def test_group_size_below_two():
+    assert "at least 2" in _error(["rollout.group_size=1"])
+
+
+def test_generation_batch_not_whole_groups():
+    msg = _error(["train.generation_batch_size=30", "rollout.group_size=8"])
+    assert "whole number of groups" in msg and "train.generation_batch_size=24" in msg
+
+
+def test_micro_batch_must_divide():
+    assert "micro_batch_size" in _error(["train.generation_batch_size=64", "update.micro_batch_size=48"])
+
+
+def test_unknown_registry_name():
+    msg = _error(["verify.name=gsm9k"])
+    assert "Did you mean 'gsm8k'" in msg and "verify.name" in msg
+
+
+def test_out_of_range():
+    assert "rollout.temperature" in _error(["rollout.temperature=0"])
+    assert "eval.n_samples" in _error(["eval.n_samples=2", "eval.ks=[1,4]"])
+
+
+def test_bad_override_syntax():
+    assert "key=value" in _error(["rollout.temperature=[1,"])

@@ -1,0 +1,42 @@
+"""The CLI's other commands, and bad input: one paragraph, exit status 2, never a traceback."""
+import pytest
+
+from .conftest import cli
+
+
+def test_list_shows_every_registry_and_group():
+    out = cli("list").stdout
+    for word in ("rollout", "verify", "segment", "redistribute", "update", "dapo", "uniform", "fixed", "gsm8k", "exp", "debug"):
+        assert word in out
+
+
+def test_config_show_prints_the_composed_config():
+    out = cli("config", "show", "rollout.temperature=0.7", "+exp=gsm8k").stdout
+    assert "temperature: 0.7" in out and "openai/gsm8k" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "rollout.temprature=0.8"], ["rollout.temperature"]),
+    (["train", "rollout.temperature=hot"], ["wrong type"]),
+    (["train", "exp=gsm8k"], ["+exp=gsm8k"]),
+    (["train", "train.new_key=1"], ["+train.new_key"]),
+    (["train", "rollout.group_size=1"], ["at least 2"]),
+    (["train", "train.generation_batch_size=30"], ["whole number of groups"]),
+    (["train", "segment.name=sentence"], ["fixed, none"]),
+    (["train", "task=gsm8k", "task.path=/nonexistent/data.jsonl", "warmstart.enabled=false", "verify.name=gsm8k"],
+     ["does not exist", "task.path"]),
+    (["eval"], ["checkpoint=PATH"]),
+    (["eval", "checkpoint=/nonexistent/run"], ["neither a model directory"]),
+    (["train", "resume=true", "run_dir=/nonexistent/run"], ["no checkpoint"]),
+])
+def test_bad_input_exits_2_with_a_clear_message(args, words, tmp_path):
+    proc = cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for w in words:
+        assert w in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_unknown_command_is_a_usage_error():
+    proc = cli("trian", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

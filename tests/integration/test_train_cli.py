@@ -1,0 +1,103 @@
+"""Real CPU runs of `rredcot train` / `rredcot eval` through the CLI, on the tiny built-in setup."""
+import json
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rredcot.config import load_config
+from rredcot.task.warmstart import cache_key
+
+from .conftest import ASSETS_DIR, cli
+
+
+def test_run_directory_has_everything_a_user_opens(fast_run):
+    assert (fast_run / "config.yaml").exists()
+    rows = [json.loads(line) for line in (fast_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("reward/mean", "accuracy", "time/step_s", "frac_reward_zero_std", "entropy", "lr", "grad_norm",
+                "completion/mean_length", "clip_ratio/region_mean", "tokens/s"):
+        assert key in steps[0], key
+    assert any("eval/accuracy" in r for r in rows if r["step"] == 0)          # before RL
+    assert sum("eval/accuracy" in r for r in rows if r["step"] > 0) >= 2      # periodic + final
+    samples = sorted((fast_run / "samples").glob("*.jsonl"))
+    assert samples and {"prompt", "completion", "reward", "segments"} <= set(json.loads(samples[0].read_text().splitlines()[0]))
+    result = json.loads((fast_run / "eval.json").read_text())
+    assert {"accuracy", "pass@1", "pass@2"} <= set(result["final"]) and result["start"] is not None
+
+
+def test_checkpoint_loads_with_plain_transformers(fast_run):
+    ckpt = fast_run / "checkpoints" / "step_000004"
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "trainer_state.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("a=1, b=a+2. b=?\n", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+
+
+def test_every_trainable_parameter_changed(fast_run):
+    cfg = load_config(["debug=fast"])
+    from pathlib import Path
+
+    start = load_file(Path(cfg.cache_dir).expanduser() / "warmstart" / cache_key(cfg) / "model.safetensors")
+    end = load_file(fast_run / "checkpoints" / "step_000004" / "model.safetensors")
+    assert start.keys() == end.keys()
+    unchanged = [k for k in start if torch.equal(start[k], end[k])]
+    assert not unchanged, f"parameters that RL did not change: {unchanged}"
+
+
+def test_eval_command_writes_eval_json(fast_run, tmp_path):
+    out = tmp_path / "ev"
+    proc = cli("eval", f"checkpoint={fast_run}", "debug=fast", f"run_dir={out}")
+    result = json.loads((out / "eval.json").read_text())
+    for key in ("accuracy", "pass@1", "pass@1", "pass@2", "mean_length", "truncated_frac"):
+        assert 0 <= result[key] <= (1 if key != "mean_length" else 1e9)
+    assert result["checkpoint"].endswith("step_000004") and "pass@1" in proc.stdout
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    cli("train", "debug=fast", f"run_dir={run}", "train.steps=2", "logging.progress=false")
+    proc = cli("train", "debug=fast", f"run_dir={run}", "train.steps=4", "resume=true", "logging.progress=false")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "reward/mean" in line]
+    assert steps == [1, 2, 3, 4], proc.stdout
+    assert (run / "checkpoints" / "step_000004").exists()
+
+
+def test_existing_run_is_never_overwritten(fast_run):
+    before = (fast_run / "metrics.jsonl").read_text()
+    proc = cli("train", "debug=fast", f"run_dir={fast_run}", check=False)
+    assert proc.returncode == 2 and "resume=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert (fast_run / "metrics.jsonl").read_text() == before
+
+
+def test_grpo_variants_train(tmp_path):
+    """Reused batches (old log-probs recomputed), a KL reference model, another loss and a segmenter."""
+    run = tmp_path / "v"
+    cli("train", "debug=fast", f"run_dir={run}", "train.steps=2", "update.num_iterations=2", "update.beta=0.1",
+        "update.loss_type=grpo", "update.steps_per_generation=2", "segment=fixed", "redistribute.scale_rewards=batch",
+        "update.mask_truncated_completions=true", "optim.schedule=cosine", "optim.warmup_steps=1", "model=qwen2_tiny",
+        "logging.progress=false")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
+    assert "kl" in rows[0] and rows[0]["kl"] >= 0 and rows[0]["segments/per_trace"] >= 1
+
+
+def test_local_gsm8k_file_with_a_hub_shaped_model(tmp_path, hub_shaped_model):
+    """The hub-loading path on local files of the same shape: chat template, gsm8k gold, gsm8k verifier."""
+    run = tmp_path / "g"
+    cli("train", "debug=fast", "+exp=gsm8k", f"model.name={hub_shaped_model}", "model.dtype=float32",
+        f"task.path={ASSETS_DIR / 'gsm8k_tiny.jsonl'}", "rollout.max_new_tokens=16", "train.steps=2",
+        f"run_dir={run}", "logging.progress=false")
+    sample = json.loads(sorted((run / "samples").glob("*.jsonl"))[0].read_text().splitlines()[0])
+    assert sample["prompt"].startswith("<|user|>") and sample["prompt"].endswith("<|assistant|>")
+    assert sample["gold"] in {"7", "30", "210", "20", "325", "9", "2100"}
+
+
+def test_local_math_file(tmp_path, hub_shaped_model):
+    run = tmp_path / "m"
+    cli("train", "debug=fast", "+exp=math500", f"model.name={hub_shaped_model}", "model.dtype=float32",
+        f"task.path={ASSETS_DIR / 'math_tiny.jsonl'}", "rollout.max_new_tokens=8", "train.steps=1",
+        f"run_dir={run}", "logging.progress=false")
+    assert (run / "eval.json").exists()
