@@ -26,9 +26,11 @@ from rredcot.config import stage_options
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
 from rredcot.runlog import MetricsLog, check_run_dir, init_run_dir, latest_checkpoint, save_checkpoint
-from rredcot.stages.segment import run_segment, segment_lengths
+from rredcot.stages.rollout import sample_from_ids
+from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
+from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
-from rredcot.stages.verify import build_reward_funcs, run_verify
+from rredcot.stages.verify import answer_extractor, build_reward_funcs, run_verify
 from rredcot.task.arith import THINK_CLOSE
 from rredcot.task.warmstart import load_policy
 from rredcot.ui import console, make_progress, summary_table
@@ -52,6 +54,19 @@ def build_stages(cfg: DictConfig) -> Stages:
         redistribute=partial(get("redistribute", cfg.redistribute.name), group_size=cfg.rollout.group_size,
                              **stage_options(cfg.redistribute)),
     )
+
+
+def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages) -> PolicyContext:
+    """What the value estimators see: the live policy, the task's verifier and forcing texts."""
+    ro = cfg.rollout
+
+    def generate(prefixes, n, budgets):
+        return sample_from_ids(model, tokenizer, prefixes, n, budgets, temperature=ro.temperature, top_p=ro.top_p,
+                               top_k=ro.top_k, chunk_size=ro.chunk_size)
+
+    return PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs["accuracy"][0],
+                         extract=answer_extractor(cfg.verify), force_text=cfg.task.get("forcing_text"),
+                         closing_text=cfg.task.get("closing_text") or "", generate=generate)
 
 
 class PromptSampler:
@@ -133,7 +148,8 @@ def train(cfg: DictConfig) -> Path:
             scheduler.load_state_dict(resume_state["scheduler"])
             torch.set_rng_state(resume_state["rng"])
         sampler = PromptSampler(len(train_set), cfg.seed, drawn)
-        marker = marker_id(tokenizer)
+        marker, pieces = marker_id(tokenizer), PieceDecoder(tokenizer)
+        ctx = policy_context(cfg, accelerator.unwrap_model(model), tokenizer, stages)
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
@@ -155,9 +171,9 @@ def train(cfg: DictConfig) -> Path:
                 times["rollout"], t = time.perf_counter() - t, time.perf_counter()
                 ver = run_verify(ro.texts, ro.samples, stages.reward_funcs)
                 times["verify"], t = time.perf_counter() - t, time.perf_counter()
-                seg = run_segment(ro, stages.segment, marker)
+                seg = run_segment(ro, stages.segment, marker, pieces)
                 times["segment"], t = time.perf_counter() - t, time.perf_counter()
-                credit = stages.redistribute(ro, ver, seg)
+                credit = stages.redistribute(ro, ver, seg, ctx)
                 times["redistribute"], t = time.perf_counter() - t, time.perf_counter()
                 upd = update_policy(model, ro, credit, cfg=cfg["update"], temperature=cfg.rollout.temperature,
                                     max_completion_length=cfg.rollout.max_new_tokens, optimizer=optimizer,

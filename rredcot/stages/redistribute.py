@@ -1,22 +1,160 @@
-"""Redistribute stage: turn the verified reward into [N, T] token advantages.
+"""Redistribute stage: turn each trace's verified reward into [N, T] token advantages.
 
-Every entry has the signature (rollout, verified, segmented, *, group_size, scale_rewards, **options)
--> Credit. `uniform` gives every token its trace's GRPO advantage: it *is* GRPO.
+Every entry has the signature (rollout, verified, segmented, ctx, *, group_size, **options) -> Credit,
+where ctx (a PolicyContext) gives the current policy and the task's forcing texts.
+
+- `uniform`: every token gets its trace's GRPO advantage. This *is* GRPO.
+- `rredcot`: values from answer forcing (stages/values.py), turned into token advantages by `mode`.
+- `mc`: the same with Monte Carlo values (the reference for estimator quality; expensive).
+- `attention`, `gradient`: the GRPO advantage spread over segments by attribution weights.
+
+Modes (METHOD.md section 5), with r_k = V_k - V_(k-1) and the correction r_(K+1) = R - V_K:
+  immediate     segment k gets r_k                      (RUDDER)
+  return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO)
+  mixed         the GRPO advantage + alpha * r_k / std(r over the batch)
+Tokens after b_K (marker and answer) get the correction in the first two modes.
 """
 from __future__ import annotations
 
 import torch
 
 from rredcot.registry import register
+from rredcot.stages.attribution import attention_weights, gradient_weights
 from rredcot.stages.update import group_advantages
+from rredcot.stages.values import PolicyContext, forced_values, mc_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
+
+MODES = ("immediate", "return_to_go", "mixed")
+SCALES = ("group", "batch", "none")
+
+
+def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
+    """values [K+1] = V_hat at b_0..b_K -> [K+1]: r_1..r_K, then the correction r_(K+1) = R - V_K.
+
+    They sum to R - V_0 (return-equivalence). Example: V = [.2, .5, .4], R = 1 -> [.3, -.1, .6].
+    """
+    return torch.cat([values[1:] - values[:-1], torch.as_tensor(reward, dtype=values.dtype).view(1) - values[-1:]])
+
+
+def _spread(per_segment: torch.Tensor, bounds: list[int], length: int, T: int) -> torch.Tensor:
+    """[K+1] values (segments, then the correction) -> [T] per token; 0 on padding."""
+    out = torch.zeros(T)
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        out[a:b] = per_segment[k]
+    out[bounds[-1] : length] = per_segment[-1]
+    return out
+
+
+def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] the reward std (Bessel) of each row's group; 1 where it is 0 (credit still carries signal
+    in groups whose rewards are all equal, and dividing by eps would blow it up)."""
+    std = torch.nan_to_num(rewards.view(-1, group_size), nan=0.0).std(1, keepdim=True).expand(-1, group_size).reshape(-1)
+    return torch.where(std > 0, std, torch.ones_like(std))
+
+
+def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.Tensor], *, group_size: int,
+                 mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
+                 eps: float = 1e-4) -> Credit:
+    """Token advantages [N, T] from boundary values, by `mode` and `scale`, plus the credit statistics."""
+    if mode not in MODES or scale not in SCALES:
+        raise ValueError(f"redistribute.mode must be one of {MODES} and redistribute.scale one of {SCALES}")
+    N, T = ro.completion_ids.shape
+    valid = ~torch.isnan(ver.rewards)
+    R = torch.nan_to_num(ver.rewards, nan=0.0)
+    lengths = ro.lengths.tolist()
+    seg_r = [segment_rewards(v, R[i]) for i, v in enumerate(values)]  # per trace [K+1]
+    if mode == "immediate":
+        per_seg = seg_r
+    elif mode == "return_to_go":
+        per_seg = [R[i] - v for i, v in enumerate(values)]  # segment k: R - V_(k-1); correction: R - V_K
+    else:
+        grpo = group_advantages(ver.rewards, group_size, scale=scale_rewards)
+        pooled = torch.cat(seg_r)
+        unit = pooled.std() if pooled.numel() > 1 and pooled.std() > 0 else torch.tensor(1.0)
+        per_seg = [grpo[i] + alpha * r / unit for i, r in enumerate(seg_r)]
+    adv = torch.stack([_spread(p, seg.boundaries[i], lengths[i], T) for i, p in enumerate(per_seg)])  # [N, T]
+    if mode != "mixed":
+        if scale == "group":
+            adv = adv / (_group_std(ver.rewards, group_size)[:, None] + eps)
+        elif scale == "batch":
+            pooled = torch.cat(per_seg)
+            adv = adv / (pooled.std() + eps if pooled.numel() > 1 else 1.0)
+    adv = adv * ro.completion_mask.cpu() * valid[:, None]
+    return Credit(advantages=adv.to(ro.completion_ids.device), valid=valid, stats=credit_stats(seg_r, values, ver))
+
+
+def credit_stats(seg_r: list[torch.Tensor], values: list[torch.Tensor], ver: Verified) -> dict[str, float]:
+    """Credit mean/std over segments (corrections excluded), sign agreement with the outcome, V_0."""
+    inner = [r[:-1] for r in seg_r]
+    pooled = torch.cat(inner) if inner else torch.zeros(0)
+    right = [r for r, ok in zip(inner, ver.correct.tolist()) if ok]
+    wrong = [r for r, ok in zip(inner, ver.correct.tolist()) if not ok]
+    frac = lambda rs, sign: float((torch.cat(rs) * sign > 0).float().mean()) if rs and torch.cat(rs).numel() else 0.0  # noqa: E731
+    return {
+        "credit/mean": float(pooled.mean()) if pooled.numel() else 0.0,
+        "credit/std": float(pooled.std()) if pooled.numel() > 1 else 0.0,
+        "credit/frac_pos_in_wrong": frac(wrong, 1.0),
+        "credit/frac_neg_in_right": frac(right, -1.0),
+        "value/start_mean": float(torch.stack([v[0] for v in values]).mean()) if values else 0.0,
+        "value/end_mean": float(torch.stack([v[-1] for v in values]).mean()) if values else 0.0,
+    }
 
 
 @register("redistribute", "uniform")
-def uniform(
-    rollout: Rollout, verified: Verified, segmented: Segmented, *, group_size: int, scale_rewards: str = "group"
-) -> Credit:
+def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | None = None, *, group_size: int,
+            scale_rewards: str = "group") -> Credit:
     """GRPO: A_i on every token of completion i. advantages [N, T] = A [N, 1] * mask [N, T]."""
-    adv = group_advantages(verified.rewards, group_size, scale=scale_rewards)  # [N]
-    valid = ~torch.isnan(verified.rewards)
-    return Credit(advantages=adv[:, None] * rollout.completion_mask, valid=valid)
+    adv = group_advantages(ver.rewards, group_size, scale=scale_rewards).to(ro.completion_mask.device)  # [N]
+    return Credit(advantages=adv[:, None] * ro.completion_mask, valid=~torch.isnan(ver.rewards))
+
+
+@register("redistribute", "rredcot")
+def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0,
+            scale_rewards: str = "group", include_reference: bool = True, self_normalize: bool = False,
+            length_normalize: bool = False, max_batch_tokens: int = 16384) -> Credit:
+    """RREDCoT: values by answer forcing with the policy itself, no extra generation."""
+    values, stats = forced_values(ro, ver, seg, ctx, group_size=group_size, include_reference=include_reference,
+                                  self_normalize=self_normalize, length_normalize=length_normalize,
+                                  max_batch_tokens=max_batch_tokens)
+    credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
+                          scale_rewards=scale_rewards)
+    credit.stats.update(stats)
+    return credit
+
+
+@register("redistribute", "mc")
+def mc(ro, ver, seg, ctx, *, group_size: int, samples: int = 4, max_new_tokens: int = 0, mode: str = "return_to_go",
+       scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group") -> Credit:
+    """Monte Carlo values (VinePPO-style): `samples` continuations from every boundary."""
+    values, stats = mc_values(ro, ver, seg, ctx, group_size=group_size, samples=samples,
+                              max_new_tokens=max_new_tokens or ro.completion_ids.shape[1])
+    credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
+                          scale_rewards=scale_rewards)
+    credit.stats.update(stats)
+    return credit
+
+
+def _weighted(ro, ver, seg, weights: list[torch.Tensor], group_size: int, scale_rewards: str) -> Credit:
+    """GRPO advantage A_i spread by segment weights w (sum 1): segment k gets A_i * K * w_k (uniform w
+    gives GRPO back); the tokens after b_K get A_i."""
+    A = group_advantages(ver.rewards, group_size, scale=scale_rewards)
+    N, T = ro.completion_ids.shape
+    lengths = ro.lengths.tolist()
+    rows = []
+    for i, w in enumerate(weights):
+        per_seg = torch.cat([A[i] * len(w) * w, A[i].view(1)]) if len(w) else A[i].view(1)
+        rows.append(_spread(per_seg, seg.boundaries[i], lengths[i], T))
+    adv = torch.stack(rows) * ro.completion_mask.cpu()
+    return Credit(advantages=adv.to(ro.completion_ids.device), valid=~torch.isnan(ver.rewards))
+
+
+@register("redistribute", "attention")
+def attention(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
+    """Dense reward from the attention the answer pays to each segment."""
+    return _weighted(ro, ver, seg, attention_weights(ro, seg, ctx), group_size, scale_rewards)
+
+
+@register("redistribute", "gradient")
+def gradient(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
+    """The GRPO advantage spread by gradient x input attribution of log p(gold answer)."""
+    return _weighted(ro, ver, seg, gradient_weights(ro, seg, ctx), group_size, scale_rewards)

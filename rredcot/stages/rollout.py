@@ -121,3 +121,30 @@ def sample_rollout(
     truncated = torch.cat([p[4] for p in parts])
     texts = tokenizer.batch_decode(ids.masked_fill(cmask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, ids, cmask, logp, ent, truncated, texts, repeated, group_size)
+
+
+def sample_from_ids(model, tokenizer, prefixes: list[list[int]], n: int, budgets: list[int], *, temperature: float = 1.0,
+                    top_p: float = 1.0, top_k: int = 0, chunk_size: int = 256) -> list[str]:
+    """`n` sampled continuations of each token prefix (Monte Carlo values); continuation j of prefix i
+    is at index i * n + j and has at most budgets[i] tokens."""
+    rows = [(p, b) for p, b in zip(prefixes, budgets) for _ in range(n)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    for lo in range(0, len(rows), chunk_size):
+        chunk = rows[lo : lo + chunk_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (p, _) in enumerate(chunk):  # left padding
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out_ids, out_mask, *_ = generate(model, ids.to(device), mask.to(device), eos_id=tokenizer.eos_token_id,
+                                         pad_id=tokenizer.pad_token_id, max_new_tokens=max(b for _, b in chunk),
+                                         temperature=temperature, top_p=top_p, top_k=top_k)
+        for i, (_, budget) in enumerate(chunk):
+            keep = out_ids[i, :budget][out_mask[i, :budget].bool()]
+            texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True))
+    model.train(was_training)
+    return texts

@@ -98,6 +98,18 @@ def verify_format(completion: str, sample: Sample) -> Score:
     return Score(float(bool(sep) and bool(head.strip()) and bool(tail.strip())), "format")
 
 
+def answer_extractor(cfg: Any) -> Callable[[str], str | None]:
+    """The final-answer text of a completion, as the task's verifier reads it (for answer forcing)."""
+    from rredcot.task.datasets import gold_from
+
+    if cfg.name == "builtin":
+        return lambda text: extract_answer(text)[0]
+    if cfg.name == "gsm8k":
+        mode = dict(cfg.options or {}).get("mode", "flexible")
+        return lambda text: extract_gsm8k(text, mode)[0]
+    return lambda text: gold_from(text, "boxed") or None
+
+
 def build_reward_funcs(cfg: Any) -> dict[str, tuple[Callable[[str, Sample], Score], float]]:
     """name -> (verifier with its options bound, weight). 'accuracy' is the task's own verifier."""
     funcs = {"accuracy": (partial(get("verify", cfg.name), **dict(cfg.options or {})), float(cfg.weight))}

@@ -22,7 +22,7 @@ def test_config_show_prints_the_composed_config():
     (["train", "train.new_key=1"], ["+train.new_key"]),
     (["train", "rollout.group_size=1"], ["at least 2"]),
     (["train", "train.generation_batch_size=30"], ["whole number of groups"]),
-    (["train", "segment.name=sentence"], ["fixed, none"]),
+    (["train", "segment.name=sentence"], ["fixed, hybrid"]),
     (["train", "task=gsm8k", "task.path=/nonexistent/data.jsonl", "warmstart.enabled=false", "verify.name=gsm8k"],
      ["does not exist", "task.path"]),
     (["eval"], ["checkpoint=PATH"]),
