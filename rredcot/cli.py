@@ -58,6 +58,33 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     console.print(f"wrote {out / 'eval.json'}")
 
 
+@app.command("credit")
+def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Show credit per segment on held-out traces (terminal + credit.html); credit.against=mc measures
+    every estimator against Monte Carlo values (credit.json). checkpoint=... or the starting policy."""
+    import time
+
+    from rredcot.config import load_config
+    from rredcot.credit_report import credit_command, results_table
+    from rredcot.runlog import resolve_checkpoint
+    from rredcot.task.model import load_pretrained, load_tokenizer
+    from rredcot.task.warmstart import load_policy
+
+    cfg = load_config(overrides)
+    if cfg.checkpoint:
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+        model, tokenizer = load_pretrained(str(ckpt)), load_tokenizer(str(ckpt))
+        default_out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt) / "credit"
+    else:
+        model, tokenizer = load_policy(cfg)
+        default_out = Path("runs") / f"credit_{time.strftime('%Y%m%d_%H%M%S')}"
+    out = Path(cfg.run_dir) if cfg.run_dir else default_out
+    result = credit_command(cfg, model.eval(), tokenizer, out, console)
+    if "estimators" in result:
+        console.print(results_table(result))
+    console.print(f"wrote {out / 'credit.json'} and {out / 'credit.html'}")
+
+
 @config_app.command("show")
 def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Print the composed, resolved config."""

@@ -168,7 +168,12 @@ def validate(cfg: DictConfig) -> None:
                             "(`rredcot config show` prints the current values); eval.n_samples must be at least max(eval.ks).")
     for stage, key in [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment", "segment.name"),
                        ("redistribute", "redistribute.name"), ("update", "update.loss_type"), ("task", "task.name")]:
-        registry.get(stage, OmegaConf.select(cfg, key), key)
+        entry = registry.get(stage, OmegaConf.select(cfg, key), key)
+        for need in getattr(entry, "needs_task_keys", ()):  # e.g. answer forcing needs task.forcing_text
+            if cfg.task.get(need) is None:
+                raise UserError(f"{key}={OmegaConf.select(cfg, key)} needs task.{need}, which this task's config does not set. "
+                                f"Add it to the task config (see conf/task/*.yaml for examples) or pass +task.{need}=..., "
+                                "or choose another estimator (e.g. algo=grpo).")
 
 
 def stage_options(section: DictConfig) -> dict[str, Any]:

@@ -66,3 +66,5 @@ class Credit:
     advantages: torch.Tensor  # [N, T] token advantages (0 on padding)
     valid: torch.Tensor  # [N] bool, False for rows to skip (undefined reward)
     stats: dict[str, float] = field(default_factory=dict)
+    segment_credit: list[torch.Tensor] | None = None  # N x [K+1]: each segment's credit, then the correction
+    values: list[torch.Tensor] | None = None  # N x [K+1]: V_hat at b_0..b_K (value-based estimators only)

@@ -43,22 +43,31 @@ def attention_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext) -> list[t
     return out
 
 
-def gradient_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext) -> list[torch.Tensor]:
+def gradient_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext, chunk: int = 64) -> list[torch.Tensor]:
+    """Batched: rows are independent, so the gradient of the summed log-probs gives each row's own."""
     model, tok = ctx.model, ctx.tokenizer
     force = _encode(tok, ctx.force_text or "")
-    emb_layer = model.get_input_embeddings()
-    out = []
-    for row, bounds in enumerate(seg.boundaries):
-        if len(bounds) < 2:
-            out.append(torch.zeros(0))
-            continue
-        ids, plen = trace_ids(ro, row)
-        answer = _encode(tok, ro.samples[row].gold + ctx.closing_text)
-        seq = torch.cat([ids[: plen + bounds[-1]], force, answer]).to(model.device)
-        emb = emb_layer(seq[None]).detach().requires_grad_(True)  # [1, S, H]
-        logits = model(inputs_embeds=emb).logits[0].float()
-        start = len(seq) - len(answer)
-        logp = torch.log_softmax(logits[start - 1 : -1], -1).gather(-1, seq[start:, None]).sum()
-        (grad,) = torch.autograd.grad(logp, emb)
-        out.append(_segment_mass((grad * emb).sum(-1)[0].abs().detach().cpu(), plen, bounds))
+    rows = [i for i, b in enumerate(seg.boundaries) if len(b) >= 2]
+    out = [torch.zeros(0) for _ in seg.boundaries]
+    for lo in range(0, len(rows), chunk):
+        part = rows[lo : lo + chunk]
+        seqs, spans = [], []
+        for i in part:
+            ids, plen = trace_ids(ro, i)
+            answer = _encode(tok, ro.samples[i].gold + ctx.closing_text)
+            seqs.append(torch.cat([ids[: plen + seg.boundaries[i][-1]], force, answer]))
+            spans.append((plen, len(seqs[-1]) - len(answer), len(seqs[-1])))
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, x in enumerate(seqs):  # right padding: positions are plain 0..len-1
+            ids[r, : len(x)], mask[r, : len(x)] = x, 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # [B, S, H]
+        logp = torch.log_softmax(model(inputs_embeds=emb, attention_mask=mask).logits.float(), -1)  # [B, S, V]
+        total = sum(logp[r, a - 1 : b - 1].gather(-1, ids[r, a:b, None]).sum() for r, (_, a, b) in enumerate(spans))
+        (grad,) = torch.autograd.grad(total, emb)
+        attr = (grad * emb).sum(-1).abs().detach().cpu()  # [B, S]
+        for r, i in enumerate(part):
+            out[i] = _segment_mass(attr[r], spans[r][0], seg.boundaries[i])
     return out

@@ -80,7 +80,8 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
             pooled = torch.cat(per_seg)
             adv = adv / (pooled.std() + eps if pooled.numel() > 1 else 1.0)
     adv = adv * ro.completion_mask.cpu() * valid[:, None]
-    return Credit(advantages=adv.to(ro.completion_ids.device), valid=valid, stats=credit_stats(seg_r, values, ver))
+    return Credit(advantages=adv.to(ro.completion_ids.device), valid=valid, stats=credit_stats(seg_r, values, ver),
+                  segment_credit=seg_r, values=values)
 
 
 def credit_stats(seg_r: list[torch.Tensor], values: list[torch.Tensor], ver: Verified) -> dict[str, float]:
@@ -97,6 +98,8 @@ def credit_stats(seg_r: list[torch.Tensor], values: list[torch.Tensor], ver: Ver
         "credit/frac_neg_in_right": frac(right, -1.0),
         "value/start_mean": float(torch.stack([v[0] for v in values]).mean()) if values else 0.0,
         "value/end_mean": float(torch.stack([v[-1] for v in values]).mean()) if values else 0.0,
+        # traces whose thinking part gave no segment (e.g. empty): all their credit is the correction
+        "credit/frac_traces_without_segments": sum(len(v) == 1 for v in values) / max(len(values), 1),
     }
 
 
@@ -105,7 +108,8 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
             scale_rewards: str = "group") -> Credit:
     """GRPO: A_i on every token of completion i. advantages [N, T] = A [N, 1] * mask [N, T]."""
     adv = group_advantages(ver.rewards, group_size, scale=scale_rewards).to(ro.completion_mask.device)  # [N]
-    return Credit(advantages=adv[:, None] * ro.completion_mask, valid=~torch.isnan(ver.rewards))
+    per_seg = [adv[i].cpu().repeat(len(b)) for i, b in enumerate(seg.boundaries)]
+    return Credit(advantages=adv[:, None] * ro.completion_mask, valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
 @register("redistribute", "rredcot")
@@ -120,6 +124,9 @@ def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", s
                           scale_rewards=scale_rewards)
     credit.stats.update(stats)
     return credit
+
+
+rredcot.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]
 
 
 @register("redistribute", "mc")
@@ -140,12 +147,9 @@ def _weighted(ro, ver, seg, weights: list[torch.Tensor], group_size: int, scale_
     A = group_advantages(ver.rewards, group_size, scale=scale_rewards)
     N, T = ro.completion_ids.shape
     lengths = ro.lengths.tolist()
-    rows = []
-    for i, w in enumerate(weights):
-        per_seg = torch.cat([A[i] * len(w) * w, A[i].view(1)]) if len(w) else A[i].view(1)
-        rows.append(_spread(per_seg, seg.boundaries[i], lengths[i], T))
-    adv = torch.stack(rows) * ro.completion_mask.cpu()
-    return Credit(advantages=adv.to(ro.completion_ids.device), valid=~torch.isnan(ver.rewards))
+    per_seg = [torch.cat([A[i] * len(w) * w, A[i].view(1)]) if len(w) else A[i].view(1) for i, w in enumerate(weights)]
+    adv = torch.stack([_spread(p, seg.boundaries[i], lengths[i], T) for i, p in enumerate(per_seg)]) * ro.completion_mask.cpu()
+    return Credit(advantages=adv.to(ro.completion_ids.device), valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
 @register("redistribute", "attention")
@@ -154,7 +158,13 @@ def attention(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group
     return _weighted(ro, ver, seg, attention_weights(ro, seg, ctx), group_size, scale_rewards)
 
 
+
+
+
 @register("redistribute", "gradient")
 def gradient(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
     """The GRPO advantage spread by gradient x input attribution of log p(gold answer)."""
     return _weighted(ro, ver, seg, gradient_weights(ro, seg, ctx), group_size, scale_rewards)
+
+
+gradient.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]

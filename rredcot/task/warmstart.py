@@ -28,7 +28,7 @@ CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 def cache_key(cfg: Any) -> str:
     """Hash of the task, model and warm-start settings (and this code's version)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "model", "warmstart")}
-    for k in ("train_size", "eval_size"):  # how many RL/eval problems exist does not change the warm start
+    for k in ("train_size", "eval_size", "forcing_text", "closing_text"):  # these do not change the warm start
         parts["task"].pop(k, None)
     parts["version"] = CACHE_VERSION
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,7 +10,8 @@ GROUP_OPTIONS = [(g, o) for g, opts in groups().items() if g != "exp" for o in o
 
 def test_default_composes_and_builds():
     cfg = load_config([])
-    assert cfg.task.name == "builtin" and cfg.segment.name == "none" and cfg["update"].loss_type == "dapo"
+    assert cfg.task.name == "builtin" and cfg.segment.name == "hybrid" and cfg.redistribute.name == "rredcot"
+    assert cfg["update"].loss_type == "dapo"
     build_stages(cfg)
 
 
@@ -104,3 +105,9 @@ def test_out_of_range():
 
 def test_bad_override_syntax():
     assert "key=value" in _error(["rollout.temperature=[1,"])
+
+
+def test_an_estimator_that_needs_the_forcing_text_says_so():
+    msg = _error(["~task.forcing_text"])
+    assert "needs task.forcing_text" in msg and "algo=grpo" in msg
+    load_config(["~task.forcing_text", "algo=grpo"])   # GRPO does not need it
