@@ -82,7 +82,7 @@ def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     result = credit_command(cfg, model.eval(), tokenizer, out, console)
     if "estimators" in result:
         console.print(results_table(result))
-    console.print(f"wrote {out / 'credit.json'} and {out / 'credit.html'}")
+    console.print(f"wrote {out / 'credit.json'}, {out / 'credit.html'} and {out / 'credit.svg'}")
 
 
 @config_app.command("show")

@@ -9,6 +9,7 @@ forward tokens, generated tokens and seconds. Writes credit.json and credit.html
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 from rich.text import Text
 
 from rredcot.config import load_config, stage_options
@@ -152,8 +154,9 @@ def terminal_trace(prompt: str, reward: float, parts, scale: float) -> Text:
             continue
         r, g, b, a = _shade(c, scale)
         mix = tuple(int(255 * (1 - a) + v * a) for v in (r, g, b))
-        text.append(chunk, style=f"black on rgb({mix[0]},{mix[1]},{mix[2]})")
-        text.append(f"[{c:+.2f}]", style="dim")
+        body, newline = (chunk[:-1], "\n") if chunk.endswith("\n") else (chunk, "")
+        text.append(body, style=f"black on rgb({mix[0]},{mix[1]},{mix[2]})" if a >= 0.05 else "")
+        text.append(f"  {c:+.2f}{newline}", style="dim")  # the label stays on the segment's own line
     return text
 
 
@@ -207,8 +210,11 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
     scale = max((abs(c) for cs in credit.segment_credit for c in cs.tolist()), default=1.0)
     traces = [{"prompt": ro.samples[i].prompt, "reward": float(ver.rewards[i]), "parts": trace_segments(ro, seg, credit, i, pieces)}
               for i in range(len(ro.texts))]
+    recorder = Console(record=True, width=110, file=io.StringIO())  # the same view, saved as credit.svg
     for t in traces[: cfg.credit.show]:
-        console.print(terminal_trace(t["prompt"], t["reward"], t["parts"], scale))
+        shaded = terminal_trace(t["prompt"], t["reward"], t["parts"], scale)
+        console.print(shaded)
+        recorder.print(shaded)
     result: dict[str, Any] = {"redistribute": cfg.redistribute.name, "segment": cfg.segment.name,
                               "prompts": cfg.credit.prompts, "traces": len(ro.texts), "stats": credit.stats}
     if cfg.credit.against == "mc":
@@ -225,6 +231,7 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
     (out_dir / "credit.json").write_text(json.dumps(result, indent=2, default=float))
     title = f"rredcot credit: {cfg.redistribute.name} on {cfg.segment.name} segments"
     (out_dir / "credit.html").write_text(html_page(title, traces, result.get("estimators"), scale))
+    recorder.save_svg(str(out_dir / "credit.svg"), title=title)
     return result
 
 

@@ -37,6 +37,7 @@ def test_credit_command_against_mc(fast_run, tmp_path):
     page = (out / "credit.html").read_text()
     assert page.startswith("<!doctype html>") and "credit" in page and "background:rgba" in page
     assert "against Monte Carlo" in proc.stdout
+    assert (out / "credit.svg").read_text().startswith("<svg")
 
 
 def test_credit_rejects_an_unknown_reference(fast_run, tmp_path):
