@@ -85,6 +85,33 @@ def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     console.print(f"wrote {out / 'credit.json'}, {out / 'credit.html'} and {out / 'credit.svg'}")
 
 
+@app.command()
+def compare(
+    args: Optional[List[str]] = typer.Argument(None, help="Hydra overrides for both methods; with --runs, run directories"),
+    baseline: str = typer.Option("grpo", help="algo preset or redistributor to compare against"),
+    seeds: int = typer.Option(3, help="seeds per method (0, 1, ...)"),
+    runs: bool = typer.Option(False, "--runs", help="build the report from finished run directories given as arguments"),
+    out: Optional[Path] = typer.Option(None, help="where the report goes (default runs/compare_<time>)"),
+) -> None:
+    """Train the configured method and a baseline on identical seeds, evaluate both, write a report."""
+    import time
+
+    from rredcot.compare import build_report
+    from rredcot.compare_runs import train_pair
+
+    out = out or Path("runs") / f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
+    if runs:
+        if not args or len(args) < 2:
+            raise UserError("compare --runs needs at least two run directories: rredcot compare --runs DIR_A DIR_B ...")
+        dirs = [Path(a) for a in args]
+    else:
+        dirs = train_pair(list(args or []), baseline, seeds, out, console)
+    summary = build_report(dirs, out, baseline)
+    for v in summary["verdicts"].values():
+        console.print(v["text"])
+    console.print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+
+
 @config_app.command("show")
 def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Print the composed, resolved config."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 
 from rredcot.registry import get
 from rredcot.stages.verify import run_verify

@@ -116,7 +116,17 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
     out.update({f"time/{k}_s": v for k, v in times.items()})
     out["time/step_s"] = sum(times.values())
     out["tokens/s"] = float(lengths.sum()) / max(out["time/step_s"], 1e-9)
+    out["memory/peak_mb"] = peak_memory_mb()
     return out
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory if there is one, else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def train(cfg: DictConfig) -> Path:

@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     cfg = load_config(["logging.progress=false"])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model, tok = load_policy(cfg)
     model.eval()
     stages = build_stages(cfg)

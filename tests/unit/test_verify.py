@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from rredcot.stages.verify import extract_gsm8k, normalize_number, run_verify, verify_builtin, verify_format, verify_gsm8k, verify_math
+from rredcot.stages.verify import normalize_number, run_verify, verify_builtin, verify_format, verify_gsm8k, verify_math
 from rredcot.task.datasets import gold_from
 from rredcot.types import Sample
 

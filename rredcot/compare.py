@@ -1,0 +1,253 @@
+"""`rredcot compare`: a method against a baseline over seeds, from finished run directories.
+
+`build_report(groups, baseline, out)` reads each run's metrics.jsonl / eval.json and writes
+report.md, a self-contained report.html, PNG plots and summary.json. Curves are means over seeds with
+95% t-intervals; the verdict is a paired t-test over seeds on final held-out greedy accuracy.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import yaml
+
+from rredcot.errors import UserError
+from rredcot.runlog import read_metrics
+from rredcot.stats import mean_ci, paired_t
+
+CURVES = [("reward/mean", "reward"), ("kl", "KL"), ("entropy", "entropy"), ("completion/mean_length", "completion length"),
+          ("grad_norm", "gradient norm"), ("advantage/token_std", "token-advantage std")]
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    result: dict[str, Any]
+
+    @property
+    def seed(self) -> int:
+        return int(self.config["seed"])
+
+    @property
+    def label(self) -> str:
+        name = self.config["redistribute"]["name"]
+        return "grpo" if name == "uniform" else name
+
+
+def load_run(path: Path) -> Run:
+    """A finished run, or a UserError that says what is missing."""
+    if not path.is_dir():
+        raise UserError(f"Run directory {str(path)!r} does not exist. Pass directories made by `rredcot train`.")
+    missing = [f for f in ("config.yaml", "metrics.jsonl", "eval.json") if not (path / f).exists()]
+    if missing:
+        raise UserError(f"Run {str(path)!r} is incomplete (no {', '.join(missing)}): it has not finished. "
+                        "Finish it with `rredcot train resume=true run_dir=...`, or leave it out.")
+    return Run(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
+               json.loads((path / "eval.json").read_text()))
+
+
+def _task_key(run: Run) -> dict[str, Any]:
+    """The task settings that define the problems (the forcing texts are the estimator's, not the task's)."""
+    return {k: v for k, v in run.config["task"].items() if k not in ("forcing_text", "closing_text")}
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by method label; all must be of the same task."""
+    task = runs[0].config["task"]
+    for r in runs[1:]:
+        if _task_key(r) != _task_key(runs[0]):
+            raise UserError(f"Run {str(r.path)!r} is of a different task than {str(runs[0].path)!r} "
+                            f"({r.config['task'].get('name')} vs {task.get('name')}, or other task settings). "
+                            "Compare runs of one task only.")
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    if len(groups) < 2:
+        raise UserError(f"All runs are of one method ({next(iter(groups))}); compare needs a method and a baseline.")
+    return groups
+
+
+def eval_curve(run: Run) -> list[tuple[int, float, float, float]]:
+    """(step, generated tokens so far, seconds so far, held-out greedy accuracy) at each evaluation."""
+    out, tokens, seconds = [], 0.0, 0.0
+    batch = run.config["train"]["generation_batch_size"]
+    for row in run.metrics:
+        if "completion/mean_length" in row:
+            tokens += row["completion/mean_length"] * batch
+            seconds += row.get("time/step_s", 0.0)
+        if row.get("eval/accuracy") is not None:
+            out.append((row["step"], tokens, seconds, row["eval/accuracy"]))
+    return out
+
+
+def _series(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and CI half-width over seeds of a per-step metric (steps every seed logged)."""
+    per = [{r["step"]: r[key] for r in run.metrics if r.get(key) is not None and "reward/mean" in r} for run in runs]
+    steps = sorted(set.intersection(*[set(p) for p in per])) if per else []
+    stats = [mean_ci([p[s] for p in per]) for s in steps]
+    return steps, [m for m, _ in stats], [h for _, h in stats]
+
+
+def _final(run: Run, key: str) -> float:
+    return float(run.result["final"][key])
+
+
+def summary(groups: dict[str, list[Run]], baseline: str) -> dict[str, Any]:
+    base = groups[baseline]
+    base_final = mean(_final(r, "accuracy") for r in base)
+    base_step = mean(mean(x["time/step_s"] for x in r.metrics if "time/step_s" in x) for r in base)
+    rows = {}
+    for label, runs in groups.items():
+        acc, p1 = mean_ci([_final(r, "accuracy") for r in runs]), mean_ci([_final(r, "pass@1") for r in runs])
+        step_s = mean(mean(x["time/step_s"] for x in r.metrics if "time/step_s" in x) for r in runs)
+        share = mean(mean(x.get("time/redistribute_s", 0.0) / x["time/step_s"] for x in r.metrics if "time/step_s" in x) for r in runs)
+        curves = [eval_curve(r) for r in runs]
+        reach = [next((s for s, _, _, a in c if a >= base_final), None) for c in curves]
+        rows[label] = {
+            "seeds": sorted(r.seed for r in runs), "accuracy": acc[0], "accuracy_ci": acc[1], "pass@1": p1[0], "pass@1_ci": p1[1],
+            "steps_to_baseline_final": mean(x for x in reach if x is not None) if any(x is not None for x in reach) else None,
+            "runs_reaching_baseline_final": sum(x is not None for x in reach),
+            "seconds_per_step": step_s, "step_time_ratio": step_s / base_step if base_step else math.nan,
+            "redistribution_share": share,
+            "peak_memory_mb": max(max((x.get("memory/peak_mb", 0.0) for x in r.metrics), default=0.0) for r in runs),
+        }
+    return {"baseline": baseline, "rows": rows, "verdicts": {m: verdict(groups[m], base, m, baseline) for m in groups if m != baseline}}
+
+
+def verdict(runs: list[Run], base: list[Run], name: str, baseline: str) -> dict[str, Any]:
+    """Paired t-test over the seeds both methods have, on final greedy accuracy."""
+    by_seed = {r.seed: _final(r, "accuracy") for r in base}
+    pairs = [(_final(r, "accuracy"), by_seed[r.seed]) for r in runs if r.seed in by_seed]
+    if not pairs:
+        return {"text": f"{name} and {baseline} share no seed: no paired test.", "n": 0}
+    t = paired_t([a for a, _ in pairs], [b for _, b in pairs])
+    diff, p, n = 100 * t["diff"], t["p"], t["n"]
+    if n < 2 or math.isnan(p):
+        text = f"{name} vs {baseline}: {diff:+.1f} points on 1 seed; run more seeds for a test."
+    elif p < 0.05:
+        text = (f"{name} {'beats' if diff > 0 else 'loses to'} {baseline} by {abs(diff):.1f} points of held-out greedy "
+                f"accuracy (95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test "
+                f"over {n} seeds, p = {p:.3f}).")
+    else:
+        text = (f"No significant difference: {name} - {baseline} = {diff:+.1f} points of held-out greedy accuracy "
+                f"(95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test over "
+                f"{n} seeds, p = {p:.2f}).")
+    return {**t, "text": text}
+
+
+# ---- plots and files -------------------------------------------------------------------------------
+
+
+def _band(ax, xs, runs_curves, label):
+    """Mean and 95% interval over seeds of accuracy at the evaluation points every seed has."""
+    n = min(len(c) for c in runs_curves)
+    x = [mean(xs(c[i]) for c in runs_curves) for i in range(n)]
+    stats = [mean_ci([c[i][3] for c in runs_curves]) for i in range(n)]
+    m = [s[0] for s in stats]
+    h = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
+    ax.plot(x, m, marker="o", label=label)
+    ax.fill_between(x, [a - b for a, b in zip(m, h)], [a + b for a, b in zip(m, h)], alpha=0.2)
+
+
+def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (xs, xlabel) in zip(axes, [(lambda e: e[0], "optimizer steps"), (lambda e: e[1], "generated tokens"),
+                                       (lambda e: e[2], "wall-clock seconds (training only)")]):
+        for label, runs in groups.items():
+            _band(ax, xs, [eval_curve(r) for r in runs], label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out greedy accuracy")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    files.append(out / "accuracy.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for label, runs in groups.items():
+            steps, m, h = _series(runs, key)
+            if steps:
+                ax.plot(steps, m, label=label)
+                ax.fill_between(steps, [a - (0 if math.isnan(b) else b) for a, b in zip(m, h)],
+                                [a + (0 if math.isnan(b) else b) for a, b in zip(m, h)], alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    files.append(out / "training.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def _pm(m: float, h: float, scale: float = 100.0) -> str:
+    return f"{scale * m:.1f}" + ("" if math.isnan(h) else f" ± {scale * h:.1f}")
+
+
+def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
+    lines = [f"# rredcot compare: {', '.join(m for m in groups if m != s['baseline'])} vs {s['baseline']}", ""]
+    lines += [f"**Verdict.** {v['text']}" for v in s["verdicts"].values()] + [""]
+    lines += ["| method | seeds | greedy acc (%) | pass@1 (%) | steps to baseline's final acc | s/step | ratio to baseline | "
+              "redistribution share | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in s["rows"].items():
+        reach = "-" if r["steps_to_baseline_final"] is None else f"{r['steps_to_baseline_final']:.0f} ({r['runs_reaching_baseline_final']}/{len(r['seeds'])} seeds)"
+        lines.append(f"| {label} | {len(r['seeds'])} | {_pm(r['accuracy'], r['accuracy_ci'])} | {_pm(r['pass@1'], r['pass@1_ci'])} | "
+                     f"{reach} | {r['seconds_per_step']:.2f} | {r['step_time_ratio']:.2f} | {100 * r['redistribution_share']:.0f}% | "
+                     f"{r['peak_memory_mb']:.0f} |")
+    lines += ["", "Intervals are 95% t-intervals over seeds. Runs:", ""]
+    lines += [f"- {label}: " + ", ".join(str(r.path) for r in runs) for label, runs in groups.items()]
+    lines += ["", "![accuracy](accuracy.png)", "", "![training curves](training.png)", ""]
+    return "\n".join(lines)
+
+
+def html_report(md: str, pngs: list[Path]) -> str:
+    """report.md as a self-contained page (images inlined)."""
+    import html as h
+
+    body = []
+    for line in md.splitlines():
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : -1]
+            png = next(p for p in pngs if p.name == name)
+            body.append(f'<img style="max-width:100%" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">')
+        elif line.startswith("|") and "---" not in line:
+            cells = "".join(f"<td>{h.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
+            body.append(f"<tr>{cells}</tr>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{h.escape(line[2:])}</h1>")
+        elif line.strip() and "---" not in line:
+            body.append(f"<p>{h.escape(line).replace('**', '')}</p>")
+    text = "\n".join(body).replace("</p>\n<tr>", "</p>\n<table border=1 cellpadding=4><tr>", 1)
+    text = text.replace("</tr>\n<p>", "</tr></table>\n<p>", 1)
+    return f"<!doctype html><meta charset='utf-8'><title>rredcot compare</title><body style='font-family:sans-serif;max-width:70em;margin:2em auto'>{text}</body>"
+
+
+def build_report(run_dirs: list[Path], out: Path, baseline: str | None = None) -> dict[str, Any]:
+    """Load runs, group them by method, write report.md / report.html / PNGs / summary.json into `out`."""
+    groups = group_runs([load_run(Path(p)) for p in run_dirs])
+    baseline = baseline if baseline in groups else ("grpo" if "grpo" in groups else sorted(groups)[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    s = summary(groups, baseline)
+    pngs = plot_all(groups, out)
+    md = markdown(s, groups)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(html_report(md, pngs))
+    (out / "summary.json").write_text(json.dumps(s, indent=2, default=float))
+    return s

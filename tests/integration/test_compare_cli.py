@@ -1,0 +1,59 @@
+"""`rredcot compare` through the CLI: a tiny two-seed comparison, and reports from finished runs."""
+import json
+import shutil
+
+import pytest
+
+from .conftest import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_compare(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "report"
+    proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2")
+    return out, proc
+
+
+def test_report_files_exist_and_numbers_match_the_runs(tiny_compare):
+    out, proc = tiny_compare
+    for name in ("report.md", "report.html", "accuracy.png", "training.png", "summary.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["rows"]) == {"rredcot", "grpo"} and summary["baseline"] == "grpo"
+    for label in ("rredcot", "grpo"):
+        finals = [json.loads((out / label / f"seed{s}" / "eval.json").read_text())["final"]["accuracy"] for s in (0, 1)]
+        assert summary["rows"][label]["accuracy"] == pytest.approx(sum(finals) / 2)
+        assert summary["rows"][label]["seeds"] == [0, 1]
+    assert "paired t-test over 2 seeds" in summary["verdicts"]["rredcot"]["text"] or "difference" in proc.stdout
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table" in html
+
+
+def test_report_from_finished_runs(tiny_compare, tmp_path):
+    out, _ = tiny_compare
+    runs = [str(out / m / f"seed{s}") for m in ("rredcot", "grpo") for s in (0, 1)]
+    cli("compare", "--runs", *runs, "--out", str(tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "summary.json").read_text())["rows"].keys() == {"rredcot", "grpo"}
+
+
+def test_runs_that_are_missing_incomplete_or_of_another_task(tiny_compare, tmp_path):
+    out, _ = tiny_compare
+    good = str(out / "grpo" / "seed0")
+    proc = cli("compare", "--runs", good, str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    partial = tmp_path / "partial"
+    shutil.copytree(out / "rredcot" / "seed0", partial)
+    (partial / "eval.json").unlink()
+    proc = cli("compare", "--runs", good, str(partial), check=False)
+    assert proc.returncode == 2 and "incomplete" in proc.stderr
+    other = tmp_path / "other"
+    shutil.copytree(out / "rredcot" / "seed0", other)
+    cfg = (other / "config.yaml").read_text().replace("steps: 4\n  max_value", "steps: 6\n  max_value")
+    (other / "config.yaml").write_text(cfg)
+    proc = cli("compare", "--runs", good, str(other), check=False)
+    assert proc.returncode == 2 and "different task" in proc.stderr
+
+
+def test_unknown_baseline():
+    proc = cli("compare", "--baseline", "ppo", "debug=fast", check=False)
+    assert proc.returncode == 2 and "grpo" in proc.stderr and "Traceback" not in proc.stderr
