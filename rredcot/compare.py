@@ -87,10 +87,18 @@ def eval_curve(run: Run) -> list[tuple[int, float, float, float]]:
     return out
 
 
+def _smooth(xs: list[float], window: int) -> list[float]:
+    """Trailing moving average: per-step RL metrics are too noisy to read raw."""
+    return [mean(xs[max(0, i - window + 1) : i + 1]) for i in range(len(xs))]
+
+
 def _series(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
-    """Steps, mean and CI half-width over seeds of a per-step metric (steps every seed logged)."""
+    """Steps, mean and CI half-width over seeds of a per-step metric (steps every seed logged), each run
+    smoothed over a window of ~1/20 of the steps."""
     per = [{r["step"]: r[key] for r in run.metrics if r.get(key) is not None and "reward/mean" in r} for run in runs]
     steps = sorted(set.intersection(*[set(p) for p in per])) if per else []
+    window = max(1, len(steps) // 20)
+    per = [dict(zip(steps, _smooth([p[s] for s in steps], window))) for p in per]
     stats = [mean_ci([p[s] for p in per]) for s in steps]
     return steps, [m for m, _ in stats], [h for _, h in stats]
 
@@ -145,15 +153,29 @@ def verdict(runs: list[Run], base: list[Run], name: str, baseline: str) -> dict[
 # ---- plots and files -------------------------------------------------------------------------------
 
 
+def _draw(ax, x, m, h, label: str, **kw) -> None:
+    """A mean line with its 95% band (NaN half-widths, i.e. one seed, draw no band)."""
+    h = [0.0 if math.isnan(b) else b for b in h]
+    ax.plot(x, m, label=label, **kw)
+    ax.fill_between(x, [a - b for a, b in zip(m, h)], [a + b for a, b in zip(m, h)], alpha=0.2)
+
+
 def _band(ax, xs, runs_curves, label):
     """Mean and 95% interval over seeds of accuracy at the evaluation points every seed has."""
     n = min(len(c) for c in runs_curves)
-    x = [mean(xs(c[i]) for c in runs_curves) for i in range(n)]
     stats = [mean_ci([c[i][3] for c in runs_curves]) for i in range(n)]
-    m = [s[0] for s in stats]
-    h = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-    ax.plot(x, m, marker="o", label=label)
-    ax.fill_between(x, [a - b for a, b in zip(m, h)], [a + b for a, b in zip(m, h)], alpha=0.2)
+    x = [mean(xs(c[i]) for c in runs_curves) for i in range(n)]
+    _draw(ax, x, [m for m, _ in stats], [h for _, h in stats], label, marker="o")
+
+
+def _finish(fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
@@ -162,7 +184,6 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (xs, xlabel) in zip(axes, [(lambda e: e[0], "optimizer steps"), (lambda e: e[1], "generated tokens"),
                                        (lambda e: e[2], "wall-clock seconds (training only)")]):
@@ -170,29 +191,19 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
             _band(ax, xs, [eval_curve(r) for r in runs], label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out greedy accuracy")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    files.append(out / "accuracy.png")
-    fig.savefig(files[-1], dpi=110)
+    files = [_finish(fig, axes, out / "accuracy.png")]
     plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, (key, title) in zip(axes.flat, CURVES):
         for label, runs in groups.items():
             steps, m, h = _series(runs, key)
             if steps:
-                ax.plot(steps, m, label=label)
-                ax.fill_between(steps, [a - (0 if math.isnan(b) else b) for a, b in zip(m, h)],
-                                [a + (0 if math.isnan(b) else b) for a, b in zip(m, h)], alpha=0.2)
-        ax.set_title(title)
+                _draw(ax, steps, m, h, label)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not logged (e.g. KL needs update.beta > 0)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title + " (moving average)")
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
-    files.append(out / "training.png")
-    fig.savefig(files[-1], dpi=110)
+    files.append(_finish(fig, list(axes.flat), out / "training.png"))
     plt.close(fig)
     return files
 
