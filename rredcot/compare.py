@@ -35,10 +35,15 @@ class Run:
     def seed(self) -> int:
         return int(self.config["seed"])
 
+    label: str = ""  # set by group_runs: the estimator, plus the settings that tell same-estimator runs apart
+
     @property
-    def label(self) -> str:
+    def estimator(self) -> str:
         name = self.config["redistribute"]["name"]
         return "grpo" if name == "uniform" else name
+
+    def method_settings(self) -> dict[str, Any]:
+        return {f"{sec}.{k}": v for sec in ("segment", "redistribute") for k, v in self.config[sec].items()}
 
 
 def load_run(path: Path) -> Run:
@@ -66,6 +71,14 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
             raise UserError(f"Run {str(r.path)!r} is of a different task than {str(runs[0].path)!r} "
                             f"({r.config['task'].get('name')} vs {task.get('name')}, or other task settings). "
                             "Compare runs of one task only.")
+    by_estimator: dict[str, list[Run]] = {}
+    for r in runs:
+        by_estimator.setdefault(r.estimator, []).append(r)
+    for name, rs in by_estimator.items():  # e.g. "rredcot redistribute.mode=mixed" vs "... mode=return_to_go"
+        settings = [r.method_settings() for r in rs]
+        differ = sorted({k for c in settings for k in c if any(o.get(k) != c.get(k) for o in settings)})
+        for r, c in zip(rs, settings):
+            r.label = name + "".join(f" {k}={c.get(k)}" for k in differ)
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.label, []).append(r)

@@ -1,0 +1,42 @@
+"""Statistics for `compare`, against textbook values; method labels for same-estimator runs."""
+import math
+from pathlib import Path
+
+import pytest
+
+from rredcot.compare import Run, group_runs
+from rredcot.stats import mean_ci, paired_t, t_quantile_975, t_two_sided_p
+
+
+@pytest.mark.parametrize("df, q", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])
+def test_t_quantiles(df, q):
+    assert t_quantile_975(df) == pytest.approx(q, abs=1e-3)
+
+
+def test_t_p_value():
+    assert t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-3)
+    assert t_two_sided_p(0.0, 5) == pytest.approx(1.0)
+
+
+def test_mean_ci():
+    # [1, 2, 3]: mean 2, sd 1, half-width 4.303 * 1 / sqrt(3) = 2.484
+    m, h = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_paired_t():
+    # differences [.1, .05, .05]: mean .0667, sd .02887, t = .0667 / (.02887 / sqrt 3) = 4.0, df 2 -> p = .0572
+    t = paired_t([0.9, 0.8, 0.85], [0.8, 0.75, 0.8])
+    assert t["t"] == pytest.approx(4.0) and t["p"] == pytest.approx(0.0572, abs=1e-3) and t["n"] == 3
+
+
+def _run(name, seed, **redistribute):
+    cfg = {"seed": seed, "task": {"name": "builtin", "steps": 4}, "segment": {"name": "hybrid"},
+           "redistribute": {"name": name, **redistribute}, "train": {"generation_batch_size": 8}}
+    return Run(Path(f"/runs/{name}{seed}"), cfg, [], {"final": {"accuracy": 0.5, "pass@1": 0.5}})
+
+
+def test_same_estimator_runs_are_told_apart_by_their_settings():
+    groups = group_runs([_run("rredcot", 0, mode="mixed"), _run("rredcot", 0, mode="return_to_go"), _run("uniform", 0)])
+    assert set(groups) == {"rredcot redistribute.mode=mixed", "rredcot redistribute.mode=return_to_go", "grpo"}
