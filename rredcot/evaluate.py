@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 
+from rredcot.config import stage_options
 from rredcot.registry import get
 from rredcot.stages.verify import run_verify
 from rredcot.types import Sample
@@ -22,11 +23,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _rollout(model, tokenizer, samples, cfg: Any, n: int, greedy: bool):
-    return get("rollout", cfg.rollout.name)(
-        model, tokenizer, samples, group_size=n, max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.eval.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-        greedy=greedy, chunk_size=cfg.rollout.chunk_size,
-    )
+    """The training rollout stage with its own options, except n samples, eval temperature, greedy."""
+    opts = {**stage_options(cfg.rollout), "group_size": n, "temperature": cfg.eval.temperature, "greedy": greedy}
+    return get("rollout", cfg.rollout.name)(model, tokenizer, samples, **opts)
 
 
 def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:

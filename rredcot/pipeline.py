@@ -167,8 +167,9 @@ def train(cfg: DictConfig) -> Path:
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             save_checkpoint(run, step, accelerator.unwrap_model(model), tokenizer, state, cfg.train.save_total_limit)
 
-        first_eval = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs, sampled=start == 0)
+        first_eval = None  # a resumed run logged its starting point already
         if start == 0:
+            first_eval = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs)
             log.log({"step": 0, "eval/accuracy": first_eval["accuracy"]})
         bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
         done = start  # the last step whose update finished
@@ -211,7 +212,7 @@ def train(cfg: DictConfig) -> Path:
         final = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs)
         log.log({"step": cfg.train.steps, "eval/accuracy": final["accuracy"], "eval/pass@1": final["pass@1"]})
         log.close()
-    result = {"start": first_eval if start == 0 else None, "final": final, "steps": cfg.train.steps}
+    result = {"start": first_eval, "final": final, "steps": cfg.train.steps}
     (run / "eval.json").write_text(json.dumps(result, indent=2))
     console.print(summary_table(run, result))
     return run

@@ -174,7 +174,8 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
     from rredcot.logprobs import completion_logprobs
 
     N, T = rollout.completion_ids.shape
-    mask = rollout.completion_mask * credit.valid[:, None]  # [N, T]; undefined rewards are skipped
+    valid = credit.valid.to(rollout.completion_mask.device)  # rewards come from the CPU verifiers
+    mask = rollout.completion_mask * valid[:, None]  # [N, T]; undefined rewards are skipped
     if cfg.mask_truncated_completions:
         mask = mask * (~rollout.truncated)[:, None]
     rows = torch.arange(N, device=mask.device)
