@@ -92,6 +92,8 @@ def compare(
     seeds: int = typer.Option(3, help="seeds per method (0, 1, ...)"),
     runs: bool = typer.Option(False, "--runs", help="build the report from finished run directories given as arguments"),
     out: Optional[Path] = typer.Option(None, help="where the report goes (default runs/compare_<time>)"),
+    split: Optional[str] = typer.Option(None, help="report this held-out split (each run's eval.split or one of its "
+                                        "eval.extra_splits); default: the runs' eval.split"),
 ) -> None:
     """Train the configured method and a baseline on identical seeds, evaluate both, write a report."""
     import time
@@ -106,7 +108,7 @@ def compare(
         dirs = [Path(a) for a in args]
     else:
         dirs = train_pair(list(args or []), baseline, seeds, out, console)
-    summary = build_report(dirs, out, baseline)
+    summary = build_report(dirs, out, baseline, split)
     for v in summary["verdicts"].values():
         console.print(v["text"])
     console.print(f"wrote {out / 'report.md'} and {out / 'report.html'}")

@@ -35,6 +35,7 @@ class Run:
     def seed(self) -> int:
         return int(self.config["seed"])
 
+    split: str = ""  # the held-out split whose metrics this view reads (load_run)
     label: str = ""  # set by group_runs: the estimator, plus the settings that tell same-estimator runs apart
 
     @property
@@ -46,16 +47,36 @@ class Run:
         return {f"{sec}.{k}": v for sec in ("segment", "redistribute") for k, v in self.config[sec].items()}
 
 
-def load_run(path: Path) -> Run:
-    """A finished run, or a UserError that says what is missing."""
+def load_run(path: Path, split: str | None = None) -> Run:
+    """A finished run (seen through `split`, see split_view), or a UserError that says what is missing."""
     if not path.is_dir():
         raise UserError(f"Run directory {str(path)!r} does not exist. Pass directories made by `rredcot train`.")
     missing = [f for f in ("config.yaml", "metrics.jsonl", "eval.json") if not (path / f).exists()]
     if missing:
         raise UserError(f"Run {str(path)!r} is incomplete (no {', '.join(missing)}): it has not finished. "
                         "Finish it with `rredcot train resume=true run_dir=...`, or leave it out.")
-    return Run(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
-               json.loads((path / "eval.json").read_text()))
+    run = Run(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
+              json.loads((path / "eval.json").read_text()))
+    return split_view(run, split or run.config["eval"]["split"])
+
+
+def split_view(run: Run, split: str) -> Run:
+    """The run as if `split` were its eval split: its eval_<split>/... metrics become eval/..., and
+    eval.json's splits[split] its start/final (a run chosen on dev can be reported on test)."""
+    run.split = split
+    primary = run.config["eval"]["split"]
+    if split == primary:
+        return run
+    if split not in run.result.get("splits", {}):
+        extra = run.config["eval"].get("extra_splits") or []
+        raise UserError(f"Run {str(run.path)!r} was not evaluated on the {split!r} split (its eval.split is {primary!r}, "
+                        f"eval.extra_splits {list(extra)}). Train with eval.extra_splits=[{split}], or leave --split out.")
+    prefix = f"eval_{split}/"
+    metrics = [{**{k: v for k, v in row.items() if not k.startswith("eval/")},
+                **{"eval/" + k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}} for row in run.metrics]
+    view = Run(run.path, run.config, metrics, {**run.result, **run.result["splits"][split]})
+    view.split = split
+    return view
 
 
 def _task_key(run: Run) -> dict[str, Any]:
@@ -71,6 +92,10 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
             raise UserError(f"Run {str(r.path)!r} is of a different task than {str(runs[0].path)!r} "
                             f"({r.config['task'].get('name')} vs {task.get('name')}, or other task settings). "
                             "Compare runs of one task only.")
+    splits = sorted({r.split for r in runs})
+    if len(splits) > 1:
+        raise UserError(f"The runs were evaluated on different splits ({', '.join(splits)}). Choose one with --split "
+                        "(every run must have it as eval.split or in eval.extra_splits).")
     by_estimator: dict[str, list[Run]] = {}
     for r in runs:
         by_estimator.setdefault(r.estimator, []).append(r)
@@ -139,7 +164,7 @@ def summary(groups: dict[str, list[Run]], baseline: str) -> dict[str, Any]:
             "redistribution_share": share,
             "peak_memory_mb": max(max((x.get("memory/peak_mb", 0.0) for x in r.metrics), default=0.0) for r in runs),
         }
-    return {"baseline": baseline, "rows": rows, "verdicts": {m: verdict(groups[m], base, m, baseline) for m in groups if m != baseline}}
+    return {"baseline": baseline, "split": base[0].split, "rows": rows, "verdicts": {m: verdict(groups[m], base, m, baseline) for m in groups if m != baseline}}
 
 
 def verdict(runs: list[Run], base: list[Run], name: str, baseline: str) -> dict[str, Any]:
@@ -228,6 +253,7 @@ def _pm(m: float, h: float, scale: float = 100.0) -> str:
 def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
     lines = [f"# rredcot compare: {', '.join(m for m in groups if m != s['baseline'])} vs {s['baseline']}", ""]
     lines += [f"**Verdict.** {v['text']}" for v in s["verdicts"].values()] + [""]
+    lines += [f"Accuracies are on the task's {s['split']!r} split.", ""]
     lines += ["| method | seeds | greedy acc (%) | pass@1 (%) | steps to baseline's final acc | s/step | ratio to baseline | "
               "redistribution share | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r in s["rows"].items():
@@ -263,9 +289,10 @@ def html_report(md: str, pngs: list[Path]) -> str:
     return f"<!doctype html><meta charset='utf-8'><title>rredcot compare</title><body style='font-family:sans-serif;max-width:70em;margin:2em auto'>{text}</body>"
 
 
-def build_report(run_dirs: list[Path], out: Path, baseline: str | None = None) -> dict[str, Any]:
-    """Load runs, group them by method, write report.md / report.html / PNGs / summary.json into `out`."""
-    groups = group_runs([load_run(Path(p)) for p in run_dirs])
+def build_report(run_dirs: list[Path], out: Path, baseline: str | None = None, split: str | None = None) -> dict[str, Any]:
+    """Load runs (their eval.split, or `split`), group them by method, write report.md / report.html / PNGs /
+    summary.json into `out`."""
+    groups = group_runs([load_run(Path(p), split) for p in run_dirs])
     baseline = baseline if baseline in groups else ("grpo" if "grpo" in groups else sorted(groups)[-1])
     out.mkdir(parents=True, exist_ok=True)
     s = summary(groups, baseline)

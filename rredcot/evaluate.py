@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 
 from rredcot.config import stage_options
 from rredcot.registry import get
@@ -29,7 +30,16 @@ def _rollout(model, tokenizer, samples, cfg: Any, n: int, greedy: bool):
 
 
 def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:
-    """Metrics on `samples`; with sampled=False only the greedy ones (cheap, for periodic evals)."""
+    """Metrics on `samples`; with sampled=False only the greedy ones (cheap, for periodic evals).
+
+    Sampling runs on a forked RNG: how often and on what a run evaluates never changes its training
+    (a run evaluated on dev and the same run evaluated on test train the same policy)."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _evaluate(model, tokenizer, samples, cfg, reward_funcs, sampled)
+
+
+def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:
     greedy = _rollout(model, tokenizer, samples, cfg, 1, greedy=True)
     v = run_verify(greedy.texts, greedy.samples, reward_funcs)
     out: dict[str, Any] = {

@@ -33,6 +33,7 @@ from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
 from rredcot.stages.verify import answer_extractor, build_reward_funcs, run_verify
 from rredcot.task.arith import THINK_CLOSE
 from rredcot.task.warmstart import load_policy
+from rredcot.types import Sample
 from rredcot.ui import console, make_progress, summary_table
 
 
@@ -120,6 +121,23 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
     return out
 
 
+def held_out_sets(cfg: DictConfig, tokenizer) -> dict[str, list[Sample]]:
+    """eval.split first (logged as eval/...), then eval.extra_splits (logged as eval_<split>/...)."""
+    splits = [cfg.eval.split] + [s for s in cfg.eval.extra_splits if s != cfg.eval.split]
+    return {s: get("task", cfg.task.name)(cfg.task, s, tokenizer)[: cfg.eval.n_prompts] for s in splits}
+
+
+def evaluate_all(model, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: dict,
+                 sampled: bool = True) -> dict[str, dict[str, Any]]:
+    return {split: evaluate(model, tokenizer, samples, cfg, reward_funcs, sampled) for split, samples in sets.items()}
+
+
+def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, float]:
+    """{"eval/accuracy": .., "eval_test/accuracy": ..}: the metrics.jsonl keys of each split's results."""
+    prefix = lambda split: "eval" if split == cfg.eval.split else f"eval_{split}"  # noqa: E731
+    return {f"{prefix(split)}/{k}": r[k] for split, r in results.items() for k in keys}
+
+
 def peak_memory_mb() -> float:
     """Peak accelerator memory if there is one, else the process's peak resident memory."""
     if torch.cuda.is_available():
@@ -138,7 +156,7 @@ def train(cfg: DictConfig) -> Path:
     with make_progress(cfg.logging.progress) as progress:
         model, tokenizer = load_policy(cfg, progress)
         train_set = get("task", cfg.task.name)(cfg.task, "train", tokenizer)
-        eval_set = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.eval.n_prompts]
+        eval_sets = held_out_sets(cfg, tokenizer)
         init_run_dir(run, cfg)  # only now: a config or data error leaves nothing behind
         log = MetricsLog(run, cfg)
         ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg["update"].beta > 0 else None
@@ -169,8 +187,8 @@ def train(cfg: DictConfig) -> Path:
 
         first_eval = None  # a resumed run logged its starting point already
         if start == 0:
-            first_eval = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs)
-            log.log({"step": 0, "eval/accuracy": first_eval["accuracy"]})
+            first_eval = evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs)
+            log.log({"step": 0, **eval_row(cfg, first_eval)})
         bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
         done = start  # the last step whose update finished
         try:
@@ -192,7 +210,7 @@ def train(cfg: DictConfig) -> Path:
                 times["update"] = time.perf_counter() - t
                 row = {"step": step, **step_metrics(ro, ver, seg, credit, upd, times, cfg.rollout.group_size)}
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    row["eval/accuracy"] = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs, sampled=False)["accuracy"]
+                    row.update(eval_row(cfg, evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs, sampled=False)))
                 log.log(row)
                 if step % cfg.train.log_every == 0 or step == 1:
                     log.samples(step, [{"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r),
@@ -209,10 +227,12 @@ def train(cfg: DictConfig) -> Path:
             log.close()
             raise
         checkpoint(cfg.train.steps)
-        final = evaluate(model, tokenizer, eval_set, cfg, stages.reward_funcs)
-        log.log({"step": cfg.train.steps, "eval/accuracy": final["accuracy"], "eval/pass@1": final["pass@1"]})
+        final = evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs)
+        log.log({"step": cfg.train.steps, **eval_row(cfg, final, ("accuracy", "pass@1"))})
         log.close()
-    result = {"start": first_eval, "final": final, "steps": cfg.train.steps}
+    primary = cfg.eval.split
+    result = {"start": first_eval and first_eval[primary], "final": final[primary], "steps": cfg.train.steps, "split": primary,
+              "splits": {s: {"start": first_eval and first_eval[s], "final": final[s]} for s in final}}
     (run / "eval.json").write_text(json.dumps(result, indent=2))
     console.print(summary_table(run, result))
     return run

@@ -12,7 +12,13 @@ Modes (METHOD.md section 5), with r_k = V_k - V_(k-1) and the correction r_(K+1)
   immediate     segment k gets r_k                      (RUDDER)
   return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO)
   mixed         the GRPO advantage + alpha * r_k / std(r over the batch)
-Tokens after b_K (marker and answer) get the correction in the first two modes.
+  anchored      segment k gets R - B_(k-1), B_k = V_k + (1 - V_k) * m, m the group's mean reward
+Tokens after b_K (marker and answer) get the correction in all modes but mixed.
+
+Why `anchored`: forced values are a lower bound (the chance that the answer is already settled and right),
+~0 until the last step computes the answer, so return_to_go gives early segments R - 0 = R: no baseline,
+more variance than GRPO. B_k reads V_k as "settled right with probability V_k, otherwise the prior chance
+m", so B_0 ~ m is GRPO's group mean, and with V = 0 everywhere anchored *is* GRPO (scale=group).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from rredcot.stages.update import group_advantages
 from rredcot.stages.values import PolicyContext, forced_values, mc_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
-MODES = ("immediate", "return_to_go", "mixed")
+MODES = ("immediate", "return_to_go", "mixed", "anchored")
 SCALES = ("group", "batch", "none")
 
 
@@ -52,6 +58,11 @@ def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(std > 0, std, torch.ones_like(std))
 
 
+def _group_mean(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] the mean reward of each row's group, undefined (NaN) rewards left out (0 if all are)."""
+    return torch.nan_to_num(torch.nanmean(rewards.view(-1, group_size), 1, keepdim=True), nan=0.0).expand(-1, group_size).reshape(-1)
+
+
 def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.Tensor], *, group_size: int,
                  mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
                  eps: float = 1e-4) -> Credit:
@@ -67,6 +78,9 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
         per_seg = seg_r
     elif mode == "return_to_go":
         per_seg = [R[i] - v for i, v in enumerate(values)]  # segment k: R - V_(k-1); correction: R - V_K
+    elif mode == "anchored":
+        m = _group_mean(ver.rewards, group_size)
+        per_seg = [R[i] - (v.clamp(0, 1) + (1 - v.clamp(0, 1)) * m[i]) for i, v in enumerate(values)]
     else:
         grpo = group_advantages(ver.rewards, group_size, scale=scale_rewards)
         pooled = torch.cat(seg_r)

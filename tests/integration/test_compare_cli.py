@@ -10,7 +10,8 @@ from .conftest import cli
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "report"
-    proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2")
+    proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2",
+               "eval.extra_splits=[dev]")
     return out, proc
 
 
@@ -34,6 +35,32 @@ def test_report_from_finished_runs(tiny_compare, tmp_path):
     runs = [str(out / m / f"seed{s}") for m in ("rredcot", "grpo") for s in (0, 1)]
     cli("compare", "--runs", *runs, "--out", str(tmp_path / "again"))
     assert json.loads((tmp_path / "again" / "summary.json").read_text())["rows"].keys() == {"rredcot", "grpo"}
+
+
+def test_report_on_an_extra_split(tiny_compare, tmp_path):
+    # the runs were evaluated on test (eval.split) and dev (eval.extra_splits): --split dev reports dev
+    out, _ = tiny_compare
+    runs = [str(out / m / f"seed{s}") for m in ("rredcot", "grpo") for s in (0, 1)]
+    cli("compare", "--runs", *runs, "--out", str(tmp_path / "dev"), "--split", "dev")
+    summary = json.loads((tmp_path / "dev" / "summary.json").read_text())
+    finals = [json.loads((out / "grpo" / f"seed{s}" / "eval.json").read_text())["splits"]["dev"]["final"] for s in (0, 1)]
+    assert summary["split"] == "dev" and summary["rows"]["grpo"]["accuracy"] == pytest.approx(sum(f["accuracy"] for f in finals) / 2)
+    assert "'dev' split" in (tmp_path / "dev" / "report.md").read_text()
+    proc = cli("compare", "--runs", *runs, "--out", str(tmp_path / "train"), "--split", "train", check=False)
+    assert proc.returncode == 2 and "eval.extra_splits=[train]" in proc.stderr
+
+
+def test_evaluating_more_does_not_change_training(tiny_compare, fast_run):
+    # same config and seed as fast_run except the extra dev evaluations: evaluation samples on a forked RNG,
+    # so the first two training steps are identical
+    from rredcot.runlog import read_metrics
+
+    out, _ = tiny_compare
+    a = [r for r in read_metrics(out / "rredcot" / "seed0") if "loss" in r][:2]
+    b = [r for r in read_metrics(fast_run) if "loss" in r][:2]
+    for ra, rb in zip(a, b):
+        for key in ("reward/mean", "loss", "grad_norm", "completion/mean_length"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
 
 
 def test_runs_that_are_missing_incomplete_or_of_another_task(tiny_compare, tmp_path):

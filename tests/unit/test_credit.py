@@ -76,6 +76,22 @@ def test_mixed_mode_adds_unit_std_credit_to_grpo():
     assert torch.allclose(c.advantages[0, [0, 2, 4]], expect0, atol=1e-6)
 
 
+def test_anchored_mode_blends_the_group_mean_into_the_baseline():
+    # m = mean([1, 0]) = .5; B = V + (1 - V) * .5: trace 0 B = [.6, .8, .95] -> R - B = [.4, .2, .05];
+    # trace 1 B = [.6, .55, .5] -> [-.6, -.55, -.5]; unscaled
+    c = value_credit(RO, VER, SEG, VALUES, group_size=2, mode="anchored", scale="none")
+    assert torch.allclose(c.advantages[0, :6], torch.tensor([0.4, 0.4, 0.2, 0.2, 0.05, 0.05]), atol=1e-6)
+    assert torch.allclose(c.advantages[1, :6], torch.tensor([-0.6, -0.6, -0.55, -0.55, -0.5, -0.5]), atol=1e-6)
+
+
+def test_anchored_mode_with_zero_values_is_grpo():
+    # no information in the values: B_k = m for every k, the GRPO advantage on every token
+    ro, ver, seg = _batch([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], [4] * 6, [[0, 2]] * 6)
+    c = value_credit(ro, ver, seg, [torch.zeros(2)] * 6, group_size=3, mode="anchored", scale="group")
+    grpo = uniform(ro, ver, seg, group_size=3)
+    assert torch.allclose(c.advantages, grpo.advantages.float(), atol=1e-4)
+
+
 def test_credit_stats_signs():
     c = value_credit(RO, VER, SEG, VALUES, group_size=2, mode="immediate", scale="none")
     # right trace: credits [.4, .3] -> no negative; wrong trace: [-.1, -.1] -> no positive
