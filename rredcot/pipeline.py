@@ -155,6 +155,7 @@ def train(cfg: DictConfig) -> Path:
     stages = build_stages(cfg)
     with make_progress(cfg.logging.progress) as progress:
         model, tokenizer = load_policy(cfg, progress)
+        set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
         train_set = get("task", cfg.task.name)(cfg.task, "train", tokenizer)
         eval_sets = held_out_sets(cfg, tokenizer)
         init_run_dir(run, cfg)  # only now: a config or data error leaves nothing behind

@@ -51,16 +51,17 @@ def test_report_on_an_extra_split(tiny_compare, tmp_path):
 
 
 def test_evaluating_more_does_not_change_training(tiny_compare, fast_run):
-    # same config and seed as fast_run except the extra dev evaluations: evaluation samples on a forked RNG,
-    # so the first two training steps are identical
+    # same config and seed as fast_run except the extra dev evaluations (and fast_run trained the warm start,
+    # these runs loaded it cached): evaluation samples on a forked RNG and the RL stage is reseeded after the
+    # warm start, so the first two training steps are identical (step 2 samples from the policy step 1 updated)
     from rredcot.runlog import read_metrics
 
     out, _ = tiny_compare
     a = [r for r in read_metrics(out / "rredcot" / "seed0") if "loss" in r][:2]
     b = [r for r in read_metrics(fast_run) if "loss" in r][:2]
     for ra, rb in zip(a, b):
-        for key in ("reward/mean", "loss", "grad_norm", "completion/mean_length"):
-            assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
+        for key in ("reward/mean", "completion/mean_length", "entropy", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4), key
 
 
 def test_runs_that_are_missing_incomplete_or_of_another_task(tiny_compare, tmp_path):
