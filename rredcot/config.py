@@ -166,6 +166,11 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} is out of range. See the comment beside it in conf/train.yaml "
                             "(`rredcot config show` prints the current values); eval.n_samples must be at least max(eval.ks).")
+    for split in [cfg.eval.split, *cfg.eval.extra_splits]:
+        if split not in ("dev", "test"):
+            raise UserError(f"eval.split / eval.extra_splits name {split!r}: held-out splits are dev and test (train is "
+                            "for training). Choose settings with eval.split=dev and keep test for the final numbers, "
+                            "e.g. eval.split=dev eval.extra_splits=[test].")
     for stage, key in [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment", "segment.name"),
                        ("redistribute", "redistribute.name"), ("update", "update.loss_type"), ("task", "task.name")]:
         entry = registry.get(stage, OmegaConf.select(cfg, key), key)

@@ -112,3 +112,11 @@ def test_an_estimator_that_needs_the_forcing_text_says_so():
     msg = _error(["~task.forcing_text"])
     assert "needs task.forcing_text" in msg and "algo=grpo" in msg
     load_config(["~task.forcing_text", "algo=grpo"])   # GRPO does not need it
+
+
+def test_held_out_splits_are_dev_or_test():
+    with pytest.raises(UserError, match="held-out splits are dev and test"):
+        load_config(["eval.extra_splits=[valid]"])
+    with pytest.raises(UserError, match="train is"):
+        load_config(["eval.split=train"])
+    assert list(load_config(["eval.split=dev", "eval.extra_splits=[test]"]).eval.extra_splits) == ["test"]
