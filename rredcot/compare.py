@@ -221,6 +221,7 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (xs, xlabel) in zip(axes, [(lambda e: e[0], "optimizer steps"), (lambda e: e[1], "generated tokens"),
@@ -228,7 +229,8 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
         for label, runs in groups.items():
             _band(ax, xs, [eval_curve(r) for r in runs], label)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out greedy accuracy")
+        ax.set_ylabel(f"greedy accuracy, {next(iter(groups.values()))[0].split} split")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 200k, not 200000 run into its neighbours
     files = [_finish(fig, axes, out / "accuracy.png")]
     plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))

@@ -28,6 +28,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, list[str]], li
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per run (default: the cores / --jobs)")
     ap.add_argument("--baseline", default="grpo", help="the baseline's compare label")
     ap.add_argument("--split", default=None, help="report this split (an eval.extra_splits entry)")
     ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE"))
@@ -50,7 +51,7 @@ def main() -> None:
     out = Path(args.out)
     todo = [(out / name / f"seed{seed}", [*shared, *over], seed) for seed in args.seeds for name, over in variants.items()
             if not (out / name / f"seed{seed}" / "eval.json").exists()]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(todo)} runs to train ({len(variants)} variants x {len(args.seeds)} seeds, finished ones skipped)", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         for run, wall, rc in pool.map(lambda job: train_one(*job, threads), todo):
