@@ -84,6 +84,18 @@ def _task_key(run: Run) -> dict[str, Any]:
     return {k: v for k, v in run.config["task"].items() if k not in ("forcing_text", "closing_text")}
 
 
+def _tells_apart(key: str, differ: list[str], settings: list[dict[str, Any]]) -> bool:
+    """When runs differ in e.g. segment.name, the other segment.* options differ with it (each segmenter has
+    its own): name them only if they also differ between runs of one segmenter."""
+    name = key.split(".")[0] + ".name"
+    if key == name or name not in differ:
+        return True
+    seen: dict[Any, set[str]] = {}
+    for c in settings:
+        seen.setdefault(c.get(name), set()).add(repr(c.get(key)))
+    return any(len(v) > 1 for v in seen.values())
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs by method label; all must be of the same task."""
     task = runs[0].config["task"]
@@ -102,6 +114,7 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     for name, rs in by_estimator.items():  # e.g. "rredcot redistribute.mode=mixed" vs "... mode=return_to_go"
         settings = [r.method_settings() for r in rs]
         differ = sorted({k for c in settings for k in c if any(o.get(k) != c.get(k) for o in settings)})
+        differ = [k for k in differ if _tells_apart(k, differ, settings)]
         for r, c in zip(rs, settings):
             r.label = name + "".join(f" {k}={c.get(k)}" for k in differ)
     groups: dict[str, list[Run]] = {}

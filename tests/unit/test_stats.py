@@ -40,3 +40,14 @@ def _run(name, seed, **redistribute):
 def test_same_estimator_runs_are_told_apart_by_their_settings():
     groups = group_runs([_run("rredcot", 0, mode="mixed"), _run("rredcot", 0, mode="return_to_go"), _run("uniform", 0)])
     assert set(groups) == {"rredcot redistribute.mode=mixed", "rredcot redistribute.mode=return_to_go", "grpo"}
+
+
+def test_compare_labels_name_the_segmenter_not_its_options():
+    # runs differ in segment.name; size/max_tokens differ only because each segmenter has its own options
+    from rredcot.compare import _tells_apart
+
+    settings = [{"segment.name": "hybrid", "segment.max_tokens": 64, "segment.size": None},
+                {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 16},
+                {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 8}]
+    differ = ["segment.max_tokens", "segment.name", "segment.size"]
+    assert [k for k in differ if _tells_apart(k, differ, settings)] == ["segment.name", "segment.size"]
