@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rredcot.errors import UserError
-from rredcot.runlog import read_metrics
+from rredcot.runlog import eval_prefix, read_metrics
 from rredcot.stats import mean_ci, paired_t
 
 CURVES = [("reward/mean", "reward"), ("kl", "KL"), ("entropy", "entropy"), ("completion/mean_length", "completion length"),
@@ -63,20 +63,18 @@ def load_run(path: Path, split: str | None = None) -> Run:
 def split_view(run: Run, split: str) -> Run:
     """The run as if `split` were its eval split: its eval_<split>/... metrics become eval/..., and
     eval.json's splits[split] its start/final (a run chosen on dev can be reported on test)."""
-    run.split = split
     primary = run.config["eval"]["split"]
     if split == primary:
+        run.split = split
         return run
     if split not in run.result.get("splits", {}):
         extra = run.config["eval"].get("extra_splits") or []
         raise UserError(f"Run {str(run.path)!r} was not evaluated on the {split!r} split (its eval.split is {primary!r}, "
                         f"eval.extra_splits {list(extra)}). Train with eval.extra_splits=[{split}], or leave --split out.")
-    prefix = f"eval_{split}/"
+    prefix = eval_prefix(split, primary) + "/"
     metrics = [{**{k: v for k, v in row.items() if not k.startswith("eval/")},
                 **{"eval/" + k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}} for row in run.metrics]
-    view = Run(run.path, run.config, metrics, {**run.result, **run.result["splits"][split]})
-    view.split = split
-    return view
+    return Run(run.path, run.config, metrics, {**run.result, **run.result["splits"][split]}, split=split)
 
 
 def _task_key(run: Run) -> dict[str, Any]:

@@ -25,6 +25,11 @@ def baseline_override(baseline: str) -> str:
                     f"or a redistributor ({', '.join(names('redistribute'))}).")
 
 
+def train_command(overrides: list[str], seed: int, run: Path) -> list[str]:
+    """`python -m rredcot train` for one seed into `run`, quiet (the caller shows progress)."""
+    return [sys.executable, "-m", "rredcot", "train", *overrides, f"seed={seed}", f"run_dir={run}", "logging.progress=false"]
+
+
 def method_label(overrides: list[str]) -> str:
     name = load_config(overrides).redistribute.name
     return "grpo" if name == "uniform" else name
@@ -49,8 +54,7 @@ def train_pair(overrides: list[str], baseline: str, seeds: int, out: Path, conso
             for label, over in plans:
                 run = out / label / f"seed{seed}"
                 progress.update(bar, description=f"training {label}, seed {seed + 1}/{seeds}")
-                proc = subprocess.run([sys.executable, "-m", "rredcot", "train", *over, f"seed={seed}", f"run_dir={run}",
-                                       "logging.progress=false"], capture_output=True, text=True)
+                proc = subprocess.run(train_command(over, seed, run), capture_output=True, text=True)
                 if proc.returncode != 0:
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
                     raise UserError(f"Training {label} seed {seed} failed (exit {proc.returncode}); its last lines: "

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from rredcot.config import stage_options
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
-from rredcot.runlog import MetricsLog, check_run_dir, init_run_dir, latest_checkpoint, save_checkpoint
+from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir, latest_checkpoint, save_checkpoint
 from rredcot.stages.rollout import sample_from_ids
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
 from rredcot.stages.values import PolicyContext
@@ -134,8 +134,7 @@ def evaluate_all(model, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfi
 
 def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, float]:
     """{"eval/accuracy": .., "eval_test/accuracy": ..}: the metrics.jsonl keys of each split's results."""
-    prefix = lambda split: "eval" if split == cfg.eval.split else f"eval_{split}"  # noqa: E731
-    return {f"{prefix(split)}/{k}": r[k] for split, r in results.items() for k in keys}
+    return {f"{eval_prefix(split, cfg.eval.split)}/{k}": r[k] for split, r in results.items() for k in keys}
 
 
 def peak_memory_mb() -> float:

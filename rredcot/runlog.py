@@ -125,6 +125,11 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def eval_prefix(split: str, primary: str) -> str:
+    """metrics.jsonl key prefix of a held-out split: eval/... for eval.split, eval_<split>/... for the extra ones."""
+    return "eval" if split == primary else f"eval_{split}"
+
+
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

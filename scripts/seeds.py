@@ -10,9 +10,10 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from rredcot.compare_runs import train_command
 
 
 def main() -> None:
@@ -24,8 +25,7 @@ def main() -> None:
     for seed in args.seeds:
         run = Path(args.out) / f"seed{seed}"
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "rredcot", "train", f"seed={seed}", f"run_dir={run}",
-                        "logging.progress=false", *overrides], check=True)
+        subprocess.run(train_command(overrides, seed, run), check=True)
         wall = time.perf_counter() - t
         res = json.loads((run / "eval.json").read_text())
         rows.append((seed, wall, res["start"]["accuracy"], res["final"]["accuracy"],

@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rredcot.compare_runs import train_command
+
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, list[str]], list[str]]:
     shared = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -41,8 +43,7 @@ def train_one(run: Path, overrides: list[str], seed: int, threads: int) -> tuple
     t = time.perf_counter()
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(run.parent / f"seed{seed}.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "rredcot", "train", f"seed={seed}", f"run_dir={run}",
-                               "logging.progress=false", *overrides], stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(train_command(overrides, seed, run), stdout=log, stderr=subprocess.STDOUT, env=env)
     return run, time.perf_counter() - t, proc.returncode
 
 
