@@ -11,7 +11,6 @@ from typing import List, Optional
 
 import typer
 from rich.text import Text
-from omegaconf import OmegaConf
 
 from rredcot.errors import UserError
 from rredcot.ui import console, err_console, metrics_table
@@ -29,52 +28,58 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from rredcot.config import load_config
     from rredcot.pipeline import train as run_train
 
-    run_train(load_config(overrides))
+    run_train(load_config(overrides), list(overrides or []))
+
+
+def _load_checkpoint(cfg):
+    from rredcot.runlog import resolve_checkpoint
+    from rredcot.task.model import load_pretrained, load_tokenizer
+
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    return ckpt, load_pretrained(str(ckpt)), load_tokenizer(str(ckpt))
 
 
 @app.command("eval")
 def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Evaluate checkpoint=RUN_DIR_OR_CHECKPOINT on the held-out split; writes eval.json."""
-    from rredcot.config import load_config
+    """Evaluate checkpoint=RUN_DIR_OR_CHECKPOINT on the held-out split, with the run's own task and
+    settings; writes RUN/evals/<checkpoint>_<split>.json (never the run's eval.json)."""
     from rredcot.evaluate import evaluate
-    from rredcot.registry import get
-    from rredcot.runlog import resolve_checkpoint
+    from rredcot.pipeline import task_sets
+    from rredcot.runconfig import config_for_run, unique_path
     from rredcot.stages.verify import build_reward_funcs
-    from rredcot.task.model import load_pretrained, load_tokenizer
 
-    cfg = load_config(overrides)
+    cfg, run = config_for_run(list(overrides or []), "rredcot eval")
     if not cfg.checkpoint:
         raise UserError("rredcot eval needs checkpoint=PATH: a run directory made by `rredcot train` "
                         "(its latest checkpoint is used) or a checkpoint directory such as RUN/checkpoints/step_000150.")
-    ckpt = resolve_checkpoint(cfg.checkpoint)
-    model, tokenizer = load_pretrained(str(ckpt)), load_tokenizer(str(ckpt))
-    samples = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.eval.n_prompts]
+    ckpt, model, tokenizer = _load_checkpoint(cfg)
+    samples = task_sets(cfg, tokenizer)[1][cfg.eval.split]
     result = evaluate(model, tokenizer, samples, cfg, build_reward_funcs(cfg.verify))
-    result["checkpoint"] = str(ckpt)
-    out = Path(cfg.run_dir) if cfg.run_dir else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
-    console.print(metrics_table(f"rredcot eval: {ckpt} on {cfg.eval.split} ({len(samples)} prompts)", {"value": result}))
-    console.print(f"wrote {out / 'eval.json'}")
+    result.update(checkpoint=str(ckpt), split=cfg.eval.split, task=cfg.task.name, verifier=cfg.verify.name)
+    out_dir = Path(cfg.run_dir) if cfg.run_dir else (run or ckpt)
+    path = unique_path(out_dir / "evals" / f"{ckpt.name}_{cfg.eval.split}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    console.print(metrics_table(f"rredcot eval: {ckpt} on {cfg.task.name} {cfg.eval.split} ({len(samples)} prompts)",
+                                {"value": result}))
+    console.print(f"wrote {path}")
 
 
 @app.command("credit")
 def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Show credit per segment on held-out traces (terminal + credit.html); credit.against=mc measures
-    every estimator against Monte Carlo values (credit.json). checkpoint=... or the starting policy."""
+    every estimator against Monte Carlo values (credit.json). checkpoint=RUN (its own task and settings)
+    or, without it, the starting policy."""
     import time
 
-    from rredcot.config import load_config
     from rredcot.credit_report import credit_command, results_table
-    from rredcot.runlog import resolve_checkpoint
-    from rredcot.task.model import load_pretrained, load_tokenizer
+    from rredcot.runconfig import config_for_run, unique_path
     from rredcot.task.warmstart import load_policy
 
-    cfg = load_config(overrides)
+    cfg, run = config_for_run(list(overrides or []), "rredcot credit")
     if cfg.checkpoint:
-        ckpt = resolve_checkpoint(cfg.checkpoint)
-        model, tokenizer = load_pretrained(str(ckpt)), load_tokenizer(str(ckpt))
-        default_out = (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt) / "credit"
+        ckpt, model, tokenizer = _load_checkpoint(cfg)
+        default_out = unique_path((run or ckpt) / "credit")
     else:
         model, tokenizer = load_policy(cfg)
         default_out = Path("runs") / f"credit_{time.strftime('%Y%m%d_%H%M%S')}"
@@ -117,9 +122,11 @@ def compare(
 @config_app.command("show")
 def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Print the composed, resolved config."""
+    from omegaconf import OmegaConf
+
     from rredcot.config import load_config
 
-    console.print(OmegaConf.to_yaml(load_config(overrides)), markup=False)
+    console.print(OmegaConf.to_yaml(load_config(overrides, check_entries=False)), markup=False)
 
 
 @app.command("list")
@@ -145,9 +152,6 @@ def list_cmd() -> None:
 
 
 def main() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars are enough
     try:
         app()
     except UserError as e:

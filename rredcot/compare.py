@@ -55,8 +55,15 @@ def load_run(path: Path, split: str | None = None) -> Run:
     if missing:
         raise UserError(f"Run {str(path)!r} is incomplete (no {', '.join(missing)}): it has not finished. "
                         "Finish it with `rredcot train resume=true run_dir=...`, or leave it out.")
-    run = Run(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
-              json.loads((path / "eval.json").read_text()))
+    try:
+        run = Run(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
+                  json.loads((path / "eval.json").read_text()))
+        run.seed, run.config["eval"]["split"], run.config["redistribute"]["name"]  # noqa: B018 (what reports read)
+        float(run.result["final"]["accuracy"])
+    except Exception as e:  # a malformed run is a message, never a traceback
+        what = f"missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise UserError(f"Run {str(path)!r} is malformed ({what}): its config.yaml, metrics.jsonl and eval.json are not "
+                        "what `rredcot train` writes (was eval.json edited or replaced?). Leave it out, or retrain it.") from None
     return split_view(run, split or run.config["eval"]["split"])
 
 

@@ -26,14 +26,37 @@ def config_dir() -> Path:
     return Path(str(resources.files("rredcot.conf")))
 
 
-def groups() -> dict[str, list[str]]:
-    """Config group -> its options, e.g. {"algo": ["grpo"], "exp": ["gsm8k", ...]}."""
-    root = config_dir()
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith("_")}
+def searchpath_dirs(parsed: list[Any] = ()) -> list[Path]:
+    """Config directories a `hydra.searchpath=[file://DIR, pkg://PKG]` override adds (after ours)."""
+    dirs = []
+    for o in parsed:
+        if o.key_or_group == "hydra.searchpath":
+            for entry in o.value() or []:
+                entry = str(entry)
+                if entry.startswith("pkg://"):
+                    pkg = entry[len("pkg://"):].replace("/", ".")
+                    try:
+                        dirs.append(Path(str(resources.files(pkg))))
+                    except ModuleNotFoundError:
+                        raise UserError(f"hydra.searchpath names {entry!r}, but package {pkg!r} is not importable.") from None
+                else:
+                    dirs.append(Path(entry.removeprefix("file://")).expanduser())
+    return dirs
+
+
+def groups(parsed: list[Any] = ()) -> dict[str, list[str]]:
+    """Config group -> its options, e.g. {"algo": ["grpo"], "exp": ["gsm8k", ...]}, over our configs
+    and any directories added with hydra.searchpath."""
+    out: dict[str, set[str]] = {}
+    for root in [config_dir(), *searchpath_dirs(parsed)]:
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            if d.is_dir() and not d.name.startswith(("_", ".")):
+                out.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
+    return {g: sorted(opts) for g, opts in sorted(out.items())}
 
 
 def _defaults_groups() -> set[str]:
-    """Groups named in train.yaml's defaults list (chosen with group=option, no plus)."""
+    """Groups named in train.yaml's defaults list (chosen with group=option; +group=option is the same)."""
     entries = OmegaConf.load(config_dir() / f"{CONFIG_NAME}.yaml").get("defaults", [])
     return {k for e in entries if isinstance(e, DictConfig) for k in e.keys()}
 
@@ -78,12 +101,12 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def _check_override_keys(parsed: list[Any], reference: DictConfig) -> None:
-    """Unknown keys, a new key without `+`, and `exp=` without `+`, checked before Hydra sees them."""
-    grp = groups()
+    """Unknown keys, a new key without `+`, a new group without `+`, checked before Hydra sees them."""
+    grp = groups(parsed)
     known = _flat_keys(reference)
     for o in parsed:
         key = o.key_or_group
-        if o.is_add() or o.is_force_add() or o.is_delete():
+        if o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra."):
             continue
         if key in grp:
             if key not in _defaults_groups():
@@ -111,10 +134,10 @@ def _kind(v: Any) -> str:
 
 def _check_types(parsed: list[Any], cfg: DictConfig, reference: DictConfig) -> None:
     """A value override must keep its default's type (an int where a float was is fine)."""
-    grp = groups()
+    grp = groups(parsed)
     for o in parsed:
         key = o.key_or_group
-        if key in grp or o.is_add() or o.is_force_add() or o.is_delete():
+        if key in grp or o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra."):
             continue
         want, got = _kind(OmegaConf.select(reference, key)), _kind(OmegaConf.select(cfg, key))
         if want in ("null", "str") or got == "null" or want == got or (want, got) == ("number", "int"):
@@ -123,13 +146,31 @@ def _check_types(parsed: list[Any], cfg: DictConfig, reference: DictConfig) -> N
                         f"{OmegaConf.select(reference, key)!r}). Give a {want} value, e.g. {key}={OmegaConf.select(reference, key)}.")
 
 
-def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose `train.yaml` with Hydra overrides, then check keys, types and consistency."""
-    overrides = list(overrides or [])
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """`+exp=gsm8k` -> `exp=gsm8k` (exp is in the defaults list, so both spellings mean the same), and
+    only `hydra.searchpath` among Hydra's own keys (the rest configure Hydra's app runner, which we do not use)."""
+    out = []
+    for ov, o in zip(overrides, _parse(overrides)):
+        key = o.key_or_group
+        if key.startswith("hydra.") and key != "hydra.searchpath":
+            raise UserError(f"{ov}: rredcot reads only hydra.searchpath among Hydra's keys (to add config directories, "
+                            "e.g. 'hydra.searchpath=[file:///path/to/conf]'). Use run_dir=PATH for where a run goes.")
+        if o.is_add() and not o.is_force_add() and key in _defaults_groups():
+            ov = ov[1:]
+        out.append(ov)
+    return out
+
+
+def load_config(overrides: list[str] | None = None, check_entries: bool = True) -> DictConfig:
+    """Compose `train.yaml` with Hydra overrides, import plug-ins, then check keys, types and consistency.
+
+    check_entries=False skips the checks that import stage modules (torch): `config show` stays fast."""
+    overrides = normalize_overrides(list(overrides or []))
     parsed = _parse(overrides)
-    grp = groups()
-    # The reference: the same group choices, no value overrides. It gives valid keys and types.
-    group_only = [ov for ov, o in zip(overrides, parsed) if o.key_or_group in grp and (o.key_or_group in _defaults_groups() or o.is_add())]
+    grp = groups(parsed)
+    # The reference: the same group choices and search path, no value overrides. It gives valid keys and types.
+    group_only = [ov for ov, o in zip(overrides, parsed) if o.key_or_group == "hydra.searchpath" or
+                  (o.key_or_group in grp and (o.key_or_group in _defaults_groups() or o.is_add()))]
     reference = _compose(group_only)
     _check_override_keys(parsed, reference)
     cfg = _compose(overrides)
@@ -138,13 +179,20 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         OmegaConf.resolve(cfg)
     except Exception as e:
         raise UserError(f"A value in the config could not be resolved: {' '.join(str(e).split())}") from None
-    validate(cfg)
+    from rredcot import registry
+
+    registry.load_plugins(cfg.get("plugins") or [])  # before any registry is read
+    validate(cfg, check_entries)
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, check_entries: bool = True) -> None:
     """Ranges and batch arithmetic; registry names (unknown ones list the valid names)."""
     from rredcot import registry
+
+    if cfg.verify.name is None:
+        raise UserError(f"The task {cfg.task.name!r} names no verifier: add `verifier: NAME` to its config (the answer "
+                        "checker that scores it, e.g. builtin, gsm8k, math or a plug-in's), or set verify.name=NAME.")
 
     g, n = cfg.rollout.group_size, cfg.train.generation_batch_size
     if g < 2:
@@ -166,6 +214,8 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} is out of range. See the comment beside it in conf/train.yaml "
                             "(`rredcot config show` prints the current values); eval.n_samples must be at least max(eval.ks).")
+    if cfg.credit.against not in (None, "mc"):
+        raise UserError(f"credit.against={cfg.credit.against!r}: the only reference is mc (credit.against=mc), or null for none.")
     for split in [cfg.eval.split, *cfg.eval.extra_splits]:
         if split not in ("dev", "test"):
             raise UserError(f"eval.split / eval.extra_splits name {split!r}: held-out splits are dev and test (train is "
@@ -173,6 +223,9 @@ def validate(cfg: DictConfig) -> None:
                             "e.g. eval.split=dev eval.extra_splits=[test].")
     for stage, key in [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment", "segment.name"),
                        ("redistribute", "redistribute.name"), ("update", "update.loss_type"), ("task", "task.name")]:
+        registry.check(stage, OmegaConf.select(cfg, key), key)
+        if not check_entries:
+            continue
         entry = registry.get(stage, OmegaConf.select(cfg, key), key)
         for need in getattr(entry, "needs_task_keys", ()):  # e.g. answer forcing needs task.forcing_text
             if cfg.task.get(need) is None:

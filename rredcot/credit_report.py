@@ -186,25 +186,25 @@ def sample_traces(cfg: DictConfig, model, tokenizer, stages):
     return ro, run_verify(ro.texts, ro.samples, stages.reward_funcs)
 
 
-def segmenter_rows(ro, ver, ctx, cfg, marker, pieces) -> dict[str, Any]:
+def segmenter_rows(ro, ver, ctx, cfg, pieces) -> dict[str, Any]:
     """For each segmenter in credit.segmenters: the first estimator against MC on its segments."""
     out = {}
     for name in cfg.credit.segmenters:
         seg_cfg = load_config([f"segment={name}"]).segment
-        seg = run_segment(ro, partial(get("segment", name), **stage_options(seg_cfg)), marker, pieces)
+        seg = run_segment(ro, partial(get("segment", name), **stage_options(seg_cfg)), pieces)
         ref, _ = run_estimator("mc", ro, ver, seg, ctx, cfg.rollout.group_size, {"samples": cfg.credit.mc_samples})
         out[name] = compare(ro, ver, seg, ctx, cfg, ref)
     return out
 
 
 def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) -> dict[str, Any]:
-    from rredcot.pipeline import build_stages, marker_id, policy_context
+    from rredcot.pipeline import build_stages, policy_context
 
     stages = build_stages(cfg)
     torch.manual_seed(cfg.seed)
     ro, ver = sample_traces(cfg, model, tokenizer, stages)
-    marker, pieces = marker_id(tokenizer), PieceDecoder(tokenizer)
-    seg = run_segment(ro, stages.segment, marker, pieces)
+    pieces = PieceDecoder(tokenizer)
+    seg = run_segment(ro, stages.segment, pieces)
     ctx = policy_context(cfg, model, tokenizer, stages)
     credit = stages.redistribute(ro, ver, seg, ctx)
     scale = max((abs(c) for cs in credit.segment_credit for c in cs.tolist()), default=1.0)
@@ -222,7 +222,7 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
         result["mc"] = {"samples": cfg.credit.mc_samples, "cost": ref_cost}
         result["estimators"] = compare(ro, ver, seg, ctx, cfg, ref)
         if cfg.credit.segmenters:
-            result["segmenters"] = segmenter_rows(ro, ver, ctx, cfg, marker, pieces)
+            result["segmenters"] = segmenter_rows(ro, ver, ctx, cfg, pieces)
     elif cfg.credit.against is not None:
         from rredcot.errors import UserError
 

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
 from rredcot.config import stage_options
+from rredcot.errors import UserError
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
 from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir, latest_checkpoint, save_checkpoint
@@ -30,11 +31,12 @@ from rredcot.stages.rollout import sample_from_ids
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
 from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
-from rredcot.stages.verify import answer_extractor, build_reward_funcs, run_verify
+from rredcot.stages.verify import build_reward_funcs, run_verify
 from rredcot.task.arith import THINK_CLOSE
+from rredcot.task.datasets import check_disjoint
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
-from rredcot.ui import console, make_progress, summary_table
+from rredcot.ui import console, make_progress, note, summary_table
 
 
 @dataclass
@@ -66,8 +68,8 @@ def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages) -> PolicyC
                                top_k=ro.top_k, chunk_size=ro.chunk_size)
 
     return PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs["accuracy"][0],
-                         extract=answer_extractor(cfg.verify), force_text=cfg.task.get("forcing_text"),
-                         closing_text=cfg.task.get("closing_text") or "", generate=generate)
+                         force_text=cfg.task.get("forcing_text"), closing_text=cfg.task.get("closing_text") or "",
+                         generate=generate)
 
 
 class PromptSampler:
@@ -87,10 +89,18 @@ class PromptSampler:
         return out
 
 
-def marker_id(tokenizer) -> int | None:
-    """The end-of-thinking token id, when the vocabulary has it as one token."""
-    ids = tokenizer.convert_tokens_to_ids([THINK_CLOSE])
-    return ids[0] if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id else None
+def startup_notes(cfg: DictConfig, tokenizer) -> None:
+    """One line for each default that does not apply as a user would assume (never silently)."""
+    if cfg.task.get("verifier") and cfg.verify.name != cfg.task.verifier:
+        note(f"verify.name={cfg.verify.name} scores this run, not the task's own verifier ({cfg.task.verifier}).")
+    ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        note(f"the tokenizer has no {THINK_CLOSE} token (it is {len(ids)} tokens here): the end of thinking is found in "
+             f"the text; traces that never write it are segmented whole, the correction on their last segment.")
+    if cfg.task.get("sources") is not None and "dev" in [cfg.eval.split, *cfg.eval.extra_splits] and \
+            not (cfg.task.sources.get("dev") or {}).get("path") and not (cfg.task.sources.get("dev") or {}).get("split"):
+        note(f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
+             "they are never trained on.")
 
 
 def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group_size: int) -> dict[str, Any]:
@@ -121,10 +131,16 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
     return out
 
 
-def held_out_sets(cfg: DictConfig, tokenizer) -> dict[str, list[Sample]]:
-    """eval.split first (logged as eval/...), then eval.extra_splits (logged as eval_<split>/...)."""
+def task_sets(cfg: DictConfig, tokenizer) -> tuple[list[Sample], dict[str, list[Sample]]]:
+    """(training samples, held-out sets): eval.split first (logged as eval/...), then eval.extra_splits
+    (eval_<split>/...). A held-out set that shares prompts with training is refused (check_disjoint)."""
+    task = get("task", cfg.task.name)
     splits = [cfg.eval.split] + [s for s in cfg.eval.extra_splits if s != cfg.eval.split]
-    return {s: get("task", cfg.task.name)(cfg.task, s, tokenizer)[: cfg.eval.n_prompts] for s in splits}
+    held_out = {s: task(cfg.task, s, tokenizer)[: cfg.eval.n_prompts] for s in splits}
+    train = check_disjoint(task(cfg.task, "train", tokenizer), held_out)
+    if not train:
+        raise UserError(f"The task {cfg.task.name!r} has no training rows left (check task.sources.train and task.train_size).")
+    return train, held_out
 
 
 def evaluate_all(model, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: dict,
@@ -146,8 +162,8 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: DictConfig) -> Path:
-    """Run RL training as configured; returns the run directory."""
+def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
+    """Run RL training as configured (`overrides`: the command line, saved with the run); returns the run directory."""
     run = check_run_dir(cfg)
     set_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
@@ -155,9 +171,9 @@ def train(cfg: DictConfig) -> Path:
     with make_progress(cfg.logging.progress) as progress:
         model, tokenizer = load_policy(cfg, progress)
         set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
-        train_set = get("task", cfg.task.name)(cfg.task, "train", tokenizer)
-        eval_sets = held_out_sets(cfg, tokenizer)
-        init_run_dir(run, cfg)  # only now: a config or data error leaves nothing behind
+        train_set, eval_sets = task_sets(cfg, tokenizer)
+        startup_notes(cfg, tokenizer)
+        init_run_dir(run, cfg, overrides)  # only now: a config or data error leaves nothing behind
         log = MetricsLog(run, cfg)
         ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg["update"].beta > 0 else None
         start, drawn, resume_state = 0, 0, None
@@ -176,7 +192,7 @@ def train(cfg: DictConfig) -> Path:
             scheduler.load_state_dict(resume_state["scheduler"])
             torch.set_rng_state(resume_state["rng"])
         sampler = PromptSampler(len(train_set), cfg.seed, drawn)
-        marker, pieces = marker_id(tokenizer), PieceDecoder(tokenizer)
+        pieces = PieceDecoder(tokenizer)
         ctx = policy_context(cfg, accelerator.unwrap_model(model), tokenizer, stages)
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
 
@@ -200,7 +216,7 @@ def train(cfg: DictConfig) -> Path:
                 times["rollout"], t = time.perf_counter() - t, time.perf_counter()
                 ver = run_verify(ro.texts, ro.samples, stages.reward_funcs)
                 times["verify"], t = time.perf_counter() - t, time.perf_counter()
-                seg = run_segment(ro, stages.segment, marker, pieces)
+                seg = run_segment(ro, stages.segment, pieces)
                 times["segment"], t = time.perf_counter() - t, time.perf_counter()
                 credit = stages.redistribute(ro, ver, seg, ctx)
                 times["redistribute"], t = time.perf_counter() - t, time.perf_counter()

@@ -37,11 +37,16 @@ def check_run_dir(cfg: DictConfig) -> Path:
     return run
 
 
-def init_run_dir(run: Path, cfg: DictConfig) -> None:
-    """Create the run directory and write the resolved config (a resumed run keeps its first one)."""
+def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = ()) -> None:
+    """Create the run directory and write the resolved config and the command line that made it (a
+    resumed run keeps its first ones and adds config.resume_<time>.yaml)."""
+    from rredcot.runconfig import save_overrides
+
     (run / "samples").mkdir(parents=True, exist_ok=True)
     name = f"config.resume_{time.strftime('%Y%m%d_%H%M%S')}.yaml" if cfg.resume else "config.yaml"
     (run / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if not cfg.resume:
+        save_overrides(run, list(overrides))
 
 
 def checkpoints(run: Path) -> list[Path]:

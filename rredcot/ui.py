@@ -38,3 +38,9 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return "-" if v is None else str(v)
+
+
+def note(text: str) -> None:
+    """One start-up line for something a user must know (a default that does not apply, a changed
+    setting): said once, never silently."""
+    err_console.print(f"[yellow]note:[/yellow] {text}", soft_wrap=True, markup=True, highlight=False)

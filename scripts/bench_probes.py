@@ -15,7 +15,7 @@ import time
 import torch
 
 from rredcot.config import load_config
-from rredcot.pipeline import build_stages, marker_id
+from rredcot.pipeline import build_stages
 from rredcot.registry import get
 from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprobs_reference
 from rredcot.stages.segment import PieceDecoder, run_segment
@@ -39,7 +39,7 @@ def main() -> None:
     samples = get("task", cfg.task.name)(cfg.task, "test", tok)[: args.traces // cfg.rollout.group_size]
     torch.manual_seed(0)
     ro = stages.rollout(model, tok, samples)
-    seg = run_segment(ro, stages.segment, marker_id(tok), PieceDecoder(tok))
+    seg = run_segment(ro, stages.segment, PieceDecoder(tok))
     force = _encode(tok, cfg.task.forcing_text)
     answers = [_encode(tok, f"{a}{cfg.task.closing_text}") for a in range(10, 10 + args.answers)]
     items = []

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from rredcot.registry import register
+from rredcot.task.arith import THINK_CLOSE
 from rredcot.types import Rollout, Segmented
 
 DEFAULT_KEYWORDS = ("Wait", "But", "Alternatively", "Hmm", "However", "So", "Therefore", "Let me", "Now",
@@ -153,11 +154,13 @@ def segment_hybrid(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min
     return finalize(newline_cuts(trace) + keyword_cuts(trace, keywords), trace, min_tokens, max_tokens, max_segments)
 
 
-def think_end_of(ids: list[int], marker_id: int | None) -> int | None:
-    """Offset of the first end-of-thinking token, or None (no marker token, or not in this trace)."""
-    if marker_id is None or marker_id not in ids:
-        return None
-    return ids.index(marker_id)
+def think_end_of(pieces: Sequence[str], marker: str = THINK_CLOSE) -> int | None:
+    """Token offset where the first end-of-thinking marker starts, found in the decoded text, so a
+    marker that the tokenizer splits into several tokens (most models without a `</think>` token) counts.
+    Example: pieces ['7', '</', 'think', '>', '7'] -> 1; no marker -> None."""
+    text = "".join(pieces)
+    at = text.find(marker)
+    return None if at < 0 else bisect.bisect_right(_offsets(pieces), at) - 1
 
 
 class PieceDecoder:
@@ -173,13 +176,14 @@ class PieceDecoder:
         return [self.cache[i] for i in ids]
 
 
-def run_segment(rollout: Rollout, fn: Callable[[Trace], list[int]], marker_id: int | None,
-                pieces: Callable[[list[int]], list[str]] | None = None) -> Segmented:
-    """Apply segmenter `fn` to every row of the rollout."""
+def run_segment(rollout: Rollout, fn: Callable[[Trace], list[int]], pieces: Callable[[list[int]], list[str]],
+                marker: str = THINK_CLOSE) -> Segmented:
+    """Apply segmenter `fn` to every row of the rollout; `pieces` decodes each token (PieceDecoder)."""
     bounds, ends = [], []
     for row, n in enumerate(rollout.lengths.tolist()):
         ids = rollout.completion_ids[row, :n].tolist()
-        trace = Trace(ids, rollout.entropies[row, :n].tolist(), think_end_of(ids, marker_id), pieces(ids) if pieces else ())
+        text = pieces(ids)
+        trace = Trace(ids, rollout.entropies[row, :n].tolist(), think_end_of(text, marker), text)
         bounds.append(fn(trace))
         ends.append(trace.think_end)
     return Segmented(boundaries=bounds, think_end=ends)

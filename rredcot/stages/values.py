@@ -24,8 +24,7 @@ class PolicyContext:
 
     model: Any
     tokenizer: Any
-    verifier: Callable  # (completion, sample) -> Score: the task's accuracy reward
-    extract: Callable[[str], str | None]  # completion -> its final answer text
+    verifier: Any  # the task's Verifier: extract(completion), judge(answer, sample), (completion, sample) -> Score
     force_text: str | None  # appended at a boundary to ask for the answer (task.forcing_text)
     closing_text: str  # follows the answer (task.closing_text)
     generate: Callable | None = None  # (prefix id lists, n, budgets) -> texts, for Monte Carlo
@@ -46,7 +45,7 @@ def group_answers(ro: Rollout, ctx: PolicyContext, g0: int, group_size: int, inc
     """Distinct final answers of one group (in order of appearance), plus the gold if asked."""
     seen: list[str] = []
     for text in ro.texts[g0 : g0 + group_size]:
-        a = ctx.extract(text)
+        a = ctx.verifier.extract(text)[0]
         if a is not None and a.strip() and a.strip() not in seen:
             seen.append(a.strip())
     gold = ro.samples[g0].gold.strip()
@@ -76,7 +75,7 @@ def forced_values(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext
     probe_tokens = 0
     for g0 in range(0, N, group_size):
         answers = group_answers(ro, ctx, g0, group_size, include_reference)
-        u = [ctx.verifier(ctx.force_text + a + ctx.closing_text, ro.samples[g0]).reward or 0.0 for a in answers]
+        u = [ctx.verifier.judge(a, ro.samples[g0]) or 0.0 for a in answers]  # U(a), the verifier's own judgement
         keep = [i for i, ui in enumerate(u) if self_normalize or ui > 0]
         if not keep:
             continue  # no answer of this group is right: every V_hat is exactly 0

@@ -1,18 +1,25 @@
-"""Verify stage: plain functions (completion, sample, **options) -> Score, tested with string tables.
+"""Verify stage: a verifier is one registered object that says how to find a completion's final answer
+and how to judge one answer against the gold, so nothing else ever decides by a verifier's *name*.
 
-A Score's reward is 1.0 / 0.0, or None when it is undefined (unparseable gold: the row is skipped,
-never rewarded). `extractor` names the rule that found the answer, so logs can say which fired.
+    v = get("verify", "gsm8k")(mode="strict")   # options from verify.options
+    v.extract("... #### 18")      -> ("18", "strict")       the answer text, and which rule found it
+    v.judge("18", sample)         -> 1.0                    1.0 / 0.0, or None when the gold is unparseable
+    v("... #### 18", sample)      -> Score(1.0, "strict")   the reward of a whole completion
+
+Answer forcing (RREDCoT's values) scores candidate answers with `judge`, never by verifying a
+synthetic completion, so a strict verifier cannot silently turn every utility into 0. A reward of None
+means undefined (the row is skipped, never rewarded). Tested with string tables (tests/unit/test_verify.py).
 """
 from __future__ import annotations
 
 import math
 import re
 import threading
-from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from rredcot.errors import UserError
 from rredcot.registry import get, register
 from rredcot.task.arith import THINK_CLOSE, extract_answer
 from rredcot.types import Sample, Verified
@@ -23,8 +30,29 @@ class Score(NamedTuple):
     extractor: str
 
 
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
-_STRICT = re.compile(r"####\s*(-?[$\d,]*\.?\d+)")
+class Verifier:
+    """Base class: subclasses define `extract` and `judge`; `__call__` scores a whole completion.
+
+    Invariant (tested for every registered verifier): v(c, s).reward == v.judge(v.extract(c)[0], s)
+    wherever a subclass does not document otherwise.
+    """
+
+    def extract(self, completion: str) -> tuple[str | None, str]:
+        """(final answer text or None, name of the rule that found it; "none" when nothing did)."""
+        raise NotImplementedError
+
+    def judge(self, answer: str | None, sample: Sample) -> float | None:
+        """1.0 if `answer` is right for `sample`, 0.0 if not (or None), None if the gold cannot be judged."""
+        raise NotImplementedError
+
+    def __call__(self, completion: str, sample: Sample) -> Score:
+        answer, how = self.extract(completion)
+        return Score(self.judge(answer, sample), how)
+
+
+_NUMBER = re.compile(r"-?[\d,]{0,64}\.?\d+")
+# Bounded repetition: an unbounded [\d,]* is quadratic on a long run of commas.
+_STRICT = re.compile(r"####\s{0,20}(-?\$?[\d,]{0,40}\.?\d{1,40})")
 
 
 def normalize_number(text: str) -> float | None:
@@ -36,7 +64,8 @@ def normalize_number(text: str) -> float | None:
         return None
 
 
-def _same_number(pred: str | None, gold: str) -> float | None:
+def same_number(pred: str | None, gold: str) -> float | None:
+    """1.0 / 0.0 by numeric equality; None when the gold is not a number (undefined, not wrong)."""
     g = normalize_number(gold)
     if g is None or math.isnan(g):
         return None
@@ -45,80 +74,119 @@ def _same_number(pred: str | None, gold: str) -> float | None:
 
 
 @register("verify", "builtin")
-def verify_builtin(completion: str, sample: Sample) -> Score:
-    """The built-in task: the integer after the end-of-thinking marker equals the gold."""
-    answer, extractor = extract_answer(completion)
-    return Score(_same_number(answer, sample.gold), extractor)
+class BuiltinVerifier(Verifier):
+    """The built-in task: the integer after the last end-of-thinking marker equals the gold."""
 
+    def extract(self, completion: str) -> tuple[str | None, str]:
+        return extract_answer(completion)
 
-def extract_gsm8k(completion: str, mode: str = "flexible") -> tuple[str | None, str]:
-    """`strict`: the last '#### <number>'; `flexible`: that, else the last number in the text."""
-    strict = _STRICT.findall(completion)
-    if strict:
-        return strict[-1], "strict"
-    if mode == "flexible":
-        nums = _NUMBER.findall(completion)
-        if nums:
-            return nums[-1], "flexible"
-    return None, "none"
+    def judge(self, answer: str | None, sample: Sample) -> float | None:
+        return same_number(answer, sample.gold)
 
 
 @register("verify", "gsm8k")
-def verify_gsm8k(completion: str, sample: Sample, mode: str = "flexible") -> Score:
-    """GSM8K: sample.gold is the text after '####' with commas removed (see task.datasets)."""
-    if mode not in ("strict", "flexible"):
-        raise ValueError(f"gsm8k verify mode must be 'strict' or 'flexible', got {mode!r}")
-    answer, extractor = extract_gsm8k(completion, mode)
-    return Score(_same_number(answer, sample.gold), extractor)
+class GSM8KVerifier(Verifier):
+    """GSM8K: sample.gold is the text after '####' with commas removed (see task.datasets).
+
+    `strict`: the last '#### <number>'; `flexible`: that, else the last number in the text."""
+
+    def __init__(self, mode: str = "flexible"):
+        if mode not in ("strict", "flexible"):
+            raise UserError(f"verify.options.mode={mode!r}: the gsm8k verifier's mode is 'strict' or 'flexible'.")
+        self.mode = mode
+
+    def extract(self, completion: str) -> tuple[str | None, str]:
+        strict = _STRICT.findall(completion)
+        if strict:
+            return strict[-1], "strict"
+        if self.mode == "flexible":
+            nums = _NUMBER.findall(completion)
+            if nums:
+                return nums[-1], "flexible"
+        return None, "none"
+
+    def judge(self, answer: str | None, sample: Sample) -> float | None:
+        return same_number(answer, sample.gold)
+
+
+def _math_timeout() -> int | None:
+    # math-verify's timeouts use SIGALRM, which only works on the main thread; elsewhere they are off.
+    return 5 if threading.current_thread() is threading.main_thread() else None
 
 
 @register("verify", "math")
-def verify_math(completion: str, sample: Sample) -> Score:
+class MathVerifier(Verifier):
     """MATH-style answers through math-verify: verify(gold, pred), gold first (it is not symmetric).
 
-    math-verify's timeouts use SIGALRM, which only works on the main thread; elsewhere they are off
-    (the caller bounds the time). Gold that does not parse gives reward None: the row is skipped.
-    """
-    from math_verify import parse, verify
+    `extract` is math-verify's own extraction (boxed, then other LaTeX/expressions); `judge` parses the
+    candidate as `\\boxed{answer}`. Gold that does not parse makes the reward None (row skipped)."""
 
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = parse("\\boxed{" + sample.gold + "}", parsing_timeout=timeout)
-    if not gold:
-        return Score(None, "unparseable_gold")
-    pred = parse(completion, parsing_timeout=timeout)
-    if not pred:
-        return Score(0.0, "none")
-    return Score(float(verify(gold, pred, timeout_seconds=timeout)), "math_verify")
+    def extract(self, completion: str) -> tuple[str | None, str]:
+        from math_verify import parse
+
+        found = parse(completion, parsing_timeout=_math_timeout())
+        return (str(found[-1]), "math_verify") if found else (None, "none")
+
+    def judge(self, answer: str | None, sample: Sample) -> float | None:
+        from math_verify import parse, verify
+
+        timeout = _math_timeout()
+        gold = parse("\\boxed{" + sample.gold + "}", parsing_timeout=timeout)
+        if not gold:
+            return None
+        pred = parse("\\boxed{" + answer + "}", parsing_timeout=timeout) if answer else []
+        return float(bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+
+    def __call__(self, completion: str, sample: Sample) -> Score:
+        # The completion is parsed as a whole (math-verify's richer extraction), not re-boxed.
+        from math_verify import parse, verify
+
+        timeout = _math_timeout()
+        gold = parse("\\boxed{" + sample.gold + "}", parsing_timeout=timeout)
+        if not gold:
+            return Score(None, "unparseable_gold")
+        pred = parse(completion, parsing_timeout=timeout)
+        if not pred:
+            return Score(0.0, "none")
+        return Score(float(verify(gold, pred, timeout_seconds=timeout)), "math_verify")
 
 
 @register("verify", "format")
-def verify_format(completion: str, sample: Sample) -> Score:
-    """Format reward: a closed thinking part followed by a non-empty answer."""
-    head, sep, tail = completion.partition(THINK_CLOSE)
-    return Score(float(bool(sep) and bool(head.strip()) and bool(tail.strip())), "format")
+class FormatVerifier(Verifier):
+    """Format reward: a non-empty thinking part closed by the marker, then a non-empty answer."""
+
+    def extract(self, completion: str) -> tuple[str | None, str]:
+        head, sep, tail = completion.partition(THINK_CLOSE)
+        ok = bool(sep) and bool(head.strip()) and bool(tail.strip())
+        return (tail.strip(), "format") if ok else (None, "format")
+
+    def judge(self, answer: str | None, sample: Sample) -> float | None:
+        return float(bool(answer))
 
 
-def answer_extractor(cfg: Any) -> Callable[[str], str | None]:
-    """The final-answer text of a completion, as the task's verifier reads it (for answer forcing)."""
-    from rredcot.task.datasets import gold_from
+def build_verifier(name: str, options: Any = None, key: str = "verify.name") -> Verifier:
+    """The registered verifier `name` with its options (a bad option is a UserError naming it)."""
+    cls = get("verify", name, key)
+    try:
+        verifier = cls(**dict(options or {}))
+    except TypeError as e:
+        raise UserError(f"verify.options={dict(options or {})} do not fit the {name!r} verifier: {e}. "
+                        "Remove the unknown option (`rredcot list` names the verifiers).") from None
+    if not isinstance(verifier, Verifier):
+        raise UserError(f"verify entry {name!r} is not a rredcot.stages.verify.Verifier subclass: a verifier must say "
+                        "how to extract an answer (extract) and how to judge one (judge).")
+    return verifier
 
-    if cfg.name == "builtin":
-        return lambda text: extract_answer(text)[0]
-    if cfg.name == "gsm8k":
-        mode = dict(cfg.options or {}).get("mode", "flexible")
-        return lambda text: extract_gsm8k(text, mode)[0]
-    return lambda text: gold_from(text, "boxed") or None
 
-
-def build_reward_funcs(cfg: Any) -> dict[str, tuple[Callable[[str, Sample], Score], float]]:
-    """name -> (verifier with its options bound, weight). 'accuracy' is the task's own verifier."""
-    funcs = {"accuracy": (partial(get("verify", cfg.name), **dict(cfg.options or {})), float(cfg.weight))}
+def build_reward_funcs(cfg: Any) -> dict[str, tuple[Verifier, float]]:
+    """name -> (verifier, weight). 'accuracy' is the task's own verifier; 'format' is optional."""
+    funcs = {"accuracy": (build_verifier(cfg.name, cfg.options), float(cfg.weight))}
     if cfg.format_weight:
-        funcs["format"] = (get("verify", "format"), float(cfg.format_weight))
+        funcs["format"] = (build_verifier("format"), float(cfg.format_weight))
     return funcs
 
 
-def run_verify(texts: list[str], samples: list[Sample], funcs: dict[str, tuple[Callable, float]]) -> Verified:
+def run_verify(texts: list[str], samples: list[Sample], funcs: dict[str, tuple[Verifier, float]]) -> Verified:
     """Score N completions. The total is the weighted sum; undefined accuracy makes the row NaN."""
     per_func: dict[str, torch.Tensor] = {}
     extractor: list[str] = []

@@ -6,9 +6,12 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from rredcot.errors import UserError
 from rredcot.task.tokenizer import build_char_tokenizer
+
+hf_logging.disable_progress_bar()  # our own progress bars are enough
 
 _ARCHS = ("llama", "qwen2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -5,8 +5,7 @@ from rredcot.stages.attribution import attention_weights, gradient_weights
 from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment
 from rredcot.stages.values import PolicyContext
-from rredcot.stages.verify import verify_builtin
-from rredcot.task.arith import extract_answer
+from rredcot.stages.verify import BuiltinVerifier
 from rredcot.types import Sample
 
 
@@ -15,8 +14,8 @@ def _setup(tiny_model):
     torch.manual_seed(0)
     samples = [Sample("a=3, b=a+4. b=?\n", "7"), Sample("x=12, y=x-3, z=y*2. z=?\n", "18")]
     ro = sample_rollout(model, tok, samples, group_size=3, max_new_tokens=20)
-    seg = run_segment(ro, lambda t: [0, 3, 7, t.end] if t.end > 7 else [0, t.end], None, PieceDecoder(tok))
-    ctx = PolicyContext(model, tok, verify_builtin, lambda t: extract_answer(t)[0], "</think>\n", "</s>")
+    seg = run_segment(ro, lambda t: [0, 3, 7, t.end] if t.end > 7 else [0, t.end], PieceDecoder(tok))
+    ctx = PolicyContext(model, tok, BuiltinVerifier(), "</think>\n", "</s>")
     return ro, seg, ctx
 
 

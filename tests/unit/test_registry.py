@@ -28,3 +28,37 @@ def test_duplicate_registration_raises():
 def test_unknown_stage():
     with pytest.raises(UserError, match="Stages are"):
         registry.names("nope")
+
+
+def test_builtin_manifest_is_what_the_modules_register():
+    # `rredcot list` answers from BUILTIN without importing torch; importing the modules must agree with it.
+    import importlib
+
+    for stage, entries in registry.BUILTIN.items():
+        for module in set(entries.values()):
+            importlib.import_module(module)
+        assert set(registry._REGISTRY[stage]) >= set(entries), stage
+        assert {n for n, obj in registry._REGISTRY[stage].items() if obj.__module__.startswith("rredcot.")} == set(entries)
+
+
+def test_plugin_file_registers_an_entry(tmp_path):
+    plugin = tmp_path / "my_segmenter.py"
+    plugin.write_text("from rredcot.registry import register\n"
+                      "@register('segment', 'halves')\n"
+                      "def halves(trace):\n    return [0, trace.end // 2, trace.end]\n")
+    registry.load_plugins([str(plugin)])
+    assert "halves" in registry.names("segment") and registry.get("segment", "halves").__name__ == "halves"
+
+
+def test_missing_plugin_is_a_user_error():
+    with pytest.raises(UserError, match="could not be imported"):
+        registry.load_plugins(["no_such_rredcot_plugin_module"])
+    with pytest.raises(UserError, match="does not exist"):
+        registry.load_plugins(["/nonexistent/plugin.py"])
+
+
+def test_a_plugin_cannot_take_a_builtin_name(tmp_path):
+    plugin = tmp_path / "clash.py"
+    plugin.write_text("from rredcot.registry import register\n@register('segment', 'fixed')\ndef f(trace):\n    return [0]\n")
+    with pytest.raises(UserError, match="registered twice"):
+        registry.load_plugins([str(plugin)])

@@ -16,8 +16,10 @@ def test_none_covers_the_trace_without_marker():
 
 
 def test_think_end_of():
-    assert think_end_of([9, 4, 2, 4], 4) == 1
-    assert think_end_of([9, 2], 4) is None and think_end_of([9, 2], None) is None
+    assert think_end_of(["9", "</think>", "2", "</think>"]) == 1            # one token: the first one
+    assert think_end_of(["7", "</", "think", ">", "\n7"]) == 1            # split into pieces: where it starts
+    assert think_end_of(["7\n</", "think>"]) == 0                          # starts inside a token
+    assert think_end_of(["9", "2"]) is None
 
 
 @given(n=st.integers(0, 80), size=st.integers(1, 20), marker=st.one_of(st.none(), st.integers(0, 79)))

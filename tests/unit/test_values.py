@@ -6,8 +6,7 @@ from rredcot.errors import UserError
 from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_newline
 from rredcot.stages.values import PolicyContext, forced_values, group_answers, mc_values
-from rredcot.stages.verify import run_verify, verify_builtin
-from rredcot.task.arith import extract_answer
+from rredcot.stages.verify import BuiltinVerifier, GSM8KVerifier, run_verify
 from rredcot.types import Sample
 
 
@@ -19,9 +18,9 @@ def batch(tiny_model):
     ro = sample_rollout(model, tok, samples, group_size=2, max_new_tokens=16)
     # Give the rollout known texts' answers: the extractor reads ro.texts
     ro.texts = ["<think>\nb=3+4=7\n</think>\n7", "<think>\nb=3+4=8\n</think>\n8", "</think>\n5", "no answer"]
-    ver = run_verify(ro.texts, ro.samples, {"accuracy": (verify_builtin, 1.0)})
-    seg = run_segment(ro, segment_newline, None, PieceDecoder(tok))
-    ctx = PolicyContext(model, tok, verify_builtin, lambda t: extract_answer(t)[0], "</think>\n", "</s>")
+    ver = run_verify(ro.texts, ro.samples, {"accuracy": (BuiltinVerifier(), 1.0)})
+    seg = run_segment(ro, segment_newline, PieceDecoder(tok))
+    ctx = PolicyContext(model, tok, BuiltinVerifier(), "</think>\n", "</s>")
     return ro, ver, seg, ctx
 
 
@@ -76,3 +75,15 @@ def test_mc_values_are_mean_rewards_of_continuations(batch):
     assert calls == [(sum(len(b) for b in seg.boundaries), 2)]
     assert torch.allclose(values[0], torch.full_like(values[0], 0.5))   # gold 7: one of two right
     assert torch.all(values[2] == 0)                                    # gold 6: never right
+
+
+def test_utilities_come_from_the_verifiers_judgement_not_a_synthetic_completion(batch):
+    # A strict GSM8K verifier scores the synthetic text "</think>\n7</s>" as 0 (no '####'), which once
+    # turned every U(a) into 0 and RREDCoT silently into "credit = reward". U(a) is judge(a) now.
+    ro, ver, seg, ctx = batch
+    ro.texts = ["#### 7", "#### 8", "#### 5", "no answer"]
+    ctx.verifier = GSM8KVerifier(mode="strict")
+    assert ctx.verifier("</think>\n7</s>", ro.samples[0]).reward == 0.0     # what the old path computed
+    values, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=False)
+    assert torch.all(values[0] > 0) and torch.all(values[1] > 0)           # "7" is right for group 1
+    assert torch.all(values[2] == 0)                                        # group 2 only answered "5"

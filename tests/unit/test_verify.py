@@ -1,13 +1,21 @@
-"""Verifiers as plain functions, checked with tables of strings."""
+"""Verifiers, checked with tables of strings; every registered verifier keeps its extract/judge contract."""
 import threading
 
 import pytest
 
-from rredcot.stages.verify import normalize_number, run_verify, verify_builtin, verify_format, verify_gsm8k, verify_math
+from rredcot.registry import get, names
+from rredcot.errors import UserError
+from rredcot.stages.verify import (BuiltinVerifier, FormatVerifier, GSM8KVerifier, MathVerifier, build_verifier,
+                                   normalize_number, run_verify)
 from rredcot.task.datasets import gold_from
 from rredcot.types import Sample
 
 S7 = Sample(prompt="a=3, b=a+4. b=?\n", gold="7")
+verify_builtin, verify_format, verify_math = BuiltinVerifier(), FormatVerifier(), MathVerifier()
+
+
+def verify_gsm8k(completion, sample, mode="flexible"):
+    return GSM8KVerifier(mode)(completion, sample)
 
 
 @pytest.mark.parametrize("completion, reward, extractor", [
@@ -45,7 +53,7 @@ def test_gsm8k(completion, mode, reward, extractor):
 
 
 def test_gsm8k_bad_mode():
-    with pytest.raises(ValueError, match="strict' or 'flexible"):
+    with pytest.raises(UserError, match="strict' or 'flexible"):
         verify_gsm8k("#### 1", G18, mode="loose")
 
 
@@ -99,3 +107,46 @@ def test_run_verify_weights_and_undefined_rows():
     assert v.rewards[1].isnan()                   # undefined gold: the row is skipped, never rewarded
     assert v.correct.tolist() == [True, False]
     assert v.extractor == ["math_verify", "unparseable_gold"]
+
+
+# Every verifier: whole-completion reward == judge(extract(completion)), and judge is what answer forcing
+# uses for U(a). A plug-in verifier that breaks this would make RREDCoT's values disagree with its rewards.
+CONTRACT = [
+    ("builtin", {}, "<think>\nb=7\n</think>\n7", "7", 1.0),
+    ("builtin", {}, "<think>\nb=8\n</think>\n8", "7", 0.0),
+    ("gsm8k", {"mode": "strict"}, "so #### 18", "18", 1.0),
+    ("gsm8k", {"mode": "strict"}, "so 18", "18", 0.0),
+    ("gsm8k", {"mode": "flexible"}, "so 18", "18", 1.0),
+    ("math", {}, "so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
+    ("math", {}, "so \\boxed{3}", "\\frac{1}{2}", 0.0),
+]
+
+
+@pytest.mark.parametrize("name, options, completion, gold, reward", CONTRACT)
+def test_reward_equals_judge_of_extract(name, options, completion, gold, reward):
+    v, s = build_verifier(name, options), Sample("q", gold)
+    answer, _ = v.extract(completion)
+    assert v(completion, s).reward == v.judge(answer, s) == reward
+
+
+def test_every_registered_verifier_is_in_the_contract_table():
+    assert set(names("verify")) - {"format"} <= {row[0] for row in CONTRACT}
+
+
+@pytest.mark.parametrize("name, answer, gold", [("builtin", "14", "14"), ("gsm8k", "1,234", "1234"), ("math", "0.5", "\\frac{1}{2}")])
+def test_judge_scores_a_bare_answer(name, answer, gold):
+    # answer forcing scores bare candidate answers: no marker, no '####', no box around them
+    assert build_verifier(name).judge(answer, Sample("q", gold)) == 1.0
+
+
+def test_unknown_verifier_option_is_a_user_error():
+    with pytest.raises(UserError, match="do not fit"):
+        build_verifier("builtin", {"mode": "strict"})
+
+
+def test_gsm8k_regex_is_linear_on_runs_of_commas():
+    import time
+
+    t = time.perf_counter()
+    GSM8KVerifier("flexible")("#### " + "," * 20000 + " 7", G18)
+    assert time.perf_counter() - t < 1.0

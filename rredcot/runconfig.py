@@ -1,0 +1,104 @@
+"""A run directory is the source of truth for every command that reads it (`eval`, `credit`).
+
+`train` saves the resolved config (config.yaml) and the command line that made it (overrides.yaml).
+A later command starts from the saved config; the overrides it is given are applied as the change
+they make to the run's own composition, and every key they change is said in one line at start-up,
+so a GSM8K checkpoint is never quietly scored on the built-in task.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from rredcot.errors import UserError
+
+OVERRIDES_FILE = "overrides.yaml"
+# Keys that say where and how a command runs, not what the run was: changing them is not worth a note.
+_QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
+
+
+def save_overrides(run: Path, overrides: list[str]) -> None:
+    (run / OVERRIDES_FILE).write_text(yaml.safe_dump(list(overrides)))
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory holding `path` (a run, or one of its checkpoints/step_N), or None."""
+    for cand in (path, path.parent.parent if path.parent.name == "checkpoints" else None):
+        if cand is not None and (cand / "config.yaml").exists():
+            return cand
+    return None
+
+
+def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(cfg, dict):
+        out: dict[str, Any] = {}
+        for k, v in cfg.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: cfg}
+
+
+def _changes(before: DictConfig, after: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (before, after) for every leaf the two configs disagree on."""
+    a = _flat(OmegaConf.to_container(before, resolve=True))
+    b = _flat(OmegaConf.to_container(after, resolve=True))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _checkpoint_arg(overrides: list[str]) -> str | None:
+    found = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    return found[-1] if found else None
+
+
+def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path | None]:
+    """The config a command that reads `checkpoint=RUN` should use: the run's saved config, changed only
+    by what `overrides` change relative to the run's own command line (each change said in one line).
+    Without a run directory (a bare model directory, or no checkpoint) it is the composed config."""
+    from rredcot import registry
+    from rredcot.config import load_config, validate
+    from rredcot.ui import note
+
+    arg = _checkpoint_arg(overrides)
+    run = run_dir_of(Path(arg).expanduser()) if arg else None
+    if run is None:
+        cfg = load_config(overrides)
+        if arg:
+            note(f"{arg} is not inside a run directory (no config.yaml): {command} uses the task and settings of the "
+                 f"command line (task={cfg.task.name}, verify.name={cfg.verify.name}).")
+        return cfg, None
+    try:
+        saved = OmegaConf.load(run / "config.yaml")
+        run_overrides = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else None
+    except Exception as e:
+        raise UserError(f"The run's config {str(run / 'config.yaml')!r} could not be read ({e}). Pass checkpoint= a "
+                        "checkpoint directory and the task's settings on the command line instead.") from None
+    mine = [o for o in overrides if not o.startswith("checkpoint=")]
+    if mine:
+        base = load_config(run_overrides or [], check_entries=False)
+        changed = _changes(base, load_config([*(run_overrides or []), *mine], check_entries=False))
+        for key, (_, new) in changed.items():
+            OmegaConf.update(saved, key, new, force_add=True)
+        loud = {k: v for k, v in changed.items() if not k.startswith(_QUIET)}
+        if loud:
+            said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in loud.items())
+            note(f"{command} on {run} with settings that differ from the run's config: {said}")
+        if run_overrides is None:
+            note(f"{run} has no {OVERRIDES_FILE} (made by an older rredcot): the overrides were applied as changes to "
+                 "the default config.")
+    OmegaConf.update(saved, "checkpoint", arg, force_add=True)
+    registry.load_plugins(saved.get("plugins") or [])
+    validate(saved)
+    return saved, run
+
+
+def unique_path(path: Path) -> Path:
+    """`path` if it is free, else path with -2, -3, ... before the suffix: nothing is overwritten."""
+    if not path.exists():
+        return path
+    n = 2
+    while (cand := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    return cand
