@@ -28,6 +28,7 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from rredcot.config import load_config
     from rredcot.pipeline import train as run_train
 
+
     run_train(load_config(overrides), list(overrides or []))
 
 
@@ -130,23 +131,27 @@ def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 
 @app.command("list")
-def list_cmd() -> None:
-    """Print every registry (stage -> names) and every config group (group -> options)."""
+def list_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Print every registry (stage -> names) and every config group (group -> options); with
+    plugins=[...] and hydra.searchpath=[...], a plug-in's entries and configs too."""
     from rich.table import Table
 
-    from rredcot.config import groups
+    from rredcot.config import _parse, groups, load_config, normalize_overrides
     from rredcot.registry import STAGES, names
 
+    overrides = normalize_overrides(list(overrides or []))
+    if overrides:
+        load_config(overrides, check_entries=False)  # imports the plug-ins
     table = Table(title="registries (choose with <stage>.name=..., update with update.loss_type=...)")
     table.add_column("stage")
     table.add_column("names")
     for stage in STAGES:
         table.add_row(stage, ", ".join(names(stage)))
     console.print(table)
-    table = Table(title="config groups (choose with group=option; exp with +exp=option)")
+    table = Table(title="config groups (choose with group=option, e.g. exp=gsm8k)")
     table.add_column("group")
     table.add_column("options")
-    for group, options in groups().items():
+    for group, options in groups(_parse(overrides)).items():
         table.add_row(group, ", ".join(options))
     console.print(table)
 

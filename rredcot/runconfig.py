@@ -53,6 +53,17 @@ def _checkpoint_arg(overrides: list[str]) -> str | None:
     return found[-1] if found else None
 
 
+def _superseded(run_overrides: list[str], mine: list[str]) -> list[str]:
+    """The run's overrides minus those under a group that `mine` chooses anew (task=builtin drops the
+    run's task.sources... overrides, which the new task does not have)."""
+    from rredcot.config import _parse, groups
+
+    parsed = _parse(mine)
+    chosen = {o.key_or_group for o in parsed if o.key_or_group in groups(parsed)}
+    return [ov for ov, o in zip(run_overrides, _parse(run_overrides))
+            if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".") for g in chosen)]
+
+
 def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path | None]:
     """The config a command that reads `checkpoint=RUN` should use: the run's saved config, changed only
     by what `overrides` change relative to the run's own command line (each change said in one line).
@@ -78,7 +89,7 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
     mine = [o for o in overrides if not o.startswith("checkpoint=")]
     if mine:
         base = load_config(run_overrides or [], check_entries=False)
-        changed = _changes(base, load_config([*(run_overrides or []), *mine], check_entries=False))
+        changed = _changes(base, load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False))
         for key, (_, new) in changed.items():
             OmegaConf.update(saved, key, new, force_add=True)
         loud = {k: v for k, v in changed.items() if not k.startswith(_QUIET)}

@@ -1,4 +1,4 @@
-"""Attribution baselines (METHOD.md section 6): how much each segment mattered for the answer.
+"""Attribution baselines (docs/method.md, "Baselines"): how much each segment mattered for the answer.
 
 Both return, per trace, weights [K] over its segments that sum to 1; the redistributor spreads the
 trace's GRPO advantage by them.

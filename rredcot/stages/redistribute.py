@@ -8,7 +8,7 @@ where ctx (a PolicyContext) gives the current policy and the task's forcing text
 - `mc`: the same with Monte Carlo values (the reference for estimator quality; expensive).
 - `attention`, `gradient`: the GRPO advantage spread over segments by attribution weights.
 
-Modes (METHOD.md section 5), with r_k = V_k - V_(k-1) and the correction r_(K+1) = R - V_K:
+Modes (docs/method.md, "From values to token advantages"), with r_k = V_k - V_(k-1) and the correction r_(K+1) = R - V_K:
   immediate     segment k gets r_k                      (RUDDER)
   return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO)
   mixed         the GRPO advantage + alpha * r_k / std(r over the batch)

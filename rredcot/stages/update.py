@@ -1,6 +1,6 @@
 """Update stage: GRPO's group advantages, clipped surrogate and loss aggregations, at TRL parity.
 
-Loss aggregations are the `update` registry (`update.loss_type=...`); see ../shared/docs/REFERENCE.md.
+Loss aggregations are the `update` registry (`update.loss_type=...`); see the README's "GRPO conventions".
 Shapes: B rows in a micro-batch, T completion tokens, G completions per prompt.
 """
 from __future__ import annotations

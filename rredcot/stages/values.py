@@ -1,4 +1,4 @@
-"""Value estimates V_hat(S_k) at every segment boundary of every trace (METHOD.md sections 3 and 6).
+"""Value estimates V_hat(S_k) at every segment boundary of every trace (docs/method.md, "Estimating V").
 
 - `forced_values`: the policy's own probability of the group's answers after answer forcing,
   weighted by their utility (the importance-sampling estimate; only forward passes).

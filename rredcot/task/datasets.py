@@ -37,6 +37,20 @@ def builtin_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
     return generate(arith_spec(cfg), split, n, seed=cfg.seed)
 
 
+def _builtin_warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:
+    """The built-in task writes its own warm-start traces, some flawed on purpose (see task.warmstart)."""
+    from rredcot.task.arith import Flaws
+
+    ws = cfg.warmstart
+    flaws = Flaws(ws.flaw_rate, ws.misconception_frac, ws.misconception_rate)
+    return generate(arith_spec(cfg.task), "train", ws.examples, seed=ws.seed, flaws=flaws)
+
+
+# A task entry may carry `warmstart_samples(cfg, tokenizer) -> list[Sample]` (each with meta["trace"]);
+# without it, the warm start uses the training rows that have reference traces (task.warmstart).
+builtin_task.warmstart_samples = _builtin_warmstart
+
+
 def gold_from(answer: str, fmt: str) -> str:
     """The gold answer in a dataset field ("" when there is none: the row is then counted as bad).
 
@@ -146,6 +160,10 @@ def _carve_dev(train: list[Sample], dev_size: int) -> tuple[list[Sample], list[S
     """(train without dev, dev): dev = the dev_size prompts whose hash is lowest, so it is the same for
     every run and every row order; duplicates of a dev prompt leave training too."""
     ranked = sorted({question_hash(s.prompt) for s in train})
+    if dev_size > len(ranked) // 2:
+        raise UserError(f"task.dev_size={dev_size} would take {min(dev_size, len(ranked))} of the {len(ranked)} distinct "
+                        f"training prompts for the dev split. Lower it (e.g. task.dev_size={max(len(ranked) // 10, 1)}) "
+                        "or give dev its own data (task.sources.dev.path=FILE).")
     dev_keys = set(ranked[:dev_size])
     dev, seen = [], set()
     for s in sorted(train, key=lambda s: question_hash(s.prompt)):

@@ -1,8 +1,10 @@
-"""The warm start: supervised training of the built-in model on traces the task generates.
+"""The warm start: supervised training of the built-in model on a task's reference traces.
 
-Some traces are flawed on purpose (one wrong step, `flaw_rate`), so the starting policy has real but
-imperfect accuracy and RL has something to fix. The result is cached under
-`<cache_dir>/warmstart/<key>`, where the key hashes everything that affects it; later runs load it.
+The built-in task writes its own traces, some flawed on purpose (one wrong step, `flaw_rate`), so the
+starting policy has real but imperfect accuracy and RL has something to fix. Any other task warms up on
+its training rows' reference traces (Sample.meta["trace"]: a plug-in task sets it; hub tasks read
+task.trace_field), or its entry's own `warmstart_samples(cfg, tokenizer)`. The result is cached under
+`<cache_dir>/warmstart/<key>`, where the key hashes everything that affects it, the traces included.
 """
 from __future__ import annotations
 
@@ -18,20 +20,52 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from rredcot.errors import UserError
-from rredcot.task.arith import Flaws, generate
-from rredcot.task.datasets import arith_spec
 from rredcot.task.model import build_tiny, load_pretrained, load_tokenizer
 
 CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 
 
-def cache_key(cfg: Any) -> str:
-    """Hash of the task, model and warm-start settings (and this code's version)."""
+def cache_key(cfg: Any, samples: list | None = None) -> str:
+    """Hash of the task, model and warm-start settings, this code's version and the traces themselves
+    (a task's data file can change under the same config)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("task", "model", "warmstart")}
     for k in ("train_size", "eval_size", "forcing_text", "closing_text"):  # these do not change the warm start
         parts["task"].pop(k, None)
     parts["version"] = CACHE_VERSION
+    if samples is not None:
+        parts["data"] = hashlib.sha256("\0".join(s.prompt + s.meta["trace"] for s in samples).encode()).hexdigest()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warmstart_samples(cfg: Any, tokenizer) -> list:
+    """The task's warm-start traces (its own hook, else its training rows with reference traces),
+    checked to fit the built-in tokenizer and model."""
+    from rredcot.registry import get
+
+    task = get("task", cfg.task.name)
+    hook = getattr(task, "warmstart_samples", None)
+    samples = hook(cfg, tokenizer) if hook else [s for s in task(cfg.task, "train", tokenizer) if s.meta.get("trace")]
+    if not samples:
+        raise UserError(f"The task {cfg.task.name!r} has no reference traces to warm-start the built-in model on. Give its "
+                        "training rows traces (Sample.meta['trace'] in a plug-in task, task.trace_field for hub/local "
+                        "data), or start from a pretrained model (model.name=PATH warmstart.enabled=false).")
+    samples = samples[: cfg.warmstart.examples]
+    texts = [s.prompt + s.meta["trace"] for s in samples]
+    chars = set("".join(texts)) if cfg.model.name == "builtin" else set()
+    unknown = sorted(ch for ch in chars if tokenizer.convert_tokens_to_ids(ch) == tokenizer.unk_token_id)
+    if unknown:
+        raise UserError(f"The task's text has characters the built-in tokenizer does not know: {''.join(unknown[:20])!r}. "
+                        "Keep the task to printable ASCII, or use a pretrained model (model.name=PATH).")
+    widest = sorted(texts, key=len)[-64:]  # tokenizing all 20k traces costs seconds; the longest texts suffice
+    longest = max(len(ids) for ids in tokenizer(widest, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    if longest > cfg.model.get("max_positions", longest):
+        raise UserError(f"The task's warm-start traces are up to {longest} tokens, longer than the built-in model's "
+                        f"model.max_positions={cfg.model.max_positions}. Raise model.max_positions (e.g. "
+                        f"model.max_positions={2 ** (longest - 1).bit_length()}) or shorten the traces.")
+    if len(samples) < cfg.warmstart.batch_size:
+        raise UserError(f"The task has {len(samples)} warm-start traces, fewer than warmstart.batch_size="
+                        f"{cfg.warmstart.batch_size}. Lower warmstart.batch_size (e.g. {max(len(samples) // 2, 1)}) or add traces.")
+    return samples
 
 
 def _batches(tokenizer, samples, batch_size: int, rng: random.Random):
@@ -51,11 +85,9 @@ def _batches(tokenizer, samples, batch_size: int, rng: random.Random):
             yield enc["input_ids"], enc["attention_mask"], labels
 
 
-def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, progress=None) -> list[float]:
-    """Supervised fine-tuning on generated (partly flawed) traces; returns the loss curve."""
+def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, samples: list, progress=None) -> list[float]:
+    """Supervised fine-tuning on the task's traces; returns the loss curve."""
     ws = cfg.warmstart
-    flaws = Flaws(ws.flaw_rate, ws.misconception_frac, ws.misconception_rate)
-    samples = generate(arith_spec(cfg.task), "train", ws.examples, seed=ws.seed, flaws=flaws)
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ws.lr, total_steps=ws.steps, pct_start=0.05)
     batches = _batches(tokenizer, samples, ws.batch_size, random.Random(ws.seed))
@@ -83,13 +115,11 @@ def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTok
         return load_pretrained(cfg.model.name, cfg.model.dtype), tokenizer
     if not cfg.warmstart.enabled:
         return build_tiny(cfg.model, len(tokenizer), cfg.warmstart.seed), tokenizer
-    if cfg.task.name != "builtin":
-        raise UserError("The warm start trains on the built-in task's traces; with another task set "
-                        "warmstart.enabled=false or use a pretrained model (model.name=...).")
-    path = Path(cfg.cache_dir).expanduser() / "warmstart" / cache_key(cfg)
+    samples = warmstart_samples(cfg, tokenizer)
+    path = Path(cfg.cache_dir).expanduser() / "warmstart" / cache_key(cfg, samples)
     if not (path / "config.json").exists():
         model = build_tiny(cfg.model, len(tokenizer), cfg.warmstart.seed)
-        losses = train_warm_start(model, tokenizer, cfg, progress)
+        losses = train_warm_start(model, tokenizer, cfg, samples, progress)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)

@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS_DIR = REPO / "tests" / "assets"
 
 
-def cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m rredcot ARGS` the way a user would; returns the finished process."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "rredcot", *args], cwd=REPO, env=env, capture_output=True,
+def cli(*args: str, check: bool = True, timeout: int = 600, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run `python -m rredcot ARGS` the way a user would (extra `env` variables, in `cwd`); returns the finished process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "rredcot", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"rredcot {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -85,3 +85,22 @@ def test_runs_that_are_missing_incomplete_or_of_another_task(tiny_compare, tmp_p
 def test_unknown_baseline():
     proc = cli("compare", "--baseline", "ppo", "debug=fast", check=False)
     assert proc.returncode == 2 and "grpo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["{}", '{"final": {}}', "not json"])
+def test_a_malformed_run_is_a_message_not_a_traceback(tiny_compare, tmp_path, damage):
+    # `rredcot eval` once replaced eval.json, and compare then died with KeyError: 'final'
+    out, _ = tiny_compare
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "grpo" / "seed0", bad)
+    (bad / "eval.json").write_text(damage)
+    proc = cli("compare", "--runs", str(out / "rredcot" / "seed0"), str(bad), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "malformed" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_eval_then_compare_still_works(tiny_compare, tmp_path):
+    out, _ = tiny_compare
+    run = tmp_path / "run"
+    shutil.copytree(out / "grpo" / "seed0", run)
+    cli("eval", f"checkpoint={run}", "eval.n_prompts=4")
+    cli("compare", "--runs", str(out / "rredcot" / "seed0"), str(run), "--out", str(tmp_path / "r"))

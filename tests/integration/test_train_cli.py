@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rredcot.config import load_config
-from rredcot.task.warmstart import cache_key
+from rredcot.task.model import load_tokenizer
+from rredcot.task.warmstart import cache_key, warmstart_samples
 
 from .conftest import ASSETS_DIR, cli
 
@@ -40,20 +41,26 @@ def test_every_trainable_parameter_changed(fast_run):
     cfg = load_config(["debug=fast"])
     from pathlib import Path
 
-    start = load_file(Path(cfg.cache_dir).expanduser() / "warmstart" / cache_key(cfg) / "model.safetensors")
+    key = cache_key(cfg, warmstart_samples(cfg, load_tokenizer("builtin")))
+    start = load_file(Path(cfg.cache_dir).expanduser() / "warmstart" / key / "model.safetensors")
     end = load_file(fast_run / "checkpoints" / "step_000004" / "model.safetensors")
     assert start.keys() == end.keys()
     unchanged = [k for k in start if torch.equal(start[k], end[k])]
     assert not unchanged, f"parameters that RL did not change: {unchanged}"
 
 
-def test_eval_command_writes_eval_json(fast_run, tmp_path):
-    out = tmp_path / "ev"
-    proc = cli("eval", f"checkpoint={fast_run}", "debug=fast", f"run_dir={out}")
-    result = json.loads((out / "eval.json").read_text())
-    for key in ("accuracy", "pass@1", "pass@1", "pass@2", "mean_length", "truncated_frac"):
+def test_eval_command_writes_its_own_file_and_never_the_runs_eval_json(fast_run):
+    before = (fast_run / "eval.json").read_text()
+    proc = cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=8")
+    assert (fast_run / "eval.json").read_text() == before          # `rredcot eval` once overwrote it
+    result = json.loads((fast_run / "evals" / "step_000004_test.json").read_text())
+    for key in ("accuracy", "pass@1", "pass@2", "mean_length", "truncated_frac"):
         assert 0 <= result[key] <= (1 if key != "mean_length" else 1e9)
-    assert result["checkpoint"].endswith("step_000004") and "pass@1" in proc.stdout
+    assert result["checkpoint"].endswith("step_000004") and result["n_prompts"] == 8 and "pass@1" in proc.stdout
+    assert "eval.n_prompts: 256 -> 8" not in proc.stderr              # the run's own debug=fast size was 16
+    assert "eval.n_prompts: 16 -> 8" in " ".join(proc.stderr.split())  # a changed setting is said
+    cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=8")
+    assert (fast_run / "evals" / "step_000004_test-2.json").exists()  # a second evaluation gets its own file
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
@@ -84,20 +91,43 @@ def test_grpo_variants_train(tmp_path):
     assert "kl" in rows[0] and rows[0]["kl"] >= 0 and rows[0]["segments/per_trace"] >= 1
 
 
-def test_local_gsm8k_file_with_a_hub_shaped_model(tmp_path, hub_shaped_model):
-    """The hub-loading path on local files of the same shape: chat template, gsm8k gold, gsm8k verifier."""
+GSM8K_FILES = [f"task.sources.train.path={ASSETS_DIR / 'gsm8k_train.jsonl'}",
+               f"task.sources.test.path={ASSETS_DIR / 'gsm8k_test.jsonl'}", "task.dev_size=4"]
+
+
+def test_local_gsm8k_files_with_a_hub_shaped_model(tmp_path, hub_shaped_model):
+    """The hub-loading path on local files of the same shape: chat template, gsm8k gold, gsm8k verifier,
+    train and test from their own files; then `eval` and `credit` read the run's own task."""
     run = tmp_path / "g"
-    cli("train", "debug=fast", "+exp=gsm8k", f"model.name={hub_shaped_model}", "model.dtype=float32",
-        f"task.path={ASSETS_DIR / 'gsm8k_tiny.jsonl'}", "rollout.max_new_tokens=16", "train.steps=2",
-        f"run_dir={run}", "logging.progress=false")
+    cli("train", "debug=fast", "+exp=gsm8k", f"model.name={hub_shaped_model}", "model.dtype=float32", *GSM8K_FILES,
+        "rollout.max_new_tokens=16", "train.steps=2", f"run_dir={run}", "logging.progress=false")
     sample = json.loads(sorted((run / "samples").glob("*.jsonl"))[0].read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|user|>") and sample["prompt"].endswith("<|assistant|>")
-    assert sample["gold"] in {"7", "30", "210", "20", "325", "9", "2100"}
+    train_golds = {line.rsplit("#### ", 1)[1].split('"')[0].replace(",", "") for line in
+                   (ASSETS_DIR / "gsm8k_train.jsonl").read_text().splitlines()}
+    assert sample["gold"] in train_golds                            # trained on the train file ...
+    start = json.loads((run / "eval.json").read_text())["start"]
+    assert {e["gold"] for e in start["examples"]} <= {"7", "30", "210", "20", "325", "9", "2100"}  # ... tested on test
+    # `rredcot eval checkpoint=RUN` once scored a GSM8K checkpoint on the built-in task without a word
+    cli("eval", f"checkpoint={run}", "eval.n_prompts=4")
+    result = json.loads((run / "evals" / "step_000002_test.json").read_text())
+    assert result["task"] == "hf" and result["verifier"] == "gsm8k"
+    assert {e["gold"] for e in result["examples"]} <= {"7", "30", "210", "20", "325", "9", "2100"}
+    proc = cli("eval", f"checkpoint={run}", "task=builtin", "model=builtin", check=False)
+    assert "task.name: 'hf' -> 'builtin'" in " ".join(proc.stderr.split())   # a task change is said
 
 
-def test_local_math_file(tmp_path, hub_shaped_model):
+def test_local_math_files(tmp_path, hub_shaped_model):
     run = tmp_path / "m"
     cli("train", "debug=fast", "+exp=math500", f"model.name={hub_shaped_model}", "model.dtype=float32",
-        f"task.path={ASSETS_DIR / 'math_tiny.jsonl'}", "rollout.max_new_tokens=8", "train.steps=1",
-        f"run_dir={run}", "logging.progress=false")
-    assert (run / "eval.json").exists()
+        f"task.sources.train.path={ASSETS_DIR / 'math_train.jsonl'}", f"task.sources.test.path={ASSETS_DIR / 'math500_test.jsonl'}",
+        "task.dev_size=4", "rollout.max_new_tokens=8", "train.steps=1", f"run_dir={run}", "logging.progress=false")
+    assert json.loads((run / "eval.json").read_text())["final"]["n_prompts"] == 4
+
+
+def test_one_file_for_train_and_test_is_refused_before_any_work(tmp_path, hub_shaped_model):
+    run = tmp_path / "same"
+    proc = cli("train", "debug=fast", "+exp=gsm8k", f"model.name={hub_shaped_model}", "model.dtype=float32",
+               f"task.path={ASSETS_DIR / 'gsm8k_train.jsonl'}", "task.dev_size=4", f"run_dir={run}", check=False)
+    assert proc.returncode == 2 and "shares" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()
