@@ -97,6 +97,8 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
     if len(ids) != 1:
         note(f"the tokenizer has no {THINK_CLOSE} token (it is {len(ids)} tokens here): the end of thinking is found in "
              f"the text; traces that never write it are segmented whole, the correction on their last segment.")
+    if cfg.task.get("chat_template") and not getattr(tokenizer, "chat_template", None):
+        note("task.chat_template=true, but the model's tokenizer has no chat template: prompts are plain text.")
     if cfg.task.get("sources") is not None and "dev" in [cfg.eval.split, *cfg.eval.extra_splits] and \
             not (cfg.task.sources.get("dev") or {}).get("path") and not (cfg.task.sources.get("dev") or {}).get("split"):
         note(f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
@@ -137,6 +139,10 @@ def task_sets(cfg: DictConfig, tokenizer) -> tuple[list[Sample], dict[str, list[
     task = get("task", cfg.task.name)
     splits = [cfg.eval.split] + [s for s in cfg.eval.extra_splits if s != cfg.eval.split]
     held_out = {s: task(cfg.task, s, tokenizer)[: cfg.eval.n_prompts] for s in splits}
+    for split, samples in held_out.items():
+        if len(samples) < cfg.eval.n_prompts:
+            note(f"eval.n_prompts={cfg.eval.n_prompts}, but the {split} split has {len(samples)} prompts: every number "
+                 f"on {split} is over {len(samples)}.")
     train = check_disjoint(task(cfg.task, "train", tokenizer), held_out)
     if not train:
         raise UserError(f"The task {cfg.task.name!r} has no training rows left (check task.sources.train and task.train_size).")

@@ -31,3 +31,8 @@ def test_the_default_run_says_nothing(capsys):
 def test_a_carved_dev_split_is_said(capsys):
     startup_notes(load_config(["task=gsm8k", "eval.split=dev"]), load_tokenizer("builtin"))
     assert "carved out of the training rows" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_missing_chat_template_is_said(capsys):
+    startup_notes(load_config(["task=gsm8k"]), load_tokenizer("builtin"))
+    assert "no chat template" in capsys.readouterr().err
