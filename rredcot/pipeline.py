@@ -30,6 +30,7 @@ from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir,
 from rredcot.stages.rollout import sample_from_ids
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
 from rredcot.stages.values import PolicyContext
+from rredcot.stopping import GracefulStop
 from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, run_verify
 from rredcot.task.arith import THINK_CLOSE
@@ -185,9 +186,13 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         start, drawn, resume_state = 0, 0, None
         if cfg.resume:
             ckpt = latest_checkpoint(run)
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
             resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
             start, drawn = resume_state["step"], resume_state["drawn"]
+            if start >= cfg.train.steps and (run / "eval.json").exists():
+                raise UserError(f"The run in {str(run)!r} has finished its {start} steps. To train it further, resume with "
+                                f"more steps (train.steps={start * 2}); to evaluate it, `rredcot eval checkpoint={run}`.")
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
+            log.keep_until(start)
         total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
         optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -203,17 +208,23 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise UserError(f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
+                                "is still good. Lower optim.lr or update.max_grad_norm and resume from it.")
             state = {"step": step, "drawn": sampler.drawn, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
             save_checkpoint(run, step, accelerator.unwrap_model(model), tokenizer, state, cfg.train.save_total_limit)
 
-        first_eval = None  # a resumed run logged its starting point already
+        start_file = run / "eval_start.json"  # the starting metrics, kept for eval.json across resumes
         if start == 0:
             first_eval = evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs)
             log.log({"step": 0, **eval_row(cfg, first_eval)})
+            start_file.write_text(json.dumps(first_eval))
+        else:
+            first_eval = json.loads(start_file.read_text()) if start_file.exists() else None
         bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
-        done = start  # the last step whose update finished
-        try:
+        nonfinite = 0  # consecutive steps whose every optimizer step was skipped for a NaN/inf gradient
+        with GracefulStop() as stop:
             for step in range(start + 1, cfg.train.steps + 1):
                 times: dict[str, float] = {}
                 t = time.perf_counter()
@@ -238,16 +249,19 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                     log.samples(step, [{"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r),
                                         "segments": b} for s, txt, r, b in
                                        list(zip(ro.samples, ro.texts, ver.rewards.tolist(), seg.boundaries))[: cfg.train.samples_per_log]])
-                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
+                nonfinite = nonfinite + 1 if upd.get("skipped_nonfinite", 0) == 1 else 0
+                if nonfinite >= cfg.train.max_nonfinite_steps:
+                    raise UserError(f"{nonfinite} steps in a row had non-finite gradients (NaN or inf) and were skipped "
+                                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the weights are the last "
+                                    "finite ones. Lower optim.lr or update.max_grad_norm, and resume from the last checkpoint.")
+                if stop.requested or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps):
                     checkpoint(step)
-                done = step
                 progress.update(bar, advance=1, description=f"RL reward {row['reward/mean']:.2f} acc {row['accuracy']:.2f} "
                                                           f"{row['time/step_s']:.2f}s/step")
-        except KeyboardInterrupt:
-            console.print(f"[yellow]Interrupted after step {done}: saving a checkpoint (continue with resume=true run_dir={run}).")
-            checkpoint(done)
-            log.close()
-            raise
+                if stop.requested and step < cfg.train.steps:
+                    console.print(f"[yellow]Stopped after step {step}; continue with: rredcot train resume=true run_dir={run}")
+                    log.close()
+                    raise KeyboardInterrupt(stop.requested)
         checkpoint(cfg.train.steps)
         final = evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs)
         log.log({"step": cfg.train.steps, **eval_row(cfg, final, ("accuracy", "pass@1"))})

@@ -29,10 +29,13 @@ def check_run_dir(cfg: DictConfig) -> Path:
     run = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
     has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
     if has_run and not cfg.resume:
+        if not checkpoints(run) and not (run / "eval.json").exists():
+            raise UserError(f"Run directory {str(run)!r} holds a run that stopped before its first checkpoint, so there "
+                            f"is nothing to resume. Remove it (rm -r {run}) to start again there, or choose another run_dir=PATH.")
         raise UserError(f"Run directory {str(run)!r} already holds a run. To continue it, add resume=true; "
                         "to start a new one, choose another run_dir=PATH (nothing was overwritten).")
     if cfg.resume and latest_checkpoint(run) is None:
-        raise UserError(f"resume=true but {str(run)!r} has no checkpoint to resume from. "
+        raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from. "
                         "Point run_dir at a run with a checkpoints/ folder, or drop resume=true.")
     return run
 
@@ -50,13 +53,35 @@ def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = ()) -> None:
 
 
 def checkpoints(run: Path) -> list[Path]:
-    """Step checkpoints of a run, oldest first."""
-    return sorted((run / "checkpoints").glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    """Finished step checkpoints of a run, oldest first (a `step_N.tmp` being written is never one)."""
+    found = [p for p in (run / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def intact(ckpt: Path) -> bool:
+    """Every file a resume reads is there and parses (a kill can truncate any of them)."""
+    from safetensors import safe_open
+
+    try:
+        for weights in ckpt.glob("*.safetensors"):
+            with safe_open(str(weights), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        return (ckpt / "config.json").exists() and "step" in state and any(ckpt.glob("*.safetensors"))
+    except Exception:
+        return False
 
 
 def latest_checkpoint(run: Path) -> Path | None:
-    found = [p for p in checkpoints(run) if (p / "config.json").exists()]
-    return found[-1] if found else None
+    """The newest intact checkpoint; damaged newer ones are named in a note and skipped (never deleted)."""
+    from rredcot.ui import note
+
+    for ckpt in reversed(checkpoints(run)):
+        if intact(ckpt):
+            return ckpt
+        note(f"checkpoint {ckpt} is damaged (interrupted while being written?): using the one before it.")
+    return None
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -75,7 +100,8 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any
     """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones."""
     final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (run / "checkpoints").glob("*.tmp"):  # a write that a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")
@@ -117,6 +143,12 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
+
+    def keep_until(self, step: int) -> None:
+        """Drop rows after `step` (a resumed run logged them before it was killed; they are redone)."""
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(r + "\n" for r in rows))
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         with (self.run / "samples" / f"step_{step:06d}.jsonl").open("w") as f:

@@ -207,10 +207,12 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
                 if kl is not None:
                     _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            finite = bool(torch.isfinite(grad_norm))
+            if finite:  # a NaN/inf gradient would poison every weight: skip the step (counted, see pipeline)
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            _append(stats, {"grad_norm": float(grad_norm)})
+            _append(stats, {"grad_norm": float(grad_norm) if finite else float("nan"), "skipped_nonfinite": float(not finite)})
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["lr"] = scheduler.get_last_lr()[0]
     return out

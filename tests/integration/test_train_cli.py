@@ -1,6 +1,8 @@
 """Real CPU runs of `rredcot train` / `rredcot eval` through the CLI, on the tiny built-in setup."""
 import json
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,3 +133,64 @@ def test_one_file_for_train_and_test_is_refused_before_any_work(tmp_path, hub_sh
                f"task.path={ASSETS_DIR / 'gsm8k_train.jsonl'}", "task.dev_size=4", f"run_dir={run}", check=False)
     assert proc.returncode == 2 and "shares" in proc.stderr and "Traceback" not in proc.stderr
     assert not run.exists()
+
+
+def _step_rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_matches_an_uninterrupted_run(fast_run, tmp_path):
+    """SLURM sends SIGTERM at the time limit: the run finishes its step, saves, and the resumed run is
+    the run that never stopped (same rewards and losses step by step, no duplicated metrics rows)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rredcot", "train", "debug=fast", f"run_dir={run}", "logging.progress=false"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and _step_rows(run)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "SIGTERM" in out and "Traceback" not in out, out
+    saved = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and not saved[0].endswith(".tmp"), saved
+    cli("train", "debug=fast", f"run_dir={run}", "resume=true", "logging.progress=false")
+    got, want = _step_rows(run), _step_rows(fast_run)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for key in ("reward/mean", "loss", "grad_norm"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-4, abs=1e-6), key
+    assert json.loads((run / "eval.json").read_text())["start"] is not None
+
+
+def test_resuming_a_finished_run_is_refused(fast_run):
+    before = (fast_run / "metrics.jsonl").read_text()
+    proc = cli("train", "debug=fast", f"run_dir={fast_run}", "resume=true", check=False)
+    assert proc.returncode == 2 and "has finished" in proc.stderr
+    assert (fast_run / "metrics.jsonl").read_text() == before
+
+
+def test_nan_gradients_are_skipped_counted_and_stop_the_run(tmp_path):
+    run = tmp_path / "nan"
+    proc = cli("train", "debug=fast", "optim.lr=1e6", f"run_dir={run}", "logging.progress=false", check=False)
+    assert proc.returncode == 2 and "non-finite gradients" in proc.stderr and "Traceback" not in proc.stderr
+    rows = _step_rows(run)
+    assert rows[-1]["skipped_nonfinite"] == 1.0
+    for ckpt in (run / "checkpoints").iterdir():               # whatever was saved holds finite weights
+        from safetensors.torch import load_file as load
+        assert all(torch.isfinite(t).all() for t in load(ckpt / "model.safetensors").values())
+
+
+def test_a_run_that_died_before_its_first_checkpoint_says_how_to_start_again(tmp_path):
+    run = tmp_path / "dead"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    proc = cli("train", "debug=fast", f"run_dir={run}", check=False)
+    assert proc.returncode == 2 and "before its first checkpoint" in proc.stderr and f"rm -r {run}" in proc.stderr
