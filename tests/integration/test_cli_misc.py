@@ -27,7 +27,7 @@ def test_config_show_prints_the_composed_config():
      ["does not exist", "task.path"]),
     (["eval"], ["checkpoint=PATH"]),
     (["eval", "checkpoint=/nonexistent/run"], ["neither a model directory"]),
-    (["train", "resume=true", "run_dir=/nonexistent/run"], ["no checkpoint"]),
+    (["train", "resume=true", "run_dir=/nonexistent/run"], ["no intact checkpoint"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, words, tmp_path):
     proc = cli(*args, check=False)
