@@ -28,7 +28,6 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from rredcot.config import load_config
     from rredcot.pipeline import train as run_train
 
-
     run_train(load_config(overrides), list(overrides or []))
 
 
@@ -137,7 +136,7 @@ def list_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     plugins=[...] and hydra.searchpath=[...], a plug-in's entries and configs too."""
     from rich.table import Table
 
-    from rredcot.config import _parse, groups, load_config, normalize_overrides
+    from rredcot.config import groups, load_config, normalize_overrides, parse_overrides
     from rredcot.registry import STAGES, names
 
     overrides = normalize_overrides(list(overrides or []))
@@ -152,7 +151,7 @@ def list_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     table = Table(title="config groups (choose with group=option, e.g. exp=gsm8k)")
     table.add_column("group")
     table.add_column("options")
-    for group, options in groups(_parse(overrides)).items():
+    for group, options in groups(parse_overrides(overrides)).items():
         table.add_row(group, ", ".join(options))
     console.print(table)
 

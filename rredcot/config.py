@@ -71,7 +71,7 @@ def _flat_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _parse(overrides: list[str]) -> list[Any]:
+def parse_overrides(overrides: list[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -150,7 +150,7 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     """`+exp=gsm8k` -> `exp=gsm8k` (exp is in the defaults list, so both spellings mean the same), and
     only `hydra.searchpath` among Hydra's own keys (the rest configure Hydra's app runner, which we do not use)."""
     out = []
-    for ov, o in zip(overrides, _parse(overrides)):
+    for ov, o in zip(overrides, parse_overrides(overrides)):
         key = o.key_or_group
         if key.startswith("hydra.") and key != "hydra.searchpath":
             raise UserError(f"{ov}: rredcot reads only hydra.searchpath among Hydra's keys (to add config directories, "
@@ -166,7 +166,7 @@ def load_config(overrides: list[str] | None = None, check_entries: bool = True) 
 
     check_entries=False skips the checks that import stage modules (torch): `config show` stays fast."""
     overrides = normalize_overrides(list(overrides or []))
-    parsed = _parse(overrides)
+    parsed = parse_overrides(overrides)
     grp = groups(parsed)
     # The reference: the same group choices and search path, no value overrides. It gives valid keys and types.
     group_only = [ov for ov, o in zip(overrides, parsed) if o.key_or_group == "hydra.searchpath" or

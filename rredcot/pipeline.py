@@ -30,11 +30,11 @@ from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir,
 from rredcot.stages.rollout import sample_from_ids
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
 from rredcot.stages.values import PolicyContext
-from rredcot.stopping import GracefulStop
 from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, run_verify
+from rredcot.stopping import GracefulStop
 from rredcot.task.arith import THINK_CLOSE
-from rredcot.task.datasets import check_disjoint
+from rredcot.task.datasets import check_disjoint, source_of
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
 from rredcot.ui import console, make_progress, note, summary_table
@@ -100,8 +100,8 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
              f"the text; traces that never write it are segmented whole, the correction on their last segment.")
     if cfg.task.get("chat_template") and not getattr(tokenizer, "chat_template", None):
         note("task.chat_template=true, but the model's tokenizer has no chat template: prompts are plain text.")
-    if cfg.task.get("sources") is not None and "dev" in [cfg.eval.split, *cfg.eval.extra_splits] and \
-            not (cfg.task.sources.get("dev") or {}).get("path") and not (cfg.task.sources.get("dev") or {}).get("split"):
+    carved = cfg.task.get("sources") is not None and source_of(cfg.task, "dev") is None
+    if carved and "dev" in [cfg.eval.split, *cfg.eval.extra_splits]:
         note(f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
              "they are never trained on.")
 

@@ -56,11 +56,11 @@ def _checkpoint_arg(overrides: list[str]) -> str | None:
 def _superseded(run_overrides: list[str], mine: list[str]) -> list[str]:
     """The run's overrides minus those under a group that `mine` chooses anew (task=builtin drops the
     run's task.sources... overrides, which the new task does not have)."""
-    from rredcot.config import _parse, groups
+    from rredcot.config import groups, parse_overrides
 
-    parsed = _parse(mine)
+    parsed = parse_overrides(mine)
     chosen = {o.key_or_group for o in parsed if o.key_or_group in groups(parsed)}
-    return [ov for ov, o in zip(run_overrides, _parse(run_overrides))
+    return [ov for ov, o in zip(run_overrides, parse_overrides(run_overrides))
             if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".") for g in chosen)]
 
 

@@ -127,28 +127,26 @@ class MathVerifier(Verifier):
         found = parse(completion, parsing_timeout=_math_timeout())
         return (str(found[-1]), "math_verify") if found else (None, "none")
 
-    def judge(self, answer: str | None, sample: Sample) -> float | None:
+    @staticmethod
+    def _score(gold_text: str, pred_text: str | None) -> tuple[float | None, str]:
+        """(reward, extractor): the gold parsed as \\boxed{gold}, the prediction parsed as given."""
         from math_verify import parse, verify
 
         timeout = _math_timeout()
-        gold = parse("\\boxed{" + sample.gold + "}", parsing_timeout=timeout)
+        gold = parse("\\boxed{" + gold_text + "}", parsing_timeout=timeout)
         if not gold:
-            return None
-        pred = parse("\\boxed{" + answer + "}", parsing_timeout=timeout) if answer else []
-        return float(bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+            return None, "unparseable_gold"
+        pred = parse(pred_text, parsing_timeout=timeout) if pred_text else []
+        if not pred:
+            return 0.0, "none"
+        return float(verify(gold, pred, timeout_seconds=timeout)), "math_verify"
+
+    def judge(self, answer: str | None, sample: Sample) -> float | None:
+        return self._score(sample.gold, "\\boxed{" + answer + "}" if answer else None)[0]
 
     def __call__(self, completion: str, sample: Sample) -> Score:
         # The completion is parsed as a whole (math-verify's richer extraction), not re-boxed.
-        from math_verify import parse, verify
-
-        timeout = _math_timeout()
-        gold = parse("\\boxed{" + sample.gold + "}", parsing_timeout=timeout)
-        if not gold:
-            return Score(None, "unparseable_gold")
-        pred = parse(completion, parsing_timeout=timeout)
-        if not pred:
-            return Score(0.0, "none")
-        return Score(float(verify(gold, pred, timeout_seconds=timeout)), "math_verify")
+        return Score(*self._score(sample.gold, completion))
 
 
 @register("verify", "format")

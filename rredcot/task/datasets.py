@@ -20,6 +20,7 @@ from rredcot.errors import UserError
 from rredcot.registry import register
 from rredcot.task.arith import ArithSpec, generate
 from rredcot.types import Sample
+from rredcot.ui import note
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SOURCE_KEYS = ("path", "config_name", "split", "question_field", "answer_field", "answer_format", "trace_field")
@@ -140,8 +141,6 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
                         f"{src['answer_format']!r} format (rows {bad[:8]}{' ...' if len(bad) > 8 else ''}). Check "
                         "task.answer_format (gsm8k needs '#### <answer>', boxed needs \\boxed{...}) and the field names.")
     if bad:
-        from rredcot.ui import note
-
         note(f"{where}: skipped {len(bad)} row(s) without a question or gold answer (rows {bad[:8]}).")
     return out
 
@@ -159,19 +158,17 @@ def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
 def _carve_dev(train: list[Sample], dev_size: int) -> tuple[list[Sample], list[Sample]]:
     """(train without dev, dev): dev = the dev_size prompts whose hash is lowest, so it is the same for
     every run and every row order; duplicates of a dev prompt leave training too."""
-    ranked = sorted({question_hash(s.prompt) for s in train})
+    keys = [question_hash(s.prompt) for s in train]
+    ranked = sorted(set(keys))
     if dev_size > len(ranked) // 2:
         raise UserError(f"task.dev_size={dev_size} would take {min(dev_size, len(ranked))} of the {len(ranked)} distinct "
                         f"training prompts for the dev split. Lower it (e.g. task.dev_size={max(len(ranked) // 10, 1)}) "
                         "or give dev its own data (task.sources.dev.path=FILE).")
     dev_keys = set(ranked[:dev_size])
-    dev, seen = [], set()
-    for s in sorted(train, key=lambda s: question_hash(s.prompt)):
-        h = question_hash(s.prompt)
-        if h in dev_keys and h not in seen:
-            seen.add(h)
-            dev.append(s)
-    return [s for s in train if question_hash(s.prompt) not in dev_keys], dev
+    first = {}  # hash -> the first sample with it (a duplicated dev prompt is evaluated once)
+    for h, s in zip(keys, train):
+        first.setdefault(h, s)
+    return [s for h, s in zip(keys, train) if h not in dev_keys], [first[h] for h in ranked[:dev_size]]
 
 
 @register("task", "hf")
@@ -208,7 +205,5 @@ def check_disjoint(train: list[Sample], held_out: dict[str, list[Sample]]) -> li
                             "which is carved out of the training rows (eval.split=dev).")
         dropped |= shared
     if dropped:
-        from rredcot.ui import note
-
         note(f"{len(dropped)} training prompt(s) also appear in a held-out split; they were left out of training.")
     return [s for s in train if question_hash(s.prompt) not in dropped] if dropped else train

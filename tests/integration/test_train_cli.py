@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
