@@ -44,7 +44,7 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Evaluate checkpoint=RUN_DIR_OR_CHECKPOINT on the held-out split, with the run's own task and
     settings; writes RUN/evals/<checkpoint>_<split>.json (never the run's eval.json)."""
     from rredcot.evaluate import evaluate
-    from rredcot.pipeline import startup_notes, task_sets
+    from rredcot.pipeline import prompt_limit, startup_notes, task_sets
     from rredcot.runconfig import config_for_run, unique_path
     from rredcot.stages.verify import build_reward_funcs
 
@@ -53,7 +53,7 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
         raise UserError("rredcot eval needs checkpoint=PATH: a run directory made by `rredcot train` "
                         "(its latest checkpoint is used) or a checkpoint directory such as RUN/checkpoints/step_000150.")
     ckpt, model, tokenizer = _load_checkpoint(cfg)
-    samples = task_sets(cfg, tokenizer)[1][cfg.eval.split]
+    samples = task_sets(cfg, tokenizer, prompt_limit(cfg, model))[1][cfg.eval.split]
     startup_notes(cfg, tokenizer)
     result = evaluate(model, tokenizer, samples, cfg, build_reward_funcs(cfg.verify))
     result.update(checkpoint=str(ckpt), split=cfg.eval.split, task=cfg.task.name, verifier=cfg.verify.name)

@@ -16,6 +16,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from rredcot.errors import UserError
 
 CONFIG_NAME = "train"
+OPEN_MAPPINGS = ("verify.options",)  # mappings whose keys are the user's (a verifier's arguments)
+ENTRY_KEYS = [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment", "segment.name"),
+              ("redistribute", "redistribute.name"), ("update", "update.loss_type"), ("task", "task.name")]
 
 
 def config_dir() -> Path:
@@ -157,6 +160,8 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
                             "e.g. 'hydra.searchpath=[file:///path/to/conf]'). Use run_dir=PATH for where a run goes.")
         if o.is_add() and not o.is_force_add() and key in _defaults_groups():
             ov = ov[1:]
+        if key in OPEN_MAPPINGS and not (o.is_add() or o.is_force_add() or o.is_delete()):
+            ov = "++" + ov  # replace the whole mapping, whatever keys it had
         out.append(ov)
     return out
 
@@ -187,8 +192,8 @@ def load_config(overrides: list[str] | None = None, check_entries: bool = True) 
 
 
 def validate(cfg: DictConfig, check_entries: bool = True) -> None:
-    """Ranges and batch arithmetic; registry names (unknown ones list the valid names)."""
-    from rredcot import registry
+    """Ranges and batch arithmetic; registry names (unknown ones list the valid names) and each entry's options."""
+    from rredcot import ranges, registry
 
     if cfg.verify.name is None:
         raise UserError(f"The task {cfg.task.name!r} names no verifier: add `verifier: NAME` to its config (the answer "
@@ -198,6 +203,7 @@ def validate(cfg: DictConfig, check_entries: bool = True) -> None:
     if g < 2:
         raise UserError(f"rollout.group_size={g}: GRPO compares completions of one prompt, so a group needs at least 2. "
                         "Set rollout.group_size=2 or more (8 is typical).")
+    ranges.check(cfg, ranges.RULES)
     if n % g:
         raise UserError(f"train.generation_batch_size={n} is not a whole number of groups of rollout.group_size={g}. "
                         f"Make it a multiple of {g}, e.g. train.generation_batch_size={max(g, n - n % g)}.")
@@ -206,14 +212,9 @@ def validate(cfg: DictConfig, check_entries: bool = True) -> None:
         raise UserError(f"Each generation batch of {n} completions is split into update.steps_per_generation={spg} "
                         f"optimizer steps of micro-batches of update.micro_batch_size={micro}; {n} / {spg} must be a whole "
                         f"multiple of {micro}. Change update.micro_batch_size (a divisor of {n // max(spg, 1)}) or steps_per_generation.")
-    checks = [("rollout.temperature", cfg.rollout.temperature > 0), ("rollout.max_new_tokens", cfg.rollout.max_new_tokens > 0),
-              ("update.num_iterations", cfg["update"].num_iterations >= 1), ("train.steps", cfg.train.steps >= 0),
-              ("rollout.top_p", 0 < cfg.rollout.top_p <= 1), ("update.beta", cfg["update"].beta >= 0),
-              ("eval.n_samples", cfg.eval.n_samples >= max(cfg.eval.ks))]
-    for key, ok in checks:
-        if not ok:
-            raise UserError(f"{key}={OmegaConf.select(cfg, key)} is out of range. See the comment beside it in conf/train.yaml "
-                            "(`rredcot config show` prints the current values); eval.n_samples must be at least max(eval.ks).")
+    if max(cfg.eval.ks) > cfg.eval.n_samples:
+        raise UserError(f"eval.ks={list(cfg.eval.ks)} asks for pass@{max(cfg.eval.ks)}, but eval.n_samples={cfg.eval.n_samples} "
+                        f"completions are sampled per prompt: set eval.n_samples={max(cfg.eval.ks)} or drop the larger k.")
     if cfg.credit.against not in (None, "mc"):
         raise UserError(f"credit.against={cfg.credit.against!r}: the only reference is mc (credit.against=mc), or null for none.")
     for split in [cfg.eval.split, *cfg.eval.extra_splits]:
@@ -221,17 +222,42 @@ def validate(cfg: DictConfig, check_entries: bool = True) -> None:
             raise UserError(f"eval.split / eval.extra_splits name {split!r}: held-out splits are dev and test (train is "
                             "for training). Choose settings with eval.split=dev and keep test for the final numbers, "
                             "e.g. eval.split=dev eval.extra_splits=[test].")
-    for stage, key in [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment", "segment.name"),
-                       ("redistribute", "redistribute.name"), ("update", "update.loss_type"), ("task", "task.name")]:
+    for stage, key in ENTRY_KEYS:
         registry.check(stage, OmegaConf.select(cfg, key), key)
-        if not check_entries:
-            continue
+    for name in cfg.credit.estimators:
+        registry.check("redistribute", name, "credit.estimators")
+    for name in cfg.credit.segmenters:
+        registry.check("segment", name, "credit.segmenters")
+    if check_entries:
+        _check_entries(cfg)
+
+
+def _check_entries(cfg: DictConfig) -> None:
+    """Each chosen entry's own options (imports the stage modules, so torch): names it takes, ranges."""
+    from rredcot import registry
+    from rredcot.stages.verify import build_reward_funcs
+
+    for stage in ("rollout", "segment", "redistribute"):
+        registry.check_options(stage, cfg[stage].name, stage_options(cfg[stage]), f"{stage}.")
+    registry.check_options("task", cfg.task.name, _without_name(cfg.task), "task.", keywords=False)
+    build_reward_funcs(cfg.verify)  # a verifier checks its own options when it is built
+    for stage, key in ENTRY_KEYS:
         entry = registry.get(stage, OmegaConf.select(cfg, key), key)
         for need in getattr(entry, "needs_task_keys", ()):  # e.g. answer forcing needs task.forcing_text
             if cfg.task.get(need) is None:
                 raise UserError(f"{key}={OmegaConf.select(cfg, key)} needs task.{need}, which this task's config does not set. "
                                 f"Add it to the task config (see conf/task/*.yaml for examples) or pass +task.{need}=..., "
                                 "or choose another estimator (e.g. algo=grpo).")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda, but torch sees no CUDA GPU here (a CPU-only torch build, or no driver). "
+                            "Use device=auto (a GPU when there is one) or device=cpu.")
+
+
+def _without_name(section: DictConfig) -> DictConfig:
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(section, resolve=True).items() if k != "name"})
 
 
 def stage_options(section: DictConfig) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, run_verify
 from rredcot.stopping import GracefulStop
 from rredcot.task.arith import THINK_CLOSE
-from rredcot.task.datasets import check_disjoint, source_of
+from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
 from rredcot.ui import console, make_progress, note, summary_table
@@ -134,17 +134,34 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
     return out
 
 
-def task_sets(cfg: DictConfig, tokenizer) -> tuple[list[Sample], dict[str, list[Sample]]]:
+def prompt_limit(cfg: DictConfig, model) -> int:
+    """The longest prompt a step can take: train.max_prompt_tokens, within the model's context less the
+    completion budget."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and cfg.rollout.max_new_tokens >= context:
+        raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"context of {context} positions. Lower it (e.g. rollout.max_new_tokens={context // 4}).")
+    return min(cfg.train.max_prompt_tokens, context - cfg.rollout.max_new_tokens) if context else cfg.train.max_prompt_tokens
+
+
+def task_sets(cfg: DictConfig, tokenizer, limit: int | None = None) -> tuple[list[Sample], dict[str, list[Sample]]]:
     """(training samples, held-out sets): eval.split first (logged as eval/...), then eval.extra_splits
-    (eval_<split>/...). A held-out set that shares prompts with training is refused (check_disjoint)."""
+    (eval_<split>/...). A held-out set that shares prompts with training is refused (check_disjoint);
+    prompts longer than `limit` tokens are skipped and counted (drop_long_prompts)."""
     task = get("task", cfg.task.name)
+    max_bad = cfg.task.get("max_bad_fraction", 0.01)
+
+    def load(split: str) -> list[Sample]:
+        samples = task(cfg.task, split, tokenizer)
+        return drop_long_prompts(samples, tokenizer, limit, f"the {split} split", max_bad) if limit else samples
+
     splits = [cfg.eval.split] + [s for s in cfg.eval.extra_splits if s != cfg.eval.split]
-    held_out = {s: task(cfg.task, s, tokenizer)[: cfg.eval.n_prompts] for s in splits}
+    held_out = {s: load(s)[: cfg.eval.n_prompts] for s in splits}
     for split, samples in held_out.items():
         if len(samples) < cfg.eval.n_prompts:
             note(f"eval.n_prompts={cfg.eval.n_prompts}, but the {split} split has {len(samples)} prompts: every number "
                  f"on {split} is over {len(samples)}.")
-    train = check_disjoint(task(cfg.task, "train", tokenizer), held_out)
+    train = check_disjoint(load("train"), held_out)
     if not train:
         raise UserError(f"The task {cfg.task.name!r} has no training rows left (check task.sources.train and task.train_size).")
     return train, held_out
@@ -178,7 +195,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
     with make_progress(cfg.logging.progress) as progress:
         model, tokenizer = load_policy(cfg, progress)
         set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
-        train_set, eval_sets = task_sets(cfg, tokenizer)
+        train_set, eval_sets = task_sets(cfg, tokenizer, prompt_limit(cfg, model))
         startup_notes(cfg, tokenizer)
         init_run_dir(run, cfg, overrides)  # only now: a config or data error leaves nothing behind
         log = MetricsLog(run, cfg)

@@ -42,8 +42,12 @@ _loaded_plugins: set[str] = set()
 _entry_points_loaded = False
 
 
-def register(stage: str, name: str) -> Callable[[Any], Any]:
-    """Decorator: file `obj` under `stage` as `name`. A duplicate name raises at import time."""
+def register(stage: str, name: str, rules: dict | None = None) -> Callable[[Any], Any]:
+    """Decorator: file `obj` under `stage` as `name`. A duplicate name raises at import time.
+
+    `rules`: option name -> rredcot.ranges.Rule, the valid range of each of its config options (checked
+    at config time, before any work). An entry may also carry `check_options(section, prefix)` for
+    checks across several options."""
     if stage not in _REGISTRY:
         raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
@@ -51,6 +55,8 @@ def register(stage: str, name: str) -> Callable[[Any], Any]:
         if name in _REGISTRY[stage] or (name in BUILTIN[stage] and not obj.__module__.startswith("rredcot.")):
             raise KeyError(f"{stage} entry {name!r} is registered twice (a plug-in must choose a new name)")
         _REGISTRY[stage][name] = obj
+        if rules:
+            obj.option_rules = dict(rules)
         return obj
 
     return deco
@@ -136,3 +142,27 @@ def get(stage: str, name: str, key: str | None = None) -> Any:
     if name not in _REGISTRY[stage]:
         importlib.import_module(BUILTIN[stage][name])  # runs its @register decorators
     return _REGISTRY[stage][name]
+
+
+def check_options(stage: str, name: str, options: Any, prefix: str, keywords: bool = True) -> None:
+    """The options a config gives entry `name` (its section minus `name`) are ones it takes, in range.
+
+    keywords: the entry receives them as keyword arguments (segmenters, estimators, rollouts), so a
+    name it does not take is an error listing the ones it does."""
+    import inspect
+
+    from rredcot import ranges
+
+    entry = get(stage, name)
+    if keywords and callable(entry) and not isinstance(entry, type):
+        params = inspect.signature(entry).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            takes = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty]
+            for key in options:
+                if key not in params:
+                    raise UserError(f"{prefix}{key} is not an option of {stage} {name!r}; it takes: {', '.join(takes)}. "
+                                    f"Remove it, or choose the {stage} that has it.")
+    ranges.check(options, getattr(entry, "option_rules", {}), prefix)
+    extra = getattr(entry, "check_options", None)
+    if extra is not None:
+        extra(options, prefix)

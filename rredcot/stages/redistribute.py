@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from rredcot.ranges import COUNT, NATURAL, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
 from rredcot.stages.update import group_advantages
@@ -32,6 +33,9 @@ from rredcot.types import Credit, Rollout, Segmented, Verified
 
 MODES = ("immediate", "return_to_go", "mixed", "anchored")
 SCALES = ("group", "batch", "none")
+# The valid range of every estimator option (checked at config time).
+RULES = {"mode": one_of(*MODES), "scale": one_of(*SCALES), "scale_rewards": one_of(*SCALES), "alpha": number(0),
+         "samples": COUNT, "max_new_tokens": NATURAL, "max_batch_tokens": COUNT}
 
 
 def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
@@ -117,7 +121,7 @@ def credit_stats(seg_r: list[torch.Tensor], values: list[torch.Tensor], ver: Ver
     }
 
 
-@register("redistribute", "uniform")
+@register("redistribute", "uniform", RULES)
 def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | None = None, *, group_size: int,
             scale_rewards: str = "group") -> Credit:
     """GRPO: A_i on every token of completion i. advantages [N, T] = A [N, 1] * mask [N, T]."""
@@ -126,7 +130,7 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
     return Credit(advantages=adv[:, None] * ro.completion_mask, valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
-@register("redistribute", "rredcot")
+@register("redistribute", "rredcot", RULES)
 def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0,
             scale_rewards: str = "group", include_reference: bool = True, self_normalize: bool = False,
             length_normalize: bool = False, max_batch_tokens: int = 16384) -> Credit:
@@ -143,7 +147,7 @@ def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", s
 rredcot.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]
 
 
-@register("redistribute", "mc")
+@register("redistribute", "mc", RULES)
 def mc(ro, ver, seg, ctx, *, group_size: int, samples: int = 4, max_new_tokens: int = 0, mode: str = "return_to_go",
        scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group") -> Credit:
     """Monte Carlo values (VinePPO-style): `samples` continuations from every boundary."""
@@ -166,7 +170,7 @@ def _weighted(ro, ver, seg, weights: list[torch.Tensor], group_size: int, scale_
     return Credit(advantages=adv.to(ro.completion_ids.device), valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
-@register("redistribute", "attention")
+@register("redistribute", "attention", RULES)
 def attention(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
     """Dense reward from the attention the answer pays to each segment."""
     return _weighted(ro, ver, seg, attention_weights(ro, seg, ctx), group_size, scale_rewards)
@@ -175,7 +179,7 @@ def attention(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group
 
 
 
-@register("redistribute", "gradient")
+@register("redistribute", "gradient", RULES)
 def gradient(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
     """The GRPO advantage spread by gradient x input attribution of log p(gold answer)."""
     return _weighted(ro, ver, seg, gradient_weights(ro, seg, ctx), group_size, scale_rewards)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from rredcot.ranges import COUNT, NATURAL, Rule, list_of, number, optional
 from rredcot.registry import register
 from rredcot.task.arith import THINK_CLOSE
 from rredcot.types import Rollout, Segmented
@@ -112,13 +113,19 @@ def entropy_cuts(trace: Trace, quantile: float = 0.9, threshold: float | None = 
     return chosen
 
 
-@register("segment", "none")
+# The valid range of every segmenter option (checked at config time).
+RULES = {"size": COUNT, "min_tokens": COUNT, "max_tokens": NATURAL, "max_segments": NATURAL,
+         "quantile": number(0, 1, lo_open=True), "threshold": optional(number()), "min_gap": COUNT,
+         "keywords": list_of(Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string"))}
+
+
+@register("segment", "none", RULES)
 def segment_none(trace: Trace) -> list[int]:
     """One segment: the whole thinking part. Example: end 7 -> [0, 7]."""
     return finalize([], trace)
 
 
-@register("segment", "fixed")
+@register("segment", "fixed", RULES)
 def segment_fixed(trace: Trace, size: int = 16, min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0) -> list[int]:
     """Every `size` tokens. Example: end 7, size 3 -> [0, 3, 6, 7]."""
     if size < 1:
@@ -126,27 +133,27 @@ def segment_fixed(trace: Trace, size: int = 16, min_tokens: int = 1, max_tokens:
     return finalize(range(size, trace.end, size), trace, min_tokens, max_tokens, max_segments)
 
 
-@register("segment", "newline")
+@register("segment", "newline", RULES)
 def segment_newline(trace: Trace, min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0) -> list[int]:
     """At line breaks."""
     return finalize(newline_cuts(trace), trace, min_tokens, max_tokens, max_segments)
 
 
-@register("segment", "keyword")
+@register("segment", "keyword", RULES)
 def segment_keyword(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min_tokens: int = 1,
                     max_tokens: int = 0, max_segments: int = 0) -> list[int]:
     """Before discourse markers that open a reasoning move."""
     return finalize(keyword_cuts(trace, keywords), trace, min_tokens, max_tokens, max_segments)
 
 
-@register("segment", "entropy")
+@register("segment", "entropy", RULES)
 def segment_entropy(trace: Trace, quantile: float = 0.9, threshold: float | None = None, min_gap: int = 4,
                     min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0) -> list[int]:
     """Before high-entropy ('forking') tokens."""
     return finalize(entropy_cuts(trace, quantile, threshold, min_gap), trace, min_tokens, max_tokens, max_segments)
 
 
-@register("segment", "hybrid")
+@register("segment", "hybrid", RULES)
 def segment_hybrid(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min_tokens: int = 4,
                    max_tokens: int = 64, max_segments: int = 8) -> list[int]:
     """The paper's: line and keyword candidates, merged below min_tokens, split above max_tokens at the

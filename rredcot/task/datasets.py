@@ -11,12 +11,14 @@ for split in train / dev / test; the three must be disjoint (the pipeline refuse
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from rredcot.errors import UserError
+from rredcot.ranges import COUNT, FRACTION, NATURAL, Rule, integer, one_of, optional
 from rredcot.registry import register
 from rredcot.task.arith import ArithSpec, generate
 from rredcot.types import Sample
@@ -31,7 +33,21 @@ def arith_spec(cfg: Any) -> ArithSpec:
                      ops=cfg.ops, distractors=cfg.distractors, shuffle=cfg.shuffle)
 
 
-@register("task", "builtin")
+# "+-*" minus what would leave a chain stuck: from 0 only "+" or "*" go on, from max_value only "-" or "*"(0).
+_OPS = Rule(lambda v: isinstance(v, str) and v != "" and set(v) <= set("+-*") and "-" in v and ("+" in v or "*" in v),
+            "operators from '+-*' with '-' and at least one of '+', '*' (else a chain can get stuck at 0 or at max_value)")
+BUILTIN_RULES = {"steps": integer(1, 25), "max_value": COUNT, "max_operand": COUNT, "ops": _OPS, "distractors": NATURAL,
+                 "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL}
+
+
+def _check_builtin(cfg: Any, prefix: str) -> None:
+    names = cfg.steps + 1 + 2 * cfg.distractors  # one letter per variable
+    if names > 26:
+        raise UserError(f"{prefix}steps={cfg.steps} and {prefix}distractors={cfg.distractors} need {names} variable names, "
+                        f"but there are 26 letters: keep steps + 1 + 2 x distractors <= 26.")
+
+
+@register("task", "builtin", BUILTIN_RULES)
 def builtin_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
     """`split` is train / dev / test; sizes come from cfg.train_size and cfg.eval_size."""
     n = cfg.train_size if split == "train" else cfg.eval_size
@@ -50,6 +66,7 @@ def _builtin_warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:
 # A task entry may carry `warmstart_samples(cfg, tokenizer) -> list[Sample]` (each with meta["trace"]);
 # without it, the warm start uses the training rows that have reference traces (task.warmstart).
 builtin_task.warmstart_samples = _builtin_warmstart
+builtin_task.check_options = _check_builtin
 
 
 def gold_from(answer: str, fmt: str) -> str:
@@ -98,33 +115,69 @@ def source_of(cfg: Any, split: str) -> dict[str, Any] | None:
     return src
 
 
+def diagnose_file(local: Path) -> str | None:
+    """What is wrong with a local data file, in one sentence naming the line (None if nothing is found)."""
+    if local.stat().st_size == 0:
+        return "it is empty"
+    if local.suffix not in (".jsonl", ".json", ".csv"):
+        return None
+    with local.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"line {n} is not UTF-8 text (byte {e.start}: {raw[max(e.start - 12, 0):e.start + 12]!r}); re-save "
+                        "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)")
+            if local.suffix == ".jsonl" and line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {n} is not JSON ({e.msg}, column {e.colno}: {line.strip()[:60]!r}); a .jsonl file has one JSON object per line"
+                if not isinstance(row, dict):
+                    return f"line {n} is a JSON {type(row).__name__}, not an object of fields ({{\"question\": ..., \"answer\": ...}})"
+    return None
+
+
+def _load_error(path: str, split: str, e: Exception) -> UserError:
+    local = Path(path).expanduser()
+    why = diagnose_file(local) if local.is_file() else None
+    if why is None:
+        causes = [c for c in (e, e.__cause__, e.__context__) if c is not None and str(c).strip()]
+        why = " ".join(str(causes[-1] if causes else e).split())[:300] or type(e).__name__
+    return UserError(f"Could not load dataset {path!r} (split {split!r}): {why}. Set task.path or task.sources.<split>.path "
+                     "to a local file with the same fields, or check the name and split.")
+
+
 @lru_cache(maxsize=8)
-def load_rows(path: str, config_name: str | None, split: str) -> Any:
-    """A `datasets.Dataset`: a whole local file (any split name), or one split of a hub dataset."""
+def load_rows(path: str, config_name: str | None, split: str) -> list[dict[str, Any]]:
+    """The rows of a whole local file (any split name), or of one split of a hub dataset."""
     import datasets
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our message says what went wrong
     local = Path(path).expanduser()
     try:
         if local.suffix in _LOCAL_FORMATS:
             if not local.exists():
                 raise UserError(f"Data file {str(local)!r} does not exist. Set task.path (or task.sources.<split>.path) "
                                 "to an existing jsonl/json/parquet/csv file, or to a hub dataset name.")
-            return datasets.load_dataset(_LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
-        return datasets.load_dataset(path, config_name, split=split)
+            ds = datasets.load_dataset(_LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
+        else:
+            ds = datasets.load_dataset(path, config_name, split=split)
+        return ds.to_list()  # decodes every row now, so a bad byte is found here and not mid-run
     except UserError:
         raise
     except Exception as e:  # hub unreachable, unknown split, bad file: one clear paragraph, not a traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"Could not load dataset {path!r} (split {split!r}): {first} Set task.path or "
-                        "task.sources.<split>.path to a local file with the same fields, or check the name and split.") from None
+        raise _load_error(path, split, e) from None
 
 
 def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, where: str) -> list[Sample]:
     """Rows -> Samples; rows without a question or a gold answer are skipped and counted (refused above
     task.max_bad_fraction, so a wrong answer_format cannot train on nothing)."""
-    missing = [f for f in (src["question_field"], src["answer_field"]) if f not in rows.column_names]
+    columns = list(rows[0]) if rows else []
+    missing = [f for f in (src["question_field"], src["answer_field"]) if f not in columns]
     if missing:
-        raise UserError(f"{where} has no field(s) {missing}; it has {rows.column_names}. Set task.question_field and "
+        raise UserError(f"{where} has no field(s) {missing}; it has {columns}. Set task.question_field and "
                         "task.answer_field (or task.sources.<split>.question_field / answer_field) to the right names.")
     out, bad = [], []
     for i, row in enumerate(rows):
@@ -171,7 +224,22 @@ def _carve_dev(train: list[Sample], dev_size: int) -> tuple[list[Sample], list[S
     return [s for h, s in zip(keys, train) if h not in dev_keys], [first[h] for h in ranked[:dev_size]]
 
 
-@register("task", "hf")
+HF_RULES = {"answer_format": one_of("gsm8k", "boxed", "plain"), "dev_size": NATURAL, "max_bad_fraction": FRACTION,
+            "train_size": optional(COUNT), "eval_size": optional(COUNT)}
+
+
+def _check_hf(cfg: Any, prefix: str) -> None:
+    sources = cfg.get("sources") or {}
+    for split in sources:
+        if split not in ("train", "dev", "test"):
+            raise UserError(f"{prefix}sources.{split}: the splits are train, dev and test; rename or remove it.")
+        source_of(cfg, split)  # unknown keys in a source are refused there
+        fmt = (sources[split] or {}).get("answer_format")
+        if fmt is not None:
+            HF_RULES["answer_format"].ok(fmt) or gold_from("", fmt)  # gold_from names the valid formats
+
+
+@register("task", "hf", HF_RULES)
 def hf_task(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     """Rows of the split's source; dev without its own source is carved out of the training rows."""
     if source_of(cfg, split) is None and split != "dev":
@@ -185,6 +253,9 @@ def hf_task(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
         samples = _source_samples(cfg, split, tokenizer)
     limit = cfg.train_size if split == "train" else cfg.eval_size
     return samples[:limit] if limit else samples
+
+
+hf_task.check_options = _check_hf
 
 
 def check_disjoint(train: list[Sample], held_out: dict[str, list[Sample]]) -> list[Sample]:
@@ -207,3 +278,22 @@ def check_disjoint(train: list[Sample], held_out: dict[str, list[Sample]]) -> li
     if dropped:
         note(f"{len(dropped)} training prompt(s) also appear in a held-out split; they were left out of training.")
     return [s for s in train if question_hash(s.prompt) not in dropped] if dropped else train
+
+
+def drop_long_prompts(samples: list[Sample], tokenizer: Any, limit: int, where: str, max_fraction: float) -> list[Sample]:
+    """The samples whose prompt fits in `limit` tokens; the rest are named in a note, and refused when they
+    are more than `max_fraction` of the split (then the limit, not the data, is probably wrong)."""
+    # A token is rarely more than 64 characters: longer prompts are dropped without tokenizing megabytes.
+    short = [i for i, s in enumerate(samples) if len(s.prompt) <= 64 * limit]
+    lengths = dict(zip(short, map(len, tokenizer([samples[i].prompt for i in short], add_special_tokens=False)["input_ids"])))
+    long = [i for i in range(len(samples)) if lengths.get(i, limit + 1) > limit]
+    if not long:
+        return samples
+    rows = [samples[i].meta.get("row", i) for i in long]
+    if len(long) > max_fraction * len(samples):
+        raise UserError(f"{where}: {len(long)} of {len(samples)} prompts are longer than {limit} tokens (rows {rows[:8]}). "
+                        "Raise train.max_prompt_tokens (within the model's context, less rollout.max_new_tokens) "
+                        "or shorten the prompts.")
+    note(f"{where}: skipped {len(long)} prompt(s) longer than {limit} tokens (rows {rows[:8]}).")
+    skip = set(long)
+    return [s for i, s in enumerate(samples) if i not in skip]

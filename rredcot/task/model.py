@@ -41,27 +41,97 @@ def build_tiny(cfg: Any, vocab_size: int, seed: int) -> PreTrainedModel:
     return model_cls(config)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
+def _local(name: str) -> Path | None:
+    """The folder `name` means, if it names one (an existing path, or one written like a path)."""
+    p = Path(name).expanduser()
+    return p if p.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 else None
+
+
+def _hub_hint(name: str) -> str:
+    return ("Is the hub reachable from here? Without it, download the model elsewhere (huggingface-cli download "
+            f"{name} --local-dir DIR) and set model.name=DIR.")
+
+
+def check_model_dir(name: str) -> None:
+    """A local model folder exists and holds a config.json; hub names are left to the loaders."""
+    local = _local(name)
+    if local is None:
+        return
+    if not local.is_dir():
+        raise UserError(f"model.name={name!r}: there is no folder {str(local)!r}. Set model.name to a folder saved with "
+                        "save_pretrained (config.json, weights, tokenizer), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, "
+                        "or 'builtin'.")
+    if not (local / "config.json").exists():
+        raise UserError(f"model.name={name!r} has no config.json, so it is not a model saved with save_pretrained "
+                        f"(it holds: {', '.join(sorted(p.name for p in local.iterdir())[:8]) or 'nothing'}). Point it at "
+                        "the folder that has config.json and the weights.")
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; left padding, and a pad token (the EOS) where the model has none."""
     if name_or_path == "builtin":
         tok = build_char_tokenizer()
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        check_model_dir(name_or_path)
+        local = _local(name_or_path)
+        if local is not None and not any((local / f).exists() for f in _TOKENIZER_FILES):
+            raise UserError(f"model.name={name_or_path!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}). "
+                            "Save it next to the weights: AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR).")
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as e:
+            raise UserError(f"Could not load the tokenizer of {name_or_path!r}: {_first_line(e)} "
+                            + ("" if local else _hub_hint(name_or_path))) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise UserError(f"The tokenizer of {name_or_path!r} has no EOS token, so completions could never end. "
+                        "Use the model's own tokenizer (its tokenizer_config.json names eos_token).")
     tok.padding_side = "left"
     return tok
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _check_causal(name: str) -> None:
+    """Refuse encoder-only and encoder-decoder models before their weights load (they would crash later)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise UserError(f"Could not read the config of model {name!r}: {_first_line(e)} "
+                        + ("" if _local(name) else _hub_hint(name))) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = any("CausalLM" in a or "LMHead" in a for a in archs) if archs else True
+    if getattr(config, "is_encoder_decoder", False) or not causal:
+        raise UserError(f"model.name={name!r} is a {', '.join(archs) or config.model_type} model, not a causal (decoder-only) "
+                        "language model, so it cannot generate completions. Choose a causal LM (its config.json lists "
+                        "an architecture ending in ForCausalLM), e.g. Qwen/Qwen2.5-0.5B-Instruct.")
 
 
 def load_pretrained(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
     """Any AutoModelForCausalLM by hub name or local directory, with a clear error when it is not there."""
     if dtype not in _DTYPES:
         raise UserError(f"Unknown model.dtype {dtype!r}; use one of {', '.join(_DTYPES)}.")
+    check_model_dir(name_or_path)
+    _check_causal(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
-    except OSError as e:
-        where = "local directory" if Path(name_or_path).exists() else "hub name (is the hub reachable from here?)"
-        raise UserError(
-            f"Could not load model {name_or_path!r} as a {where}: {str(e).splitlines()[0]} "
-            "Set model.name to a local directory saved with save_pretrained, a reachable hub id, or 'builtin'."
-        ) from None
+    except Exception as e:
+        raise UserError(f"Could not load model {name_or_path!r}: {_first_line(e)} "
+                        + ("Check that its weights are complete." if _local(name_or_path) else _hub_hint(name_or_path))) from None
+
+
+def check_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Every token id the tokenizer can produce has a row in the model's embedding table."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"The tokenizer of {name!r} has {len(tokenizer)} tokens, but the model's embedding has {rows} "
+                        "rows: they are not a pair. Save the model's own tokenizer in its folder.")

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from rredcot.errors import UserError
-from rredcot.task.model import build_tiny, load_pretrained, load_tokenizer
+from rredcot.task.model import build_tiny, check_fits, load_pretrained, load_tokenizer
 
 CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 
@@ -112,7 +112,9 @@ def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTok
     """The starting policy and tokenizer: built-in (warm-started, cached) or a pretrained model."""
     tokenizer = load_tokenizer(cfg.model.name)
     if cfg.model.name != "builtin":
-        return load_pretrained(cfg.model.name, cfg.model.dtype), tokenizer
+        model = load_pretrained(cfg.model.name, cfg.model.dtype)
+        check_fits(model, tokenizer, cfg.model.name)
+        return model, tokenizer
     if not cfg.warmstart.enabled:
         return build_tiny(cfg.model, len(tokenizer), cfg.warmstart.seed), tokenizer
     samples = warmstart_samples(cfg, tokenizer)
