@@ -27,8 +27,11 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Train with RL (the default config trains the built-in task)."""
     from rredcot.config import load_config
     from rredcot.pipeline import train as run_train
+    from rredcot.runconfig import config_for_resume
 
-    run_train(load_config(overrides), list(overrides or []))
+    overrides = list(overrides or [])
+    cfg = load_config(overrides)
+    run_train(config_for_resume(overrides) if cfg.resume else cfg, overrides)
 
 
 def _load_checkpoint(cfg):

@@ -183,7 +183,7 @@ def html_page(title: str, traces: list[dict[str, Any]], table: dict[str, Any] | 
 def sample_traces(cfg: DictConfig, model, tokenizer, stages):
     samples = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.credit.prompts]
     ro = stages.rollout(model, tokenizer, samples)
-    return ro, run_verify(ro.texts, ro.samples, stages.reward_funcs)
+    return ro, run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
 
 
 def segmenter_rows(ro, ver, ctx, cfg, pieces) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: di
 
 def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:
     greedy = _rollout(model, tokenizer, samples, cfg, 1, greedy=True)
-    v = run_verify(greedy.texts, greedy.samples, reward_funcs)
+    v = run_verify(greedy.texts, greedy.samples, reward_funcs, cfg.verify.budget_s)
     out: dict[str, Any] = {
         "accuracy": float(v.correct.float().mean()),
         "mean_length": float(greedy.lengths.float().mean()),
@@ -51,7 +51,7 @@ def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: d
     if sampled:
         n = cfg.eval.n_samples
         ro = _rollout(model, tokenizer, samples, cfg, n, greedy=False)
-        correct = run_verify(ro.texts, ro.samples, reward_funcs).correct.view(len(samples), n)  # [prompts, n]
+        correct = run_verify(ro.texts, ro.samples, reward_funcs, cfg.verify.budget_s).correct.view(len(samples), n)  # [prompts, n]
         c = correct.sum(1).tolist()
         out["pass@1"] = float(correct.float().mean())
         for k in cfg.eval.ks:

@@ -205,11 +205,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
             ckpt = latest_checkpoint(run)
             resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
             start, drawn = resume_state["step"], resume_state["drawn"]
-            if start >= cfg.train.steps and (run / "eval.json").exists():
-                raise UserError(f"The run in {str(run)!r} has finished its {start} steps. To train it further, resume with "
-                                f"more steps (train.steps={start * 2}); to evaluate it, `rredcot eval checkpoint={run}`.")
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
-            log.keep_until(start)
+            log.keep_until(start, unfinished=not (run / "eval.json").exists())
         total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
         optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -248,7 +245,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 batch = [train_set[i] for i in sampler.take(prompts_per_step)]
                 ro = stages.rollout(accelerator.unwrap_model(model), tokenizer, batch)
                 times["rollout"], t = time.perf_counter() - t, time.perf_counter()
-                ver = run_verify(ro.texts, ro.samples, stages.reward_funcs)
+                ver = run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
                 times["verify"], t = time.perf_counter() - t, time.perf_counter()
                 seg = run_segment(ro, stages.segment, pieces)
                 times["segment"], t = time.perf_counter() - t, time.perf_counter()

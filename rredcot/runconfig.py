@@ -18,6 +18,9 @@ from rredcot.errors import UserError
 OVERRIDES_FILE = "overrides.yaml"
 # Keys that say where and how a command runs, not what the run was: changing them is not worth a note.
 _QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
+# Keys a resume may change: how long a run goes on and how it reports, never what it learns from.
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
+             "train.samples_per_log", "train.max_nonfinite_steps", "logging.", "device", "cache_dir", "resume", "run_dir")
 
 
 def save_overrides(run: Path, overrides: list[str]) -> None:
@@ -64,6 +67,41 @@ def _superseded(run_overrides: list[str], mine: list[str]) -> list[str]:
             if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".") for g in chosen)]
 
 
+def _read_run(run: Path) -> tuple[DictConfig, list[str] | None]:
+    try:
+        saved = OmegaConf.load(run / "config.yaml")
+        run_overrides = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else None
+    except Exception as e:
+        raise UserError(f"The run's config {str(run / 'config.yaml')!r} could not be read ({e}). Pass checkpoint= a "
+                        "checkpoint directory and the task's settings on the command line instead.") from None
+    return saved, run_overrides
+
+
+def _run_config(run: Path, mine: list[str]) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
+    """(the run's saved config with what `mine` changes relative to the run's own command line applied,
+    those changes). Keys today's code has and the run's config lacks (an older rredcot) take today's
+    defaults for the run's command line."""
+    from rredcot.config import load_config
+
+    saved, run_overrides = _read_run(run)
+    base = load_config(run_overrides or [], check_entries=False)
+    changed = _changes(base, load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False)) if mine else {}
+    OmegaConf.set_struct(base, False)
+    cfg = OmegaConf.merge(base, saved)
+    for key, (_, new) in changed.items():
+        OmegaConf.update(cfg, key, new, force_add=True)
+    if mine and run_overrides is None:
+        from rredcot.ui import note
+
+        note(f"{run} has no {OVERRIDES_FILE} (made by an older rredcot): the overrides were applied as changes to "
+             "the default config.")
+    return cfg, changed
+
+
+def _said(changed: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
 def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path | None]:
     """The config a command that reads `checkpoint=RUN` should use: the run's saved config, changed only
     by what `overrides` change relative to the run's own command line (each change said in one line).
@@ -80,29 +118,49 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
             note(f"{arg} is not inside a run directory (no config.yaml): {command} uses the task and settings of the "
                  f"command line (task={cfg.task.name}, verify.name={cfg.verify.name}).")
         return cfg, None
-    try:
-        saved = OmegaConf.load(run / "config.yaml")
-        run_overrides = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else None
-    except Exception as e:
-        raise UserError(f"The run's config {str(run / 'config.yaml')!r} could not be read ({e}). Pass checkpoint= a "
-                        "checkpoint directory and the task's settings on the command line instead.") from None
-    mine = [o for o in overrides if not o.startswith("checkpoint=")]
-    if mine:
-        base = load_config(run_overrides or [], check_entries=False)
-        changed = _changes(base, load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False))
-        for key, (_, new) in changed.items():
-            OmegaConf.update(saved, key, new, force_add=True)
-        loud = {k: v for k, v in changed.items() if not k.startswith(_QUIET)}
-        if loud:
-            said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in loud.items())
-            note(f"{command} on {run} with settings that differ from the run's config: {said}")
-        if run_overrides is None:
-            note(f"{run} has no {OVERRIDES_FILE} (made by an older rredcot): the overrides were applied as changes to "
-                 "the default config.")
-    OmegaConf.update(saved, "checkpoint", arg, force_add=True)
-    registry.load_plugins(saved.get("plugins") or [])
-    validate(saved)
-    return saved, run
+    cfg, changed = _run_config(run, [o for o in overrides if not o.startswith("checkpoint=")])
+    loud = {k: v for k, v in changed.items() if not k.startswith(_QUIET)}
+    if loud:
+        note(f"{command} on {run} with settings that differ from the run's config: {_said(loud)}")
+    OmegaConf.update(cfg, "checkpoint", arg, force_add=True)
+    registry.load_plugins(cfg.get("plugins") or [])
+    validate(cfg)
+    return cfg, run
+
+
+def config_for_resume(overrides: list[str]) -> DictConfig:
+    """`rredcot train resume=true run_dir=RUN [overrides]`: the run's own saved config, so a plain resume
+    continues the same run. Overrides may change only how long it runs and how it reports (RESUMABLE;
+    each said in one line); any other change is refused, naming the keys."""
+    from rredcot import registry
+    from rredcot.config import load_config, validate
+    from rredcot.ui import note
+
+    asked = load_config(overrides, check_entries=False)
+    if not asked.run_dir:
+        raise UserError("resume=true needs run_dir=PATH, the run directory to continue (e.g. "
+                        "rredcot train resume=true run_dir=runs/20261125_101500).")
+    run = Path(asked.run_dir).expanduser()
+    if not (run / "config.yaml").exists():
+        raise UserError(f"resume=true, but {str(run)!r} holds no run (no config.yaml). Point run_dir at a directory made "
+                        "by `rredcot train`, or drop resume=true to start a new run there.")
+    cfg, changed = _run_config(run, overrides)
+    altering = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
+    if altering:
+        raise UserError(f"resume=true continues the run in {str(run)!r} with its own config, and these overrides would "
+                        f"change what it trains: {_said(altering)}. Drop them to resume (only {', '.join(RESUMABLE)} "
+                        "may change), or start a new run with them (another run_dir).")
+    told = {k: v for k, v in changed.items() if not k.startswith(("resume", "run_dir"))}
+    if told:
+        note(f"resuming {run} with: {_said(told)}.")
+    if "train.steps" in told and (cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio):
+        note(f"optim.schedule={cfg.optim.schedule} (warmup_ratio={cfg.optim.warmup_ratio}) is stretched over the new "
+             "train.steps from here on: the run is no longer the one a fresh start with these steps would make.")
+    OmegaConf.update(cfg, "resume", True)
+    OmegaConf.update(cfg, "run_dir", str(asked.run_dir))
+    registry.load_plugins(cfg.get("plugins") or [])
+    validate(cfg)
+    return cfg
 
 
 def unique_path(path: Path) -> Path:

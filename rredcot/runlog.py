@@ -34,22 +34,42 @@ def check_run_dir(cfg: DictConfig) -> Path:
                             f"is nothing to resume. Remove it (rm -r {run}) to start again there, or choose another run_dir=PATH.")
         raise UserError(f"Run directory {str(run)!r} already holds a run. To continue it, add resume=true; "
                         "to start a new one, choose another run_dir=PATH (nothing was overwritten).")
-    if cfg.resume and latest_checkpoint(run) is None:
-        raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from. "
-                        "Point run_dir at a run with a checkpoints/ folder, or drop resume=true.")
+    if cfg.resume:
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from. "
+                            "Point run_dir at a run with a checkpoints/ folder, or drop resume=true.")
+        start = torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"]
+        if start > cfg.train.steps:
+            raise UserError(f"The run in {str(run)!r} is at step {start} already, past train.steps={cfg.train.steps}. "
+                            f"Resume with train.steps={start} or more (a run never goes back; its checkpoints/ keep "
+                            f"the earlier steps that save_total_limit left).")
+        if start == cfg.train.steps and (run / "eval.json").exists():
+            raise UserError(f"The run in {str(run)!r} has finished its {start} steps. To train it further, resume with "
+                            f"more steps (train.steps={start * 2}); to evaluate it, `rredcot eval checkpoint={run}`.")
     return run
 
 
 def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = ()) -> None:
-    """Create the run directory and write the resolved config and the command line that made it (a
-    resumed run keeps its first ones and adds config.resume_<time>.yaml)."""
-    from rredcot.runconfig import save_overrides
+    """Create the run directory and write the resolved config and the command line that made it. A
+    resume rewrites config.yaml (only RESUMABLE keys can differ), adds its overrides to overrides.yaml
+    and a line to resumes.jsonl (when, from which step, with what)."""
+    from rredcot.runconfig import OVERRIDES_FILE, save_overrides
 
     (run / "samples").mkdir(parents=True, exist_ok=True)
-    name = f"config.resume_{time.strftime('%Y%m%d_%H%M%S')}.yaml" if cfg.resume else "config.yaml"
-    (run / name).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if not cfg.resume:
         save_overrides(run, list(overrides))
+        return
+    import yaml
+
+    kept = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "run_dir="))]
+    before = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else []
+    save_overrides(run, [*before, *kept])
+    ckpt = latest_checkpoint(run)
+    with (run / "resumes.jsonl").open("a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": ckpt.name if ckpt else None,
+                            "overrides": kept}) + "\n")
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -144,11 +164,14 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(clean, step=step)
 
-    def keep_until(self, step: int) -> None:
-        """Drop rows after `step` (a resumed run logged them before it was killed; they are redone)."""
+    def keep_until(self, step: int, unfinished: bool = True) -> None:
+        """Drop rows after `step` (a resumed run logged them before it was killed; they are redone), and,
+        when the run never finished (`unfinished`: no eval.json), a final-evaluation row at `step` (the
+        only rows with pass@1 are final ones; a kill during the final evaluation leaves one behind)."""
         if self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r["step"] < step or (r["step"] == step and not (unfinished and _is_final(r)))]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         with (self.run / "samples" / f"step_{step:06d}.jsonl").open("w") as f:
@@ -160,6 +183,10 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _is_final(row: dict[str, Any]) -> bool:
+    return any(k.endswith("/pass@1") for k in row)
 
 
 def eval_prefix(split: str, primary: str) -> str:

@@ -12,6 +12,7 @@ means undefined (the row is skipped, never rewarded). Tested with string tables 
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -110,8 +111,11 @@ class GSM8KVerifier(Verifier):
 
 
 def _math_timeout() -> int | None:
-    # math-verify's timeouts use SIGALRM, which only works on the main thread; elsewhere they are off.
-    return 5 if threading.current_thread() is threading.main_thread() else None
+    # math-verify's own timeouts use SIGALRM, which only works on the main thread; elsewhere they are off.
+    # In a guard worker the worker's hard timeout holds instead (stages/guard.py).
+    from rredcot.stages import guard
+
+    return 5 if threading.current_thread() is threading.main_thread() and not guard.IN_WORKER else None
 
 
 @register("verify", "math")
@@ -120,6 +124,10 @@ class MathVerifier(Verifier):
 
     `extract` is math-verify's own extraction (boxed, then other LaTeX/expressions); `judge` parses the
     candidate as `\\boxed{answer}`. Gold that does not parse makes the reward None (row skipped)."""
+
+    def __init__(self) -> None:
+        # math-verify logs each timed-out completion in full at WARNING; timeouts are counted in the metrics.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
 
     def extract(self, completion: str) -> tuple[str | None, str]:
         from math_verify import parse
@@ -177,21 +185,46 @@ def build_verifier(name: str, options: Any = None, key: str = "verify.name") -> 
 
 
 def build_reward_funcs(cfg: Any) -> dict[str, tuple[Verifier, float]]:
-    """name -> (verifier, weight). 'accuracy' is the task's own verifier; 'format' is optional."""
+    """name -> (verifier, weight). 'accuracy' is the task's own verifier; 'format' is optional. With
+    verify.timeout_s > 0 each runs in a worker process under that hard timeout (stages/guard.py)."""
+    from rredcot.stages.guard import Guarded
+
     funcs = {"accuracy": (build_verifier(cfg.name, cfg.options), float(cfg.weight))}
     if cfg.format_weight:
         funcs["format"] = (build_verifier("format"), float(cfg.format_weight))
-    return funcs
+    timeout = cfg.get("timeout_s", 0)
+    return {k: (Guarded(v, timeout) if timeout else v, w) for k, (v, w) in funcs.items()}
 
 
-def run_verify(texts: list[str], samples: list[Sample], funcs: dict[str, tuple[Verifier, float]]) -> Verified:
-    """Score N completions. The total is the weighted sum; undefined accuracy makes the row NaN."""
+_told: set[str] = set()
+
+
+def _say_timeouts(name: str, scores: list[Score]) -> None:
+    """One line per kind, the first time a reward function's call times out or the budget runs out."""
+    from rredcot.stages.guard import OVER_BUDGET, TIMEOUT
+    from rredcot.ui import note
+
+    for kind, what in ((TIMEOUT, "ran past verify.timeout_s"), (OVER_BUDGET, "were left unchecked past verify.budget_s")):
+        n = sum(sc.extractor == kind for sc in scores)
+        if n and kind not in _told:
+            _told.add(kind)
+            note(f"{n} completion(s) {what} in the {name} reward and scored 0; every step counts them "
+                 f"(metrics: extractor/{kind}).")
+
+
+def run_verify(texts: list[str], samples: list[Sample], funcs: dict[str, tuple[Verifier, float]],
+               budget_s: float = 0.0) -> Verified:
+    """Score N completions. The total is the weighted sum; undefined accuracy makes the row NaN.
+    Past `budget_s` seconds per reward function (0 = none), the rest score 0 as "over_budget"."""
+    from rredcot.stages.guard import run_guarded
+
     per_func: dict[str, torch.Tensor] = {}
     extractor: list[str] = []
     for name, (fn, _) in funcs.items():
-        scores = [fn(t, s) for t, s in zip(texts, samples)]
+        scores = run_guarded(fn, texts, samples, budget_s)
         per_func[name] = torch.tensor([math.nan if sc.reward is None else sc.reward for sc in scores])
         if name == "accuracy":
             extractor = [sc.extractor for sc in scores]
+        _say_timeouts(name, scores)
     total = sum(w * per_func[name] for name, (_, w) in funcs.items())
     return Verified(rewards=total, per_func=per_func, correct=per_func["accuracy"] == 1.0, extractor=extractor)
