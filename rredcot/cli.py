@@ -110,6 +110,9 @@ def compare(
     from rredcot.compare import build_report
     from rredcot.compare_runs import train_pair
 
+    if split not in (None, "dev", "test"):
+        raise UserError(f"--split {split}: the held-out splits are dev and test (a run reports them when they are its "
+                        "eval.split or in its eval.extra_splits). Use --split dev or --split test, or leave it out.")
     out = out or Path("runs") / f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
     if runs:
         if not args or len(args) < 2:

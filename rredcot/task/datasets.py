@@ -176,6 +176,10 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
     task.max_bad_fraction, so a wrong answer_format cannot train on nothing)."""
     columns = list(rows[0]) if rows else []
     missing = [f for f in (src["question_field"], src["answer_field"]) if f not in columns]
+    local = Path(str(src["path"])).expanduser()
+    why = diagnose_file(local) if missing and local.is_file() else None
+    if why:
+        raise UserError(f"{where}: {why}.")
     if missing:
         raise UserError(f"{where} has no field(s) {missing}; it has {columns}. Set task.question_field and "
                         "task.answer_field (or task.sources.<split>.question_field / answer_field) to the right names.")
@@ -204,6 +208,11 @@ def question_hash(text: str) -> str:
 
 def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     src = source_of(cfg, split)
+    local = Path(str(src["path"])).expanduser()
+    if local.suffix in _LOCAL_FORMATS and not local.exists():
+        key = "task.path" if cfg.get("sources", {}).get(split, {}).get("path") is None else f"task.sources.{split}.path"
+        raise UserError(f"{key}={src['path']}: there is no such file. Set {key} to an existing jsonl/json/parquet/csv "
+                        "file, or to a hub dataset name.")
     rows = load_rows(str(src["path"]), src["config_name"], str(src["split"] or split))
     return _rows_to_samples(rows, src, cfg, tokenizer, f"task.sources.{split} ({src['path']}, split {src['split']})")
 
