@@ -37,8 +37,9 @@ def check_run_dir(cfg: DictConfig) -> Path:
     if cfg.resume:
         ckpt = latest_checkpoint(run)
         if ckpt is None:
-            raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from. "
-                            "Point run_dir at a run with a checkpoints/ folder, or drop resume=true.")
+            raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from (the run stopped "
+                            f"before its first one was written). Remove it (rm -r {run}) and start again without "
+                            "resume=true, or point run_dir at another run.")
         start = torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"]
         if start > cfg.train.steps:
             raise UserError(f"The run in {str(run)!r} is at step {start} already, past train.steps={cfg.train.steps}. "

@@ -24,10 +24,12 @@ TIMEOUT, OVER_BUDGET = "timeout", "over_budget"
 IN_WORKER = False  # True inside a worker: verifiers may then skip their own (signal-based) timeouts
 
 
-def _serve(verifier: Any, conn: Any) -> None:
-    """The worker loop: (method, args) in, ("ok", result) or ("error", text) out, until EOF."""
+def _serve(verifier: Any, conn: Any, parent_end: Any) -> None:
+    """The worker loop: (method, args) in, ("ok", result) or ("error", text) out, until EOF (the training
+    process closed its end or died: the worker never outlives it)."""
     global IN_WORKER
     IN_WORKER = True
+    parent_end.close()  # the fork copied it; while open here, a dead parent would never read as EOF
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the training process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     while True:
@@ -56,7 +58,7 @@ class Guarded:
     def _start(self) -> None:
         ctx = mp.get_context("fork")  # the child inherits the verifier, plug-ins included (nothing to pickle)
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(self.verifier, child), daemon=True, name="rredcot-verify")
+        self._proc = ctx.Process(target=_serve, args=(self.verifier, child, self._conn), daemon=True, name="rredcot-verify")
         self._proc.start()
         child.close()
         self._pid = os.getpid()
