@@ -49,7 +49,7 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from rredcot.evaluate import evaluate
     from rredcot.pipeline import prompt_limit, startup_notes, task_sets
     from rredcot.runconfig import config_for_run, unique_path
-    from rredcot.stages.verify import build_reward_funcs
+    from rredcot.stages.verify import build_reward_funcs, check_golds
 
     cfg, run = config_for_run(list(overrides or []), "rredcot eval")
     if not cfg.checkpoint:
@@ -58,7 +58,9 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     ckpt, model, tokenizer = _load_checkpoint(cfg)
     samples = task_sets(cfg, tokenizer, prompt_limit(cfg, model))[1][cfg.eval.split]
     startup_notes(cfg, tokenizer)
-    result = evaluate(model, tokenizer, samples, cfg, build_reward_funcs(cfg.verify))
+    funcs = build_reward_funcs(cfg.verify)
+    check_golds({cfg.eval.split: samples}, funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
+    result = evaluate(model, tokenizer, samples, cfg, funcs)
     result.update(checkpoint=str(ckpt), split=cfg.eval.split, task=cfg.task.name, verifier=cfg.verify.name)
     out_dir = Path(cfg.run_dir) if cfg.run_dir else (run or ckpt)
     path = unique_path(out_dir / "evals" / f"{ckpt.name}_{cfg.eval.split}.json")

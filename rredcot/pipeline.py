@@ -31,7 +31,7 @@ from rredcot.stages.rollout import sample_from_ids
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
 from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
-from rredcot.stages.verify import build_reward_funcs, run_verify
+from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.stopping import GracefulStop
 from rredcot.task.arith import THINK_CLOSE
 from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
@@ -196,6 +196,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         model, tokenizer = load_policy(cfg, progress)
         set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
         train_set, eval_sets = task_sets(cfg, tokenizer, prompt_limit(cfg, model))
+        check_golds({"train": train_set, **eval_sets}, stages.reward_funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
         startup_notes(cfg, tokenizer)
         init_run_dir(run, cfg, overrides)  # only now: a config or data error leaves nothing behind
         log = MetricsLog(run, cfg)

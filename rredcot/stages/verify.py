@@ -36,7 +36,12 @@ class Verifier:
 
     Invariant (tested for every registered verifier): v(c, s).reward == v.judge(v.extract(c)[0], s)
     wherever a subclass does not document otherwise.
+
+    `judges_gold`: judge(sample.gold, sample) == 1 for a well-formed row; runs check it at start-up
+    (check_golds). A verifier whose gold is not an answer (unit tests for code, say) sets it False.
     """
+
+    judges_gold = True
 
     def extract(self, completion: str) -> tuple[str | None, str]:
         """(final answer text or None, name of the rule that found it; "none" when nothing did)."""
@@ -228,3 +233,26 @@ def run_verify(texts: list[str], samples: list[Sample], funcs: dict[str, tuple[V
         _say_timeouts(name, scores)
     total = sum(w * per_func[name] for name, (_, w) in funcs.items())
     return Verified(rewards=total, per_func=per_func, correct=per_func["accuracy"] == 1.0, extractor=extractor)
+
+
+def check_golds(sets: dict[str, list[Sample]], verifier: Verifier, max_bad: float, n: int = 200) -> None:
+    """The verifier must judge each row's own gold answer right. When it cannot (a gold format it does
+    not read, the wrong verifier for the task), every reward is 0 or undefined and a run trains on
+    nothing while looking healthy. Checked on the first `n` rows of each split; refused above `max_bad`."""
+    from rredcot.ui import note
+
+    if not getattr(verifier, "judges_gold", True):
+        return
+    for split, samples in sets.items():
+        rows = samples[:n]
+        bad = [s.meta.get("row", i) for i, s in enumerate(rows) if verifier.judge(s.gold, s) != 1.0]
+        if not bad:
+            continue
+        example = rows[[s.meta.get("row", i) for i, s in enumerate(rows)].index(bad[0])].gold
+        if len(bad) > max_bad * len(rows):
+            raise UserError(f"The {split} split's gold answers do not pass the verifier's own check for {len(bad)} of the "
+                            f"first {len(rows)} rows (rows {bad[:8]}; e.g. gold {example[:60]!r}), so their rewards would be "
+                            "0 or undefined. Check that verify.name fits the task and that task.answer_format extracts the "
+                            "answer the verifier reads.")
+        note(f"the {split} split has {len(bad)} row(s) among its first {len(rows)} whose gold the verifier cannot "
+             f"judge (rows {bad[:8]}); they can never be rewarded.")

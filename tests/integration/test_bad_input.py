@@ -88,6 +88,7 @@ DATA = [
     (HF + "task.sources.train.path={A}/long.jsonl train.max_prompt_tokens=40", "prompts are longer than 40 tokens"),
     (HF + "task.sources.train.path={A}/test.jsonl task.dev_size=4", "split shares 15 of its 16 prompts"),
     (HF + "task.sources.train.path={A}/train.jsonl task.answer_format=boxed", "'boxed' format"),
+    (HF + "task.sources.train.path={A}/train.jsonl task.answer_format=plain task.dev_size=20", "do not pass the verifier's own check"),
     (HF + "task.sources.train.path={A}/train.jsonl task.question_field=prompt", "has no field(s) ['prompt']"),
     (HF + "task.sources.train.path={A}/train.jsonl +task.sources.valid.path=x", "the splits are train, dev and test"),
     (HF + "task.sources.train.path={A}/train.jsonl task.dev_size=400", "task.dev_size=400 would take"),

@@ -193,3 +193,24 @@ def test_a_run_that_died_before_its_first_checkpoint_says_how_to_start_again(tmp
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
     proc = cli("train", "debug=fast", f"run_dir={run}", check=False)
     assert proc.returncode == 2 and "before its first checkpoint" in proc.stderr and f"rm -r {run}" in proc.stderr
+
+
+def test_resume_uses_the_runs_own_config(tmp_path):
+    """A plain `resume=true run_dir=RUN` continues the run as it was configured (not the defaults);
+    more steps are allowed and recorded; a change to what it trains is refused, naming the keys."""
+    import yaml
+
+    run = tmp_path / "own"
+    cli("train", "debug=fast", f"run_dir={run}", "train.steps=2", "seed=5", "rollout.temperature=0.9", "logging.progress=false")
+    proc = cli("train", "resume=true", f"run_dir={run}", "seed=1", "update.micro_batch_size=4", check=False)
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "seed: 5 -> 1" in said and "update.micro_batch_size: 8 -> 4" in said
+    proc = cli("train", "resume=true", f"run_dir={run}", "train.steps=3", "logging.progress=false")  # no debug=fast
+    assert "train.steps: 2 -> 3" in " ".join(proc.stderr.split())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["seed"], cfg["rollout"]["temperature"], cfg["train"]["steps"], cfg["task"]["train_size"]) == (5, 0.9, 3, 256)
+    assert yaml.safe_load((run / "overrides.yaml").read_text())[-1] == "train.steps=3"
+    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["from"] == "step_000002" and "train.steps=3" in resumes[0]["overrides"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "reward/mean" in line] == [1, 2, 3]

@@ -150,3 +150,17 @@ def test_gsm8k_regex_is_linear_on_runs_of_commas():
     t = time.perf_counter()
     GSM8KVerifier("flexible")("#### " + "," * 20000 + " 7", G18)
     assert time.perf_counter() - t < 1.0
+
+
+def test_check_golds_refuses_a_gold_format_the_verifier_cannot_read():
+    from rredcot.errors import UserError
+    from rredcot.stages.verify import check_golds
+
+    v = build_verifier("gsm8k", {"mode": "strict"})
+    good = [Sample(prompt=f"q{i}", gold=str(i), meta={"row": i}) for i in range(100)]
+    check_golds({"train": good}, v, max_bad=0.01)  # every gold judges itself right
+    # answer_format=plain keeps the whole solution as the gold: "3 + 4 = 7 #### 7" is not a number
+    bad = good[:98] + [Sample(prompt="x", gold="3 + 4 = 7 #### 7", meta={"row": 98})] * 2
+    with pytest.raises(UserError, match=r"2 of the first 100 rows \(rows \[98, 98\]"):
+        check_golds({"train": bad}, v, max_bad=0.01)   # 2 > 1% of 100
+    check_golds({"train": good[:99] + bad[-1:]}, v, max_bad=0.01)  # 1 of 100 is a stray row: a note, not a refusal
