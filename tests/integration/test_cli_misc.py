@@ -24,10 +24,10 @@ def test_config_show_prints_the_composed_config():
     (["train", "train.generation_batch_size=30"], ["whole number of groups"]),
     (["train", "segment.name=sentence"], ["fixed, hybrid"]),
     (["train", "task=gsm8k", "task.path=/nonexistent/data.jsonl", "warmstart.enabled=false"],
-     ["does not exist", "task.path"]),
+     ["no such file", "task.path"]),
     (["eval"], ["checkpoint=PATH"]),
     (["eval", "checkpoint=/nonexistent/run"], ["neither a model directory"]),
-    (["train", "resume=true", "run_dir=/nonexistent/run"], ["no intact checkpoint"]),
+    (["train", "resume=true", "run_dir=/nonexistent/run"], ["holds no run"]),
 ])
 def test_bad_input_exits_2_with_a_clear_message(args, words, tmp_path):
     proc = cli(*args, check=False)

@@ -47,7 +47,7 @@ def test_report_on_an_extra_split(tiny_compare, tmp_path):
     assert summary["split"] == "dev" and summary["rows"]["grpo"]["accuracy"] == pytest.approx(sum(f["accuracy"] for f in finals) / 2)
     assert "'dev' split" in (tmp_path / "dev" / "report.md").read_text()
     proc = cli("compare", "--runs", *runs, "--out", str(tmp_path / "train"), "--split", "train", check=False)
-    assert proc.returncode == 2 and "eval.extra_splits=[train]" in proc.stderr
+    assert proc.returncode == 2 and "the held-out splits are dev and test" in proc.stderr
 
 
 def test_evaluating_more_does_not_change_training(tiny_compare, fast_run):

@@ -209,7 +209,7 @@ def test_resume_uses_the_runs_own_config(tmp_path):
     assert "train.steps: 2 -> 3" in " ".join(proc.stderr.split())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert (cfg["seed"], cfg["rollout"]["temperature"], cfg["train"]["steps"], cfg["task"]["train_size"]) == (5, 0.9, 3, 256)
-    assert yaml.safe_load((run / "overrides.yaml").read_text())[-1] == "train.steps=3"
+    assert "train.steps=3" in yaml.safe_load((run / "overrides.yaml").read_text())
     resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     assert len(resumes) == 1 and resumes[0]["from"] == "step_000002" and "train.steps=3" in resumes[0]["overrides"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
