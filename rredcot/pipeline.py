@@ -70,7 +70,7 @@ def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages) -> PolicyC
 
     return PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs["accuracy"][0],
                          force_text=cfg.task.get("forcing_text"), closing_text=cfg.task.get("closing_text") or "",
-                         generate=generate)
+                         generate=generate, temperature=ro.temperature, max_new_tokens=ro.max_new_tokens)
 
 
 class PromptSampler:

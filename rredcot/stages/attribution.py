@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rredcot.stages.values import PolicyContext, _encode, trace_ids
+from rredcot.stages.values import PolicyContext, probe_blocks, trace_ids
 from rredcot.types import Rollout, Segmented
 
 
@@ -46,7 +46,6 @@ def attention_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext) -> list[t
 def gradient_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext, chunk: int = 64) -> list[torch.Tensor]:
     """Batched: rows are independent, so the gradient of the summed log-probs gives each row's own."""
     model, tok = ctx.model, ctx.tokenizer
-    force = _encode(tok, ctx.force_text or "")
     rows = [i for i, b in enumerate(seg.boundaries) if len(b) >= 2]
     out = [torch.zeros(0) for _ in seg.boundaries]
     for lo in range(0, len(rows), chunk):
@@ -54,9 +53,10 @@ def gradient_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext, chunk: int
         seqs, spans = [], []
         for i in part:
             ids, plen = trace_ids(ro, i)
-            answer = _encode(tok, ro.samples[i].gold + ctx.closing_text)
-            seqs.append(torch.cat([ids[: plen + seg.boundaries[i][-1]], force, answer]))
-            spans.append((plen, len(seqs[-1]) - len(answer), len(seqs[-1])))
+            (block,), (shared,) = probe_blocks(tok, ctx.force_text or "", [ro.samples[i].gold + ctx.closing_text])
+            head = plen + seg.boundaries[i][-1]
+            seqs.append(torch.cat([ids[:head], block]))  # forcing text + answer tokenized as the model sees them
+            spans.append((plen, head + shared, len(seqs[-1])))
         width = max(len(x) for x in seqs)
         ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -27,7 +27,7 @@ import torch
 from rredcot.ranges import COUNT, NATURAL, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
-from rredcot.stages.update import group_advantages
+from rredcot.stages.update import group_advantages, group_std
 from rredcot.stages.values import PolicyContext, forced_values, mc_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
@@ -35,7 +35,8 @@ MODES = ("immediate", "return_to_go", "mixed", "anchored")
 SCALES = ("group", "batch", "none")
 # The valid range of every estimator option (checked at config time).
 RULES = {"mode": one_of(*MODES), "scale": one_of(*SCALES), "scale_rewards": one_of(*SCALES), "alpha": number(0),
-         "samples": COUNT, "max_new_tokens": NATURAL, "max_batch_tokens": COUNT}
+         "samples": COUNT, "max_new_tokens": NATURAL, "max_batch_tokens": COUNT,
+         "packed_max_tokens": COUNT}
 
 
 def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
@@ -56,9 +57,9 @@ def _spread(per_segment: torch.Tensor, bounds: list[int], length: int, T: int) -
 
 
 def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] the reward std (Bessel) of each row's group; 1 where it is 0 (credit still carries signal
-    in groups whose rewards are all equal, and dividing by eps would blow it up)."""
-    std = torch.nan_to_num(rewards.view(-1, group_size), nan=0.0).std(1, keepdim=True).expand(-1, group_size).reshape(-1)
+    """[N] the reward std (Bessel) of each row's group, undefined rewards left out; 1 where it is 0 (credit
+    still carries signal in groups whose rewards are all equal, and dividing by eps would blow it up)."""
+    std = group_std(rewards, group_size)
     return torch.where(std > 0, std, torch.ones_like(std))
 
 
@@ -133,11 +134,11 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
 @register("redistribute", "rredcot", RULES)
 def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0,
             scale_rewards: str = "group", include_reference: bool = True, self_normalize: bool = False,
-            length_normalize: bool = False, max_batch_tokens: int = 16384) -> Credit:
+            length_normalize: bool = False, max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> Credit:
     """RREDCoT: values by answer forcing with the policy itself, no extra generation."""
     values, stats = forced_values(ro, ver, seg, ctx, group_size=group_size, include_reference=include_reference,
                                   self_normalize=self_normalize, length_normalize=length_normalize,
-                                  max_batch_tokens=max_batch_tokens)
+                                  max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens)
     credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
                           scale_rewards=scale_rewards)
     credit.stats.update(stats)
@@ -152,7 +153,7 @@ def mc(ro, ver, seg, ctx, *, group_size: int, samples: int = 4, max_new_tokens: 
        scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group") -> Credit:
     """Monte Carlo values (VinePPO-style): `samples` continuations from every boundary."""
     values, stats = mc_values(ro, ver, seg, ctx, group_size=group_size, samples=samples,
-                              max_new_tokens=max_new_tokens or ro.completion_ids.shape[1])
+                              max_new_tokens=max_new_tokens or ctx.max_new_tokens or ro.completion_ids.shape[1])
     credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
                           scale_rewards=scale_rewards)
     credit.stats.update(stats)

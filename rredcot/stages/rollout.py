@@ -32,13 +32,29 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: `cache` since transformers 5 (`past_key_values` is deprecated)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation_config EOS ids
+    (Qwen models stop on <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     *,
-    eos_id: int,
+    eos_id: int | list[int],
     pad_id: int,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -49,13 +65,16 @@ def generate(
     """Sample completions for left-padded prompts [N, P].
 
     Returns completion_ids, completion_mask, logprobs, entropies (all [N, T], T <= max_new_tokens)
-    and truncated [N]. Rows stop at EOS (included in the mask); the loop ends when all have stopped.
+    and truncated [N]. Rows stop at any of the EOS ids (included in the mask); the loop ends when all
+    have stopped.
     """
     n = prompt_ids.shape[0]
     mask = prompt_mask.clone()
     pos = position_ids(mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache, done = out.past_key_values, torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
+    stops = torch.tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id], device=prompt_ids.device)
+    kw = cache_kwarg(model)
     toks, alive, logps, ents = [], [], [], []
     pos = pos[:, -1:]
     for _ in range(max_new_tokens):
@@ -71,12 +90,12 @@ def generate(
         alive.append(~done)
         logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1))
         ents.append(entropy_from_logits(scaled))
-        done = done | (tok == eos_id)
+        done = done | torch.isin(tok, stops)
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
     completion_mask = torch.stack(alive, 1).long()  # [N, T]
     logprobs = torch.stack(logps, 1) * completion_mask
     entropies = torch.stack(ents, 1) * completion_mask
@@ -108,7 +127,7 @@ def sample_rollout(
     for lo in range(0, len(repeated), chunk_size):
         sl = slice(lo, lo + chunk_size)
         parts.append(generate(
-            model, prompt_ids[sl], prompt_mask[sl], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            model, prompt_ids[sl], prompt_mask[sl], eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
         ))
     model.train(was_training)
@@ -140,7 +159,7 @@ def sample_from_ids(model, tokenizer, prefixes: list[list[int]], n: int, budgets
         for i, (p, _) in enumerate(chunk):  # left padding
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        out_ids, out_mask, *_ = generate(model, ids.to(device), mask.to(device), eos_id=tokenizer.eos_token_id,
+        out_ids, out_mask, *_ = generate(model, ids.to(device), mask.to(device), eos_id=stop_ids(model, tokenizer),
                                          pad_id=tokenizer.pad_token_id, max_new_tokens=max(b for _, b in chunk),
                                          temperature=temperature, top_p=top_p, top_k=top_k)
         for i, (_, budget) in enumerate(chunk):

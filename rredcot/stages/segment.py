@@ -162,11 +162,11 @@ def segment_hybrid(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min
 
 
 def think_end_of(pieces: Sequence[str], marker: str = THINK_CLOSE) -> int | None:
-    """Token offset where the first end-of-thinking marker starts, found in the decoded text, so a
+    """Token offset where the last end-of-thinking marker starts, found in the decoded text, so a
     marker that the tokenizer splits into several tokens (most models without a `</think>` token) counts.
     Example: pieces ['7', '</', 'think', '>', '7'] -> 1; no marker -> None."""
     text = "".join(pieces)
-    at = text.find(marker)
+    at = text.rfind(marker)  # the last one, where answer extraction reads the answer
     return None if at < 0 else bisect.bisect_right(_offsets(pieces), at) - 1
 
 
@@ -183,6 +183,17 @@ class PieceDecoder:
         return [self.cache[i] for i in ids]
 
 
+def without_answer_part(bounds: list[int], trace: Trace) -> list[int]:
+    """A segmenter's boundaries end at trace.end. With an end-of-thinking marker that is the marker, and
+    the answer after it is the correction segment (R - V_K). Without one (a truncated trace, or a model
+    that answers without thinking) there is no answer part: the last boundary (the completion's end) is
+    dropped, so the last segment is the correction segment, R - V_(K-1) lands on real tokens, and no
+    probe is scored after EOS. Example, 9 tokens: [0, 4, 9] -> [0, 4]; with a marker at 7, [0, 4, 7] stays."""
+    if trace.think_end is None and len(bounds) > 1 and bounds[-1] >= len(trace.ids):
+        return bounds[:-1]
+    return bounds
+
+
 def run_segment(rollout: Rollout, fn: Callable[[Trace], list[int]], pieces: Callable[[list[int]], list[str]],
                 marker: str = THINK_CLOSE) -> Segmented:
     """Apply segmenter `fn` to every row of the rollout; `pieces` decodes each token (PieceDecoder)."""
@@ -191,7 +202,7 @@ def run_segment(rollout: Rollout, fn: Callable[[Trace], list[int]], pieces: Call
         ids = rollout.completion_ids[row, :n].tolist()
         text = pieces(ids)
         trace = Trace(ids, rollout.entropies[row, :n].tolist(), think_end_of(text, marker), text)
-        bounds.append(fn(trace))
+        bounds.append(without_answer_part(fn(trace), trace))
         ends.append(trace.think_end)
     return Segmented(boundaries=bounds, think_end=ends)
 

@@ -26,17 +26,32 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     r = rewards.view(-1, group_size).float()  # [N/G, G]
     valid = ~torch.isnan(r)
     r0 = torch.where(valid, r, torch.zeros_like(r))
-    n = valid.sum(1, keepdim=True)  # [N/G, 1]
-    mean = r0.sum(1, keepdim=True) / n.clamp(min=1)
+    mean, std = _group_stats(r)
     adv = r0 - mean
     if scale == "group":
-        var = ((adv * valid) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)  # Bessel
-        adv = adv / (var.sqrt() + eps)
+        adv = adv / (std + eps)
     elif scale == "batch":
         adv = adv / (r[valid].std() + eps) if int(valid.sum()) > 1 else adv / (1 + eps)
     elif scale != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
+
+
+def _group_stats(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """r [groups, G] with NaN for undefined rewards -> (mean, Bessel std) [groups, 1] over the defined ones
+    (0 where a group has fewer than two)."""
+    valid = ~torch.isnan(r)
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    n = valid.sum(1, keepdim=True)
+    mean = r0.sum(1, keepdim=True) / n.clamp(min=1)
+    var = (((r0 - mean) * valid) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    return mean, var.sqrt()
+
+
+def group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] the Bessel std of each row's group, undefined (NaN) rewards left out.
+    Example, G=3: [1, 0, nan] -> std of [1, 0] = .7071 for all three rows (NaN as 0 would give .5774)."""
+    return _group_stats(rewards.view(-1, group_size).float())[1].expand(-1, group_size).reshape(-1)
 
 
 def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:

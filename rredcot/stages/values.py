@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from rredcot.errors import UserError
-from rredcot.stages.probes import ProbeItem, probe_logprobs_batch
+from rredcot.stages.probes import ProbeItem, score_items
 from rredcot.types import Rollout, Segmented, Verified
 
 
@@ -28,10 +28,30 @@ class PolicyContext:
     force_text: str | None  # appended at a boundary to ask for the answer (task.forcing_text)
     closing_text: str  # follows the answer (task.closing_text)
     generate: Callable | None = None  # (prefix id lists, n, budgets) -> texts, for Monte Carlo
+    temperature: float = 1.0  # the sampling temperature: probes score the policy that samples (as the update does)
+    max_new_tokens: int = 0  # the rollout's completion budget (Monte Carlo continuations share it)
 
 
 def _encode(tok, text: str) -> torch.Tensor:
     return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def probe_blocks(tok, force_text: str, texts: list[str]) -> tuple[list[torch.Tensor], list[int]]:
+    """Per text (an answer plus the closing text): the forcing text and it tokenized together, as the model
+    would see them, and how many leading tokens it shares with the forcing text alone (not scored).
+
+    Example (byte-level BPE): force "\\boxed{", text "\\frac12}" may give [\\, boxed, {\\, frac, 12, }]
+    where the forcing text alone is [\\, boxed, {]: 2 shared tokens, and `{\\` is scored with the answer."""
+    force = _encode(tok, force_text).tolist()
+    blocks, starts = [], []
+    for text in texts:
+        joint = _encode(tok, force_text + text)
+        k = 0
+        while k < min(len(force), len(joint) - 1) and joint[k] == force[k]:
+            k += 1
+        blocks.append(joint)
+        starts.append(k)
+    return blocks, starts
 
 
 def trace_ids(ro: Rollout, row: int) -> tuple[torch.Tensor, int]:
@@ -56,7 +76,7 @@ def group_answers(ro: Rollout, ctx: PolicyContext, g0: int, group_size: int, inc
 
 def forced_values(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext, *, group_size: int,
                   include_reference: bool = True, self_normalize: bool = False, length_normalize: bool = False,
-                  max_batch_tokens: int = 16384) -> tuple[list[torch.Tensor], dict[str, float]]:
+                  max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> tuple[list[torch.Tensor], dict[str, float]]:
     """V_hat(S_k) = sum_a U(a) p_k(a) over the group's answers a (divided by sum_a p_k(a) when
     self_normalize), p_k(a) = pi(a + closing | prefix up to b_k + forcing text), teacher-forced.
 
@@ -67,52 +87,31 @@ def forced_values(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext
         raise UserError("The rredcot estimator needs the task's forcing text, and task.forcing_text is not set. "
                         "Add task.forcing_text (e.g. '\\n</think>\\n\\nThe final answer is \\\\boxed{') and "
                         "task.closing_text to the task config.")
-    tok = ctx.tokenizer
-    force = _encode(tok, ctx.force_text)
     N = len(ro.texts)
     values: list[torch.Tensor] = [torch.zeros(len(b)) for b in seg.boundaries]
     items, owners, utils, lens = [], [], {}, {}
-    probe_tokens = 0
     for g0 in range(0, N, group_size):
         answers = group_answers(ro, ctx, g0, group_size, include_reference)
         u = [ctx.verifier.judge(a, ro.samples[g0]) or 0.0 for a in answers]  # U(a), the verifier's own judgement
         keep = [i for i, ui in enumerate(u) if self_normalize or ui > 0]
         if not keep:
             continue  # no answer of this group is right: every V_hat is exactly 0
-        ans_ids = [_encode(tok, answers[i] + ctx.closing_text) for i in keep]
+        blocks, starts = probe_blocks(ctx.tokenizer, ctx.force_text, [answers[i] + ctx.closing_text for i in keep])
         for row in range(g0, g0 + group_size):
             ids, plen = trace_ids(ro, row)
-            item = ProbeItem(ids, [plen + b for b in seg.boundaries[row]], force, ans_ids)
-            items.append(item)
+            items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], blocks, starts))
             owners.append(row)
             utils[row] = torch.tensor([u[i] for i in keep])
-            lens[row] = torch.tensor([len(a) for a in ans_ids], dtype=torch.float)
-            probe_tokens += item.probe_tokens
-    pos = 0
-    for chunk in _chunks(items, max_batch_tokens):
-        for logp in probe_logprobs_batch(ctx.model, chunk):  # [K+1, |A|]
-            row = owners[pos]
-            pos += 1
-            if length_normalize:
-                logp = logp / lens[row]
-            p = logp.exp()
-            v = (p * utils[row]).sum(-1)
-            values[row] = v / p.sum(-1).clamp(min=1e-12) if self_normalize else v
+            lens[row] = torch.tensor([len(b) - s for b, s in zip(blocks, starts)], dtype=torch.float)
+    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens)
+    for row, logp in zip(owners, scored):  # logp [K+1, |A|]
+        if length_normalize:
+            logp = logp / lens[row]
+        p = logp.exp()
+        v = (p * utils[row]).sum(-1)
+        values[row] = v / p.sum(-1).clamp(min=1e-12) if self_normalize else v
+    probe_tokens = sum(it.probe_tokens for it in items)
     return values, {"credit/probe_tokens_per_trace": probe_tokens / max(N, 1)}
-
-
-def _chunks(items: list[ProbeItem], max_tokens: int):
-    """Consecutive groups of items whose packed lengths sum to at most max_tokens (at least one each)."""
-    chunk, size = [], 0
-    for it in items:
-        n = len(it.trace_ids) + it.probe_tokens
-        if chunk and size + n > max_tokens:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(it)
-        size += n
-    if chunk:
-        yield chunk
 
 
 def mc_values(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext, *, group_size: int, samples: int = 4,

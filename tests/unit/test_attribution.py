@@ -22,8 +22,11 @@ def _setup(tiny_model):
 def test_gradient_weights_batched_equal_one_by_one(tiny_model):
     ro, seg, ctx = _setup(tiny_model)
     batched, single = gradient_weights(ro, seg, ctx, chunk=64), gradient_weights(ro, seg, ctx, chunk=1)
+    assert any(len(b) >= 2 for b in seg.boundaries)
     for a, b, bounds in zip(batched, single, seg.boundaries):
         assert a.shape == (len(bounds) - 1,) and torch.allclose(a, b, atol=1e-5)
+        if len(bounds) < 2:
+            continue  # one segment, the correction segment of a trace without a marker: no weights
         assert abs(float(a.sum()) - 1) < 1e-5 and torch.all(a >= 0)
 
 
@@ -31,5 +34,5 @@ def test_attention_weights_are_a_distribution_and_restore_sdpa(tiny_model):
     ro, seg, ctx = _setup(tiny_model)
     before = ctx.model.config._attn_implementation
     for w, bounds in zip(attention_weights(ro, seg, ctx), seg.boundaries):
-        assert w.shape == (len(bounds) - 1,) and abs(float(w.sum()) - 1) < 1e-5
+        assert w.shape == (len(bounds) - 1,) and (len(bounds) < 2 or abs(float(w.sum()) - 1) < 1e-5)
     assert ctx.model.config._attn_implementation == before

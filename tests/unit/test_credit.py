@@ -122,3 +122,36 @@ def test_weights_move_advantage_between_segments():
     c = _weighted(RO, VER, SEG, [torch.tensor([0.75, 0.25])] * 2, 2, "group")
     A0 = group_advantages(VER.rewards, 2)[0]
     assert torch.allclose(c.advantages[0, :6], A0 * torch.tensor([1.5, 1.5, 0.5, 0.5, 1.0, 1.0]))
+
+
+def test_a_trace_without_end_of_thinking_gets_its_correction_on_its_last_segment():
+    """No marker (truncated, or a model that answers without <think>): before the fix the correction
+    R - V_K fell on an empty token range after the trace, so with mode=immediate a right and a wrong
+    trace with equal values got identical advantages."""
+    from rredcot.stages.redistribute import value_credit
+    from rredcot.stages.segment import Trace, segment_fixed, without_answer_part
+    from rredcot.types import Rollout, Segmented, Verified
+
+    trace = Trace(list(range(6)), [0.0] * 6, think_end=None)
+    bounds = without_answer_part(segment_fixed(trace, size=3), trace)
+    assert segment_fixed(trace, size=3) == [0, 3, 6] and bounds == [0, 3]  # the completion's end is not a boundary
+    N, T = 2, 6
+    ro = Rollout(prompt_ids=torch.ones(N, 1, dtype=torch.long), prompt_mask=torch.ones(N, 1, dtype=torch.long),
+                 completion_ids=torch.ones(N, T, dtype=torch.long), completion_mask=torch.ones(N, T, dtype=torch.long),
+                 logprobs=torch.zeros(N, T), entropies=torch.zeros(N, T), truncated=torch.ones(N, dtype=torch.bool),
+                 texts=["", ""], samples=[None, None], group_size=2)
+    ver = Verified(rewards=torch.tensor([1.0, 0.0]), per_func={}, correct=torch.tensor([True, False]), extractor=["", ""])
+    seg = Segmented(boundaries=[bounds, bounds], think_end=[None, None])
+    values = [torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])]  # V at b_0 = 0 and b_1 = 3
+    credit = value_credit(ro, ver, seg, values, group_size=2, mode="immediate", scale="none")
+    # segment [0, 3): V_1 - V_0 = 0 for both; last segment [3, 6): the correction R - V_1 = +.5 / -.5
+    assert credit.advantages[0].tolist() == [0, 0, 0, 0.5, 0.5, 0.5]
+    assert credit.advantages[1].tolist() == [0, 0, 0, -0.5, -0.5, -0.5]
+
+
+def test_group_std_leaves_undefined_rewards_out():
+    from rredcot.stages.redistribute import _group_std
+
+    # group [1, 0, nan]: std of [1, 0] = .7071 (counting NaN as 0 gave std([1, 0, 0]) = .5774)
+    got = _group_std(torch.tensor([1.0, 0.0, float("nan"), 1.0, 1.0, 1.0]), 3)
+    assert got[:3].tolist() == pytest.approx([0.7071] * 3, abs=1e-4) and got[3:].tolist() == [1.0] * 3

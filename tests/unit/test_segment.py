@@ -16,7 +16,7 @@ def test_none_covers_the_trace_without_marker():
 
 
 def test_think_end_of():
-    assert think_end_of(["9", "</think>", "2", "</think>"]) == 1            # one token: the first one
+    assert think_end_of(["9", "</think>", "2", "</think>"]) == 3            # the last one, where the answer is read
     assert think_end_of(["7", "</", "think", ">", "\n7"]) == 1            # split into pieces: where it starts
     assert think_end_of(["7\n</", "think>"]) == 0                          # starts inside a token
     assert think_end_of(["9", "2"]) is None
