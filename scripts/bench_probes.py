@@ -4,7 +4,8 @@
 
 Prints the median seconds of each path over `repeats` runs, measured in the same process, and their
 ratio (the number to quote: absolute times on a shared machine are noise). Uses the built-in model
-warm-started (cached) and traces it samples from held-out prompts.
+warm-started (cached) and traces it samples from held-out prompts. The memory of the packed and the
+KV-cache paths against trace length is scripts/bench_probe_memory.py.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from rredcot.config import load_config
 from rredcot.pipeline import build_stages
 from rredcot.registry import get
-from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprobs_reference
+from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprobs_cached, probe_logprobs_reference
 from rredcot.stages.segment import PieceDecoder, run_segment
 from rredcot.stages.values import _encode, trace_ids
 from rredcot.task.warmstart import load_policy
@@ -45,18 +46,21 @@ def main() -> None:
     items = []
     for row in range(len(ro.texts)):
         ids, plen = trace_ids(ro, row)
-        items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], force, answers))
-    probes = sum(len(it.boundaries) * len(it.answers) for it in items)
+        items.append(ProbeItem.from_parts(ids, [plen + b for b in seg.boundaries[row]], force, answers))
+    probes = sum(len(it.boundaries) * len(it.blocks) for it in items)
 
     def packed():
         return probe_logprobs_batch(model, items)
 
+    def cached():
+        return [probe_logprobs_cached(model, it) for it in items]
+
     def separate():
-        return [probe_logprobs_reference(model, it.trace_ids, it.boundaries, it.force_ids, it.answers) for it in items]
+        return [probe_logprobs_reference(model, it) for it in items]
 
     diff = max(float((a - b).abs().max()) for a, b in zip(packed(), separate()))
     times = {}
-    for name, fn in (("packed", packed), ("separate", separate)):
+    for name, fn in (("packed", packed), ("cached", cached), ("separate", separate)):
         runs = []
         for _ in range(args.repeats):
             t = time.perf_counter()
@@ -64,8 +68,9 @@ def main() -> None:
             runs.append(time.perf_counter() - t)
         times[name] = statistics.median(runs)
     print(f"{len(items)} traces, {probes} probes, max |packed - separate| = {diff:.2e}")
-    print(f"median seconds: packed {times['packed']:.3f}, separate {times['separate']:.3f}; "
-          f"packed is {times['separate'] / times['packed']:.1f}x faster")
+    print(f"median seconds: packed {times['packed']:.3f}, cached {times['cached']:.3f}, separate {times['separate']:.3f}; "
+          f"packed is {times['separate'] / times['packed']:.1f}x faster than separate, "
+          f"{times['cached'] / times['packed']:.1f}x faster than cached")
 
 
 if __name__ == "__main__":
