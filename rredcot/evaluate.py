@@ -10,6 +10,7 @@ import torch
 from rredcot.config import stage_options
 from rredcot.registry import get
 from rredcot.stages.verify import run_verify
+from rredcot.task.arith import THINK_CLOSE
 from rredcot.types import Sample
 
 
@@ -29,6 +30,12 @@ def _rollout(model, tokenizer, samples, cfg: Any, n: int, greedy: bool):
     return get("rollout", cfg.rollout.name)(model, tokenizer, samples, **opts)
 
 
+def unclosed(texts: list[str]) -> float:
+    """Fraction of completions that never wrote the end-of-thinking marker (truncated mid-thought, or a
+    model that answers without thinking): their answers come from whatever the verifier finds."""
+    return sum(THINK_CLOSE not in t for t in texts) / max(len(texts), 1)
+
+
 def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:
     """Metrics on `samples`; with sampled=False only the greedy ones (cheap, for periodic evals).
 
@@ -46,6 +53,7 @@ def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: d
         "accuracy": float(v.correct.float().mean()),
         "mean_length": float(greedy.lengths.float().mean()),
         "truncated_frac": float(greedy.truncated.float().mean()),
+        "unclosed_think_frac": unclosed(greedy.texts),
         "n_prompts": len(samples),
     }
     if sampled:
@@ -58,6 +66,7 @@ def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: d
             out[f"pass@{k}"] = sum(pass_at_k(n, ci, k) for ci in c) / len(c)
         out["sampled_mean_length"] = float(ro.lengths.float().mean())
         out["sampled_truncated_frac"] = float(ro.truncated.float().mean())
+        out["sampled_unclosed_think_frac"] = unclosed(ro.texts)
         out["examples"] = [{"prompt": s.prompt, "gold": s.gold, "completion": t, "correct": bool(ok)}
                            for s, t, ok in list(zip(greedy.samples, greedy.texts, v.correct.tolist()))[:8]]
     return out

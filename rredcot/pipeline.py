@@ -100,6 +100,8 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
              f"the text; traces that never write it are segmented whole, the correction on their last segment.")
     if cfg.task.get("chat_template") and not getattr(tokenizer, "chat_template", None):
         note("task.chat_template=true, but the model's tokenizer has no chat template: prompts are plain text.")
+    if cfg.model.name != "builtin" and cfg.warmstart.enabled:
+        note(f"warmstart.enabled=true applies to the built-in model only: {cfg.model.name} starts from its own weights.")
     carved = cfg.task.get("sources") is not None and source_of(cfg.task, "dev") is None
     if carved and "dev" in [cfg.eval.split, *cfg.eval.extra_splits]:
         note(f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
@@ -122,6 +124,7 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
         "completion/clipped_ratio": float(ro.truncated.float().mean()),
         "entropy": float(ro.entropies[mask].mean()),
         "segments/per_trace": float(segment_lengths(seg).mean()),
+        "completion/unclosed_think_frac": sum(e is None for e in seg.think_end) / max(len(seg.think_end), 1),
         "advantage/token_std": float(credit.advantages[mask].std()) if mask.sum() > 1 else 0.0,
         **{f"reward/{k}/mean": float(torch.nanmean(v)) for k, v in ver.per_func.items()},
         **{f"extractor/{e}": ver.extractor.count(e) / len(ver.extractor) for e in sorted(set(ver.extractor))},

@@ -4,8 +4,8 @@
 
 A tiny random Qwen2 (2 layers, hidden 64) with a 151,936-token vocabulary (Qwen2.5's), CPU, fp32; one
 trace of L tokens with 8 boundaries and 3 answers of 8 tokens after an 8-token forcing text. Each
-(path, length) runs in a fresh process and reports its peak resident memory above the same process
-before the probe pass (ru_maxrss), in MiB. The packed path's dense S x S mask makes it quadratic; it is
+(path, length) runs in a fresh process and reports its peak resident memory during the probe pass above
+its resident memory just before it (Linux: the peak is reset through /proc/self/clear_refs), in MiB. The packed path's dense S x S mask makes it quadratic; it is
 skipped where its mask alone would pass --max-packed-gib.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprobs_cached
 L, path = int(sys.argv[1]), sys.argv[2]
@@ -30,9 +30,12 @@ bounds = [int(L * (k + 1) / 8) for k in range(8)]
 force = torch.randint(10, 151000, (8,), generator=g)
 answers = [torch.randint(10, 151000, (8,), generator=g) for _ in range(3)]
 item = ProbeItem.from_parts(trace, bounds, force, answers)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
+before = status("VmRSS")
 out = probe_logprobs_batch(model, [item])[0] if path == "packed" else probe_logprobs_cached(model, item)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 print(json.dumps({"L": L, "path": path, "peak_mib": (peak - before) / 1024, "S": item.packed_tokens, "sum": float(out.sum())}))
 """
 

@@ -55,7 +55,7 @@ def test_eval_command_writes_its_own_file_and_never_the_runs_eval_json(fast_run)
     proc = cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=8")
     assert (fast_run / "eval.json").read_text() == before          # `rredcot eval` once overwrote it
     result = json.loads((fast_run / "evals" / "step_000004_test.json").read_text())
-    for key in ("accuracy", "pass@1", "pass@2", "mean_length", "truncated_frac"):
+    for key in ("accuracy", "pass@1", "pass@2", "mean_length", "truncated_frac", "unclosed_think_frac"):
         assert 0 <= result[key] <= (1 if key != "mean_length" else 1e9)
     assert result["checkpoint"].endswith("step_000004") and result["n_prompts"] == 8 and "pass@1" in proc.stdout
     assert "eval.n_prompts: 256 -> 8" not in proc.stderr              # the run's own debug=fast size was 16
