@@ -44,7 +44,8 @@ def completion_logprobs(
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [n, P+T]
     T = completion_ids.shape[1]
     # logits_to_keep=T+1: only the positions that predict completion tokens are projected to the vocab.
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=T + 1).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=T + 1,
+                   use_cache=False).logits  # no KV cache to build (and none is possible under gradient checkpointing)
     logits = logits[:, :-1].float() / temperature  # [n, T, V]; position t predicts completion token t
     logp = selective_log_softmax(logits, completion_ids)
     ent = entropy_from_logits(logits.detach()) if with_entropy else None

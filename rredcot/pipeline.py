@@ -30,7 +30,7 @@ from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir,
 from rredcot.stages.rollout import sample_from_ids
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
 from rredcot.stages.values import PolicyContext
-from rredcot.stages.update import build_optimizer, frac_zero_std, update_policy
+from rredcot.stages.update import build_optimizer, enable_checkpointing, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.stopping import GracefulStop
 from rredcot.task.arith import THINK_CLOSE
@@ -211,6 +211,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
             start, drawn = resume_state["step"], resume_state["drawn"]
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
             log.keep_until(start, unfinished=not (run / "eval.json").exists())
+        if cfg["update"].gradient_checkpointing:  # recompute activations in backward: memory for compute
+            enable_checkpointing(model)
         total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
         optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
         model, optimizer = accelerator.prepare(model, optimizer)

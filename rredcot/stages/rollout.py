@@ -72,7 +72,8 @@ def generate(
     mask = prompt_mask.clone()
     pos = position_ids(mask)
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, done = out.past_key_values, torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers 5 / 4
+    done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
     stops = torch.tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id], device=prompt_ids.device)
     kw = cache_kwarg(model)
     toks, alive, logps, ents = [], [], [], []

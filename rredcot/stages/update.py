@@ -5,6 +5,7 @@ Shapes: B rows in a micro-batch, T completion tokens, G completions per prompt.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -186,8 +187,6 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
     cfg.micro_batch_size (gradient accumulation). Old log-probs are the detached current ones when each
     completion is used once (rho == 1); otherwise they are recomputed before the first step.
     """
-    from rredcot.logprobs import completion_logprobs
-
     N, T = rollout.completion_ids.shape
     valid = credit.valid.to(rollout.completion_mask.device)  # rewards come from the CPU verifiers
     mask = rollout.completion_mask * valid[:, None]  # [N, T]; undefined rewards are skipped
@@ -202,6 +201,43 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
     agg = get("update", cfg.loss_type)
     num_items = float(mask.sum())  # dapo: active tokens of the whole generation batch (one process)
     stats: dict[str, list[float]] = {}
+    with _grad_mode(model):
+        _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all, ref_all, agg, num_items, stats,
+                  temperature, max_completion_length, optimizer, scheduler, accelerator)
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out
+
+
+@contextmanager
+def _grad_mode(model):
+    """Train mode for the gradient passes when activations are checkpointed (transformers checkpoints only
+    in train mode); every other pass (rollout, probes: KV caches) keeps the model as it was."""
+    unwrapped = getattr(model, "module", model)
+    was = model.training
+    name = "is_activation_checkpointing" if hasattr(type(unwrapped), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(unwrapped, name, False):
+        model.train()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers 5 renamed the method)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all, ref_all, agg, num_items, stats,
+              temperature, max_completion_length, optimizer, scheduler, accelerator) -> None:
+    """The optimizer steps of update_policy (stats are appended to `stats`)."""
+    from rredcot.logprobs import completion_logprobs
+
     for _ in range(cfg.num_iterations):
         for s in range(cfg.steps_per_generation):
             for lo in range(s * per_step, (s + 1) * per_step, cfg.micro_batch_size):
@@ -228,9 +264,6 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _append(stats, {"grad_norm": float(grad_norm) if finite else float("nan"), "skipped_nonfinite": float(not finite)})
-    out = {k: sum(v) / len(v) for k, v in stats.items()}
-    out["lr"] = scheduler.get_last_lr()[0]
-    return out
 
 
 def _append(stats: dict[str, list[float]], *dicts: dict[str, float]) -> None:

@@ -138,3 +138,31 @@ def test_clip_stats():
     adv = torch.tensor([[-1.0, 1.0, -1.0, 1.0]])
     s = clip_stats(rho, adv, torch.ones(1, 4), 0.2, 0.2)
     assert s == {"clip_ratio/low_mean": 0.25, "clip_ratio/high_mean": 0.25, "clip_ratio/region_mean": 0.5}
+
+
+def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradients(tiny_model):
+    """update.gradient_checkpointing: the same gradients, and the layers really run again in backward."""
+    from rredcot.logprobs import completion_logprobs
+    from rredcot.stages.update import _grad_mode, enable_checkpointing
+
+    model, _ = tiny_model
+    ids = torch.randint(3, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(ids)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with _grad_mode(model):
+            logp, _ = completion_logprobs(model, ids[:, :4], ones[:, :4], ids[:, 4:], ones[:, 4:])
+        logp.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+    plain = grads()
+    assert len(calls) == 1
+    enable_checkpointing(model)
+    calls.clear()
+    checkpointed = grads()
+    assert len(calls) == 2  # forward, then again in backward
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    assert not model.training  # probes and rollouts (KV caches) still see an eval-mode model
