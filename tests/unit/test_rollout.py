@@ -83,3 +83,22 @@ def test_greedy_is_deterministic(tiny_model):
     a = sample_rollout(model, tok, s, group_size=2, max_new_tokens=10, greedy=True)
     b = sample_rollout(model, tok, s, group_size=2, max_new_tokens=10, greedy=True)
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts[0] == a.texts[1]
+
+
+def test_generation_stops_on_every_eos_id_of_the_model(tiny_model):
+    """Qwen models end a turn with <|im_end|> and end text with <|endoftext|> (generation_config lists
+    both); a completion must stop at either, not run on to max_new_tokens after the first."""
+    from rredcot.stages.rollout import generate, stop_ids
+
+    model, tok = tiny_model
+    second = tok.convert_tokens_to_ids("7")
+    model.generation_config.eos_token_id = [tok.eos_token_id, second]
+    assert stop_ids(model, tok) == sorted({tok.eos_token_id, second})
+    # force the model to write "7" first: a huge bias on that token's logit
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
+        model.lm_head.bias[second] = 1e4
+    prompt = tok(["a=1. a=?\n"], return_tensors="pt")
+    ids, mask, _, _, truncated = generate(model, prompt["input_ids"], prompt["attention_mask"], eos_id=stop_ids(model, tok),
+                                          pad_id=tok.pad_token_id, max_new_tokens=10)
+    assert ids[0, 0] == second and mask[0].tolist() == [1] and not truncated[0]
