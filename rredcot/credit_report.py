@@ -188,10 +188,12 @@ def sample_traces(cfg: DictConfig, model, tokenizer, stages):
 
 def segmenter_rows(ro, ver, ctx, cfg, pieces) -> dict[str, Any]:
     """For each segmenter in credit.segmenters: the first estimator against MC on its segments."""
+    from rredcot.pipeline import think_marker
+
     out = {}
     for name in cfg.credit.segmenters:
         seg_cfg = load_config([f"segment={name}"]).segment
-        seg = run_segment(ro, partial(get("segment", name), **stage_options(seg_cfg)), pieces)
+        seg = run_segment(ro, partial(get("segment", name), **stage_options(seg_cfg)), pieces, think_marker(cfg))
         ref, _ = run_estimator("mc", ro, ver, seg, ctx, cfg.rollout.group_size, {"samples": cfg.credit.mc_samples})
         out[name] = compare(ro, ver, seg, ctx, cfg, ref)
     return out
@@ -204,7 +206,7 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
     torch.manual_seed(cfg.seed)
     ro, ver = sample_traces(cfg, model, tokenizer, stages)
     pieces = PieceDecoder(tokenizer)
-    seg = run_segment(ro, stages.segment, pieces)
+    seg = run_segment(ro, stages.segment, pieces, stages.marker)
     ctx = policy_context(cfg, model, tokenizer, stages)
     credit = stages.redistribute(ro, ver, seg, ctx)
     scale = max((abs(c) for cs in credit.segment_credit for c in cs.tolist()), default=1.0)

@@ -30,10 +30,10 @@ def _rollout(model, tokenizer, samples, cfg: Any, n: int, greedy: bool):
     return get("rollout", cfg.rollout.name)(model, tokenizer, samples, **opts)
 
 
-def unclosed(texts: list[str]) -> float:
-    """Fraction of completions that never wrote the end-of-thinking marker (truncated mid-thought, or a
-    model that answers without thinking): their answers come from whatever the verifier finds."""
-    return sum(THINK_CLOSE not in t for t in texts) / max(len(texts), 1)
+def unclosed(texts: list[str], marker: str | None) -> float | None:
+    """Fraction of completions that never wrote the end-of-thinking marker (truncated mid-thought): their
+    answers come from whatever the verifier finds. None for a model that does not think (no marker)."""
+    return sum(marker not in t for t in texts) / max(len(texts), 1) if marker else None
 
 
 def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:
@@ -47,13 +47,14 @@ def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: di
 
 
 def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:
+    marker = cfg.model.get("think_end", THINK_CLOSE) or None
     greedy = _rollout(model, tokenizer, samples, cfg, 1, greedy=True)
     v = run_verify(greedy.texts, greedy.samples, reward_funcs, cfg.verify.budget_s)
     out: dict[str, Any] = {
         "accuracy": float(v.correct.float().mean()),
         "mean_length": float(greedy.lengths.float().mean()),
         "truncated_frac": float(greedy.truncated.float().mean()),
-        "unclosed_think_frac": unclosed(greedy.texts),
+        "unclosed_think_frac": unclosed(greedy.texts, marker),
         "n_prompts": len(samples),
     }
     if sampled:
@@ -66,7 +67,7 @@ def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: d
             out[f"pass@{k}"] = sum(pass_at_k(n, ci, k) for ci in c) / len(c)
         out["sampled_mean_length"] = float(ro.lengths.float().mean())
         out["sampled_truncated_frac"] = float(ro.truncated.float().mean())
-        out["sampled_unclosed_think_frac"] = unclosed(ro.texts)
+        out["sampled_unclosed_think_frac"] = unclosed(ro.texts, marker)
         out["examples"] = [{"prompt": s.prompt, "gold": s.gold, "completion": t, "correct": bool(ok)}
                            for s, t, ok in list(zip(greedy.samples, greedy.texts, v.correct.tolist()))[:8]]
     return out

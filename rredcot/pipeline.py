@@ -48,6 +48,7 @@ class Stages:
     reward_funcs: dict
     segment: Callable
     redistribute: Callable
+    marker: str | None  # the model's end-of-thinking marker (model.think_end); None: it does not think
 
 
 def build_stages(cfg: DictConfig) -> Stages:
@@ -57,7 +58,13 @@ def build_stages(cfg: DictConfig) -> Stages:
         segment=partial(get("segment", cfg.segment.name), **stage_options(cfg.segment)),
         redistribute=partial(get("redistribute", cfg.redistribute.name), group_size=cfg.rollout.group_size,
                              **stage_options(cfg.redistribute)),
+        marker=think_marker(cfg),
     )
+
+
+def think_marker(cfg: DictConfig) -> str | None:
+    """model.think_end ("" or null: the model answers without thinking; configs from before the key: </think>)."""
+    return cfg.model.get("think_end", THINK_CLOSE) or None
 
 
 def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages) -> PolicyContext:
@@ -94,9 +101,13 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
     """One line for each default that does not apply as a user would assume (never silently)."""
     if cfg.task.get("verifier") and cfg.verify.name != cfg.task.verifier:
         note(f"verify.name={cfg.verify.name} scores this run, not the task's own verifier ({cfg.task.verifier}).")
-    ids = tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        note(f"the tokenizer has no {THINK_CLOSE} token (it is {len(ids)} tokens here): the end of thinking is found in "
+    marker = think_marker(cfg)
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    if marker is None:
+        note(f"model.think_end is empty: {cfg.model.name} answers without thinking, so every trace is segmented whole, "
+             "the correction on its last segment.")
+    elif len(ids) != 1:
+        note(f"the tokenizer has no {marker} token (it is {len(ids)} tokens here): the end of thinking is found in "
              f"the text; traces that never write it are segmented whole, the correction on their last segment.")
     if cfg.task.get("chat_template") and not getattr(tokenizer, "chat_template", None):
         note("task.chat_template=true, but the model's tokenizer has no chat template: prompts are plain text.")
@@ -253,7 +264,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 times["rollout"], t = time.perf_counter() - t, time.perf_counter()
                 ver = run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
                 times["verify"], t = time.perf_counter() - t, time.perf_counter()
-                seg = run_segment(ro, stages.segment, pieces)
+                seg = run_segment(ro, stages.segment, pieces, stages.marker)
                 times["segment"], t = time.perf_counter() - t, time.perf_counter()
                 credit = stages.redistribute(ro, ver, seg, ctx)
                 times["redistribute"], t = time.perf_counter() - t, time.perf_counter()

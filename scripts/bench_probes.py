@@ -40,7 +40,7 @@ def main() -> None:
     samples = get("task", cfg.task.name)(cfg.task, "test", tok)[: args.traces // cfg.rollout.group_size]
     torch.manual_seed(0)
     ro = stages.rollout(model, tok, samples)
-    seg = run_segment(ro, stages.segment, PieceDecoder(tok))
+    seg = run_segment(ro, stages.segment, PieceDecoder(tok), stages.marker)
     force = _encode(tok, cfg.task.forcing_text)
     answers = [_encode(tok, f"{a}{cfg.task.closing_text}") for a in range(10, 10 + args.answers)]
     items = []

@@ -161,10 +161,12 @@ def segment_hybrid(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min
     return finalize(newline_cuts(trace) + keyword_cuts(trace, keywords), trace, min_tokens, max_tokens, max_segments)
 
 
-def think_end_of(pieces: Sequence[str], marker: str = THINK_CLOSE) -> int | None:
+def think_end_of(pieces: Sequence[str], marker: str | None = THINK_CLOSE) -> int | None:
     """Token offset where the last end-of-thinking marker starts, found in the decoded text, so a
     marker that the tokenizer splits into several tokens (most models without a `</think>` token) counts.
     Example: pieces ['7', '</', 'think', '>', '7'] -> 1; no marker -> None."""
+    if not marker:  # a model that does not think
+        return None
     text = "".join(pieces)
     at = text.rfind(marker)  # the last one, where answer extraction reads the answer
     return None if at < 0 else bisect.bisect_right(_offsets(pieces), at) - 1
@@ -195,7 +197,7 @@ def without_answer_part(bounds: list[int], trace: Trace) -> list[int]:
 
 
 def run_segment(rollout: Rollout, fn: Callable[[Trace], list[int]], pieces: Callable[[list[int]], list[str]],
-                marker: str = THINK_CLOSE) -> Segmented:
+                marker: str | None = THINK_CLOSE) -> Segmented:
     """Apply segmenter `fn` to every row of the rollout; `pieces` decodes each token (PieceDecoder)."""
     bounds, ends = [], []
     for row, n in enumerate(rollout.lengths.tolist()):

@@ -96,7 +96,8 @@ def format_prompt(question: str, cfg: Any, tokenizer: Any) -> str:
     """The question plus the task's instruction, through the model's chat template when it has one."""
     text = f"{question}\n{cfg.instruction}".strip() if cfg.instruction else question
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+                                             **(cfg.get("chat_template_kwargs") or {}))  # e.g. Qwen3's enable_thinking
     return text + "\n"
 
 

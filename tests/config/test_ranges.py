@@ -9,7 +9,7 @@ from rredcot.config import groups, load_config
 # Keys whose type check is the whole check: booleans, free text, paths, and mappings a user fills.
 FREE = {"run_dir", "checkpoint", "cache_dir", "plugins", "logging.progress", "logging.tensorboard", "logging.wandb",
         "logging.wandb_project", "update.mask_truncated_completions", "update.gradient_checkpointing", "credit.against", "eval.split", "eval.extra_splits",
-        "model.name", "rollout.name", "verify.name", "verify.options", "segment.name", "redistribute.name",
+        "model.name", "model.think_end", "model.chat_template_kwargs", "task.chat_template_kwargs", "rollout.name", "verify.name", "verify.options", "segment.name", "redistribute.name",
         "update.loss_type", "task.name", "task.verifier", "task.instruction", "task.forcing_text", "task.closing_text",
         "task.shuffle", "task.chat_template", "task.path", "task.config_name", "task.question_field",
         "task.answer_field", "task.trace_field", "task.sources", "redistribute.include_reference",
