@@ -102,3 +102,28 @@ def test_qwen3_without_thinking_gets_the_empty_thinking_block(tmp_path):
                        "model.chat_template_kwargs={enable_thinking: false}"])
     train, _ = task_sets(cfg, load_tokenizer(str(model_dir)))
     assert train[0].prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("exp", ["r1_open_rs", "qwen3_numina"])
+def test_reasoning_exp_presets_train_on_local_files_of_their_datasets_shape(exp, tmp_path):
+    """open-rs rows (problem, solution, answer, level) and NuminaMath-CoT rows (problem, solution with a
+    final \\boxed{}, messages) train; MATH-500-shaped rows test. The exp's own settings are kept except
+    what debug=fast shrinks."""
+    rows = [json.loads(line) for line in (ASSETS_DIR / "math_train.jsonl").read_text().splitlines()]
+    data = tmp_path / "train.jsonl"
+    with data.open("w") as f:
+        for r in rows:
+            answer = r["solution"].rsplit("\\boxed{", 1)[1].rsplit("}", 1)[0]
+            shaped = ({"problem": r["problem"], "solution": r["solution"], "answer": answer, "level": r["level"]}
+                      if exp == "r1_open_rs" else
+                      {"source": "synthetic", "problem": r["problem"], "solution": r["solution"], "messages": []})
+            f.write(json.dumps(shaped) + "\n")
+    preset = "r1-distill-qwen-1.5b" if exp == "r1_open_rs" else "qwen3-1.7b"
+    model_dir, run = _model_dir(tmp_path, preset), tmp_path / "run"
+    cli("train", "debug=fast", f"+exp={exp}", f"model.name={model_dir}", f"task.sources.train.path={data}",
+        f"task.sources.test.path={ASSETS_DIR / 'math500_test.jsonl'}", "task.dev_size=4", "rollout.max_new_tokens=24",
+        "train.steps=2", f"run_dir={run}", "logging.progress=false")
+    config = __import__("yaml").safe_load((run / "config.yaml").read_text())
+    assert config["verify"]["name"] == "math" and config["update"]["gradient_checkpointing"] is True
+    sample = json.loads(sorted((run / "samples").glob("*.jsonl"))[0].read_text().splitlines()[0])
+    assert sample["gold"] in {r["solution"].rsplit("\\boxed{", 1)[1].rsplit("}", 1)[0] for r in rows}
