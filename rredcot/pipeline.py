@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
+from rredcot import lora
 from rredcot.config import stage_options
 from rredcot.errors import UserError
 from rredcot.evaluate import evaluate
@@ -212,22 +213,28 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         train_set, eval_sets = task_sets(cfg, tokenizer, prompt_limit(cfg, model))
         check_golds({"train": train_set, **eval_sets}, stages.reward_funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
         startup_notes(cfg, tokenizer)
-        init_run_dir(run, cfg, overrides)  # only now: a config or data error leaves nothing behind
+        ckpt = latest_checkpoint(run) if cfg.resume else None
+        if lora.enabled(cfg):  # the base weights stay; the adapter is new, or the checkpoint's
+            model = lora.wrap(model, cfg, resume_from=ckpt)
+        init_run_dir(run, cfg, overrides)  # only now: a config, data or model error leaves nothing behind
         log = MetricsLog(run, cfg)
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg["update"].beta > 0 else None
         start, drawn, resume_state = 0, 0, None
-        if cfg.resume:
-            ckpt = latest_checkpoint(run)
+        if ckpt is not None:
             resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
             start, drawn = resume_state["step"], resume_state["drawn"]
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
             log.keep_until(start, unfinished=not (run / "eval.json").exists())
+        if lora.enabled(cfg):
+            ref_model = lora.AdapterOff(model) if cfg["update"].beta > 0 else None
+        else:
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval() if cfg["update"].beta > 0 else None
+            if ckpt is not None:
+                model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
         if cfg["update"].gradient_checkpointing:  # recompute activations in backward: memory for compute
             enable_checkpointing(model)
         total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
         optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
         model, optimizer = accelerator.prepare(model, optimizer)
-        if ref_model is not None:
+        if ref_model is not None and not isinstance(ref_model, lora.AdapterOff):
             ref_model = ref_model.to(accelerator.device)
         if resume_state is not None:
             optimizer.load_state_dict(resume_state["optimizer"])

@@ -89,7 +89,9 @@ RULES: dict[str, Rule] = {
     "warmstart.seed": NATURAL,
     "model.dtype": one_of("float32", "bfloat16", "float16"), "model.arch": one_of("llama", "qwen2"),
     "model.hidden_size": COUNT, "model.intermediate_size": COUNT, "model.layers": COUNT, "model.heads": COUNT,
-    "model.max_positions": integer(2),
+    "model.max_positions": integer(2), "model.lora.r": NATURAL, "model.lora.alpha": POSITIVE,
+    "model.lora.dropout": number(0, 1, hi_open=True),
+    "model.lora.target_modules": list_of(Rule(lambda v: isinstance(v, str) and v != "", "a module name"), 1),
 }
 
 

@@ -123,8 +123,13 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any
     tmp = final.with_name(final.name + ".tmp")
     for leftover in (run / "checkpoints").glob("*.tmp"):  # a write that a kill interrupted
         shutil.rmtree(leftover, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if hasattr(model, "merge_and_unload"):  # a LoRA run: merged weights + the adapter (rredcot/lora.py)
+        from rredcot.lora import save
+
+        save(model, tmp, tokenizer)
+    else:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a crash mid-save never leaves a checkpoint that looks complete

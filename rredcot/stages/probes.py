@@ -19,12 +19,12 @@ with a 150k vocabulary no longer materialises gigabytes of logits to read a few 
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from rredcot.logprobs import selective_log_softmax
+from rredcot.stages.rollout import cache_kwarg, forward_takes
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,6 @@ class ProbeItem:
     @property
     def packed_tokens(self) -> int:
         return len(self.trace_ids) + self.probe_tokens
-
-
-def _takes(model, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
 
 
 def _layout(item: ProbeItem):
@@ -97,7 +93,7 @@ def probe_logprobs_batch(model, items: list[ProbeItem], temperature: float = 1.0
         allowed[i, 0, n:, 0] = True  # padding rows attend to something, so softmax stays finite
     mask = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     keep = torch.unique(torch.cat([torch.cat(lay[4]) for lay in layouts]))  # [P] rows any probe reads
-    extra = {"logits_to_keep": keep.to(device)} if _takes(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}
     logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), **extra).logits
     column = torch.full((S,), -1, dtype=torch.long)
     column[keep] = torch.arange(len(keep))
@@ -121,8 +117,6 @@ def _crop(cache, length: int) -> None:
 def probe_logprobs_cached(model, item: ProbeItem, temperature: float = 1.0) -> torch.Tensor:
     """Cached path for one (long) trace: [K+1, |A|], the same numbers as the packed path."""
     from transformers import DynamicCache
-
-    from rredcot.stages.rollout import cache_kwarg
 
     device = next(model.parameters()).device
     trace = item.trace_ids.to(device)

@@ -32,11 +32,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def cache_kwarg(model) -> str:
-    """The forward's KV-cache argument: `cache` since transformers 5 (`past_key_values` is deprecated)."""
+def forward_takes(model, name: str) -> bool:
+    """Whether the model's own forward has argument `name` (through a peft wrapper, whose forward takes **kwargs)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name in inspect.signature(base.forward).parameters
+
+
+def cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: `cache` since transformers 5 (`past_key_values` is deprecated)."""
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
 
 
 def stop_ids(model, tokenizer) -> list[int]:

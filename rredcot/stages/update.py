@@ -215,8 +215,10 @@ def _grad_mode(model):
     in train mode); every other pass (rollout, probes: KV caches) keeps the model as it was."""
     unwrapped = getattr(model, "module", model)
     was = model.training
-    name = "is_activation_checkpointing" if hasattr(type(unwrapped), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    if getattr(unwrapped, name, False):
+    on = getattr(unwrapped, "is_activation_checkpointing", None)  # transformers 5 (also through a peft wrapper)
+    if on is None:
+        on = getattr(unwrapped, "is_gradient_checkpointing", False)
+    if on:
         model.train()
     try:
         yield
