@@ -5,7 +5,7 @@ Shapes: B rows in a micro-batch, T completion tokens, G completions per prompt.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -196,12 +196,12 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
     per_step = N // cfg.steps_per_generation
     accum = per_step // cfg.micro_batch_size
     reuse = cfg.num_iterations > 1 or cfg.steps_per_generation > 1
-    old_all = _no_grad_logprobs(model, rollout, rows, cfg.micro_batch_size, temperature) if reuse else None
-    ref_all = _no_grad_logprobs(ref_model, rollout, rows, cfg.micro_batch_size, temperature) if cfg.beta > 0 else None
     agg = get("update", cfg.loss_type)
     num_items = float(mask.sum())  # dapo: active tokens of the whole generation batch (one process)
     stats: dict[str, list[float]] = {}
-    with _grad_mode(model):
+    with _grad_mode(model, cfg.get("autocast")):  # old and reference log-probs in the same precision as the new
+        old_all = _no_grad_logprobs(model, rollout, rows, cfg.micro_batch_size, temperature) if reuse else None
+        ref_all = _no_grad_logprobs(ref_model, rollout, rows, cfg.micro_batch_size, temperature) if cfg.beta > 0 else None
         _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all, ref_all, agg, num_items, stats,
                   temperature, max_completion_length, optimizer, scheduler, accelerator)
     out = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -210,18 +210,22 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
 
 
 @contextmanager
-def _grad_mode(model):
+def _grad_mode(model, autocast: str | None = None):
     """Train mode for the gradient passes when activations are checkpointed (transformers checkpoints only
-    in train mode); every other pass (rollout, probes: KV caches) keeps the model as it was."""
+    in train mode); every other pass (rollout, probes: KV caches) keeps the model as it was. With
+    `autocast` the passes compute in that dtype; the log-probs are taken from fp32 logits either way."""
     unwrapped = getattr(model, "module", model)
     was = model.training
+    device = next(model.parameters()).device.type
+    cast = torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else nullcontext()
     on = getattr(unwrapped, "is_activation_checkpointing", None)  # transformers 5 (also through a peft wrapper)
     if on is None:
         on = getattr(unwrapped, "is_gradient_checkpointing", False)
     if on:
         model.train()
     try:
-        yield
+        with cast:
+            yield
     finally:
         model.train(was)
 

@@ -166,3 +166,21 @@ def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradie
     assert len(calls) == 2  # forward, then again in backward
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
     assert not model.training  # probes and rollouts (KV caches) still see an eval-mode model
+
+
+def test_autocast_computes_in_bf16_keeps_fp32_weights_and_fp32_logprobs(tiny_model):
+    """update.autocast=bfloat16: the forward runs in bf16 (close to fp32), the weights and their
+    gradients stay fp32, and the log-probs come out fp32."""
+    from rredcot.logprobs import completion_logprobs
+    from rredcot.stages.update import _grad_mode
+
+    model, _ = tiny_model
+    ids = torch.randint(3, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(ids)
+    ref, _ = completion_logprobs(model, ids[:, :4], ones[:, :4], ids[:, 4:], ones[:, 4:])
+    with _grad_mode(model, "bfloat16"):
+        logp, _ = completion_logprobs(model, ids[:, :4], ones[:, :4], ids[:, 4:], ones[:, 4:])
+    logp.sum().backward()
+    assert logp.dtype == torch.float32 and not torch.equal(logp, ref)          # computed in bf16 ...
+    assert torch.allclose(logp, ref, atol=0.1)                                  # ... close to fp32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
