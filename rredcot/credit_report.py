@@ -24,7 +24,7 @@ from rich.text import Text
 
 from rredcot.config import load_config, stage_options
 from rredcot.registry import get
-from rredcot.stages.segment import PieceDecoder, run_segment
+from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
 from rredcot.stages.verify import run_verify
 
 
@@ -188,8 +188,6 @@ def sample_traces(cfg: DictConfig, model, tokenizer, stages):
 
 def segmenter_rows(ro, ver, ctx, cfg, pieces) -> dict[str, Any]:
     """For each segmenter in credit.segmenters: the first estimator against MC on its segments."""
-    from rredcot.pipeline import think_marker
-
     out = {}
     for name in cfg.credit.segmenters:
         seg_cfg = load_config([f"segment={name}"]).segment

@@ -10,7 +10,7 @@ import torch
 from rredcot.config import stage_options
 from rredcot.registry import get
 from rredcot.stages.verify import run_verify
-from rredcot.task.arith import THINK_CLOSE
+from rredcot.stages.segment import think_marker
 from rredcot.types import Sample
 
 
@@ -47,7 +47,7 @@ def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: di
 
 
 def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:
-    marker = cfg.model.get("think_end", THINK_CLOSE) or None
+    marker = think_marker(cfg)
     greedy = _rollout(model, tokenizer, samples, cfg, 1, greedy=True)
     v = run_verify(greedy.texts, greedy.samples, reward_funcs, cfg.verify.budget_s)
     out: dict[str, Any] = {

@@ -27,14 +27,13 @@ from rredcot.config import stage_options
 from rredcot.errors import UserError
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
-from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir, latest_checkpoint, save_checkpoint
+from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir, save_checkpoint
 from rredcot.stages.rollout import sample_from_ids
-from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths
+from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths, think_marker
 from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, enable_checkpointing, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.stopping import GracefulStop
-from rredcot.task.arith import THINK_CLOSE
 from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
@@ -61,11 +60,6 @@ def build_stages(cfg: DictConfig) -> Stages:
                              **stage_options(cfg.redistribute)),
         marker=think_marker(cfg),
     )
-
-
-def think_marker(cfg: DictConfig) -> str | None:
-    """model.think_end ("" or null: the model answers without thinking; configs from before the key: </think>)."""
-    return cfg.model.get("think_end", THINK_CLOSE) or None
 
 
 def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages) -> PolicyContext:
@@ -203,7 +197,7 @@ def peak_memory_mb() -> float:
 
 def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
     """Run RL training as configured (`overrides`: the command line, saved with the run); returns the run directory."""
-    run = check_run_dir(cfg)
+    run, ckpt = check_run_dir(cfg)
     set_seed(cfg.seed)
     accelerator = Accelerator(cpu=cfg.device == "cpu")
     stages = build_stages(cfg)
@@ -213,10 +207,9 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         train_set, eval_sets = task_sets(cfg, tokenizer, prompt_limit(cfg, model))
         check_golds({"train": train_set, **eval_sets}, stages.reward_funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
         startup_notes(cfg, tokenizer)
-        ckpt = latest_checkpoint(run) if cfg.resume else None
         if lora.enabled(cfg):  # the base weights stay; the adapter is new, or the checkpoint's
             model = lora.wrap(model, cfg, resume_from=ckpt)
-        init_run_dir(run, cfg, overrides)  # only now: a config, data or model error leaves nothing behind
+        init_run_dir(run, cfg, overrides, ckpt)  # only now: a config, data or model error leaves nothing behind
         log = MetricsLog(run, cfg)
         start, drawn, resume_state = 0, 0, None
         if ckpt is not None:

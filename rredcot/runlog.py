@@ -24,8 +24,9 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d_%H%M%S")
 
 
-def check_run_dir(cfg: DictConfig) -> Path:
-    """The run directory to use, checked before any work: never overwrites a run, resume needs one."""
+def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """(the run directory, the checkpoint a resume starts from), checked before any work: never
+    overwrites a run, resume needs an intact checkpoint and steps left."""
     run = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
     has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
     if has_run and not cfg.resume:
@@ -40,7 +41,7 @@ def check_run_dir(cfg: DictConfig) -> Path:
             raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from (the run stopped "
                             f"before its first one was written). Remove it (rm -r {run}) and start again without "
                             "resume=true, or point run_dir at another run.")
-        start = torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"]
+        start = _state(ckpt)["step"]
         if start > cfg.train.steps:
             raise UserError(f"The run in {str(run)!r} is at step {start} already, past train.steps={cfg.train.steps}. "
                             f"Resume with train.steps={start} or more (a run never goes back; its checkpoints/ keep "
@@ -48,10 +49,17 @@ def check_run_dir(cfg: DictConfig) -> Path:
         if start == cfg.train.steps and (run / "eval.json").exists():
             raise UserError(f"The run in {str(run)!r} has finished its {start} steps. To train it further, resume with "
                             f"more steps (train.steps={start * 2}); to evaluate it, `rredcot eval checkpoint={run}`.")
-    return run
+        return run, ckpt
+    return run, None
 
 
-def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = ()) -> None:
+def _state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.pt memory-mapped: reading the step or checking that it parses does not read the
+    optimizer state (gigabytes for a real model)."""
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=True)
+
+
+def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = (), ckpt: Path | None = None) -> None:
     """Create the run directory and write the resolved config and the command line that made it. A
     resume rewrites config.yaml (only RESUMABLE keys can differ), adds its overrides to overrides.yaml
     and a line to resumes.jsonl (when, from which step, with what)."""
@@ -67,7 +75,6 @@ def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = ()) -> None:
     kept = [o for o in overrides if not o.lstrip("+").startswith(("resume=", "run_dir="))]
     before = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else []
     save_overrides(run, [*before, *kept])
-    ckpt = latest_checkpoint(run)
     with (run / "resumes.jsonl").open("a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": ckpt.name if ckpt else None,
                             "overrides": kept}) + "\n")
@@ -88,7 +95,7 @@ def intact(ckpt: Path) -> bool:
             with safe_open(str(weights), "pt") as f:
                 for key in f.keys():
                     f.get_slice(key)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = _state(ckpt)
         return (ckpt / "config.json").exists() and "step" in state and any(ckpt.glob("*.safetensors"))
     except Exception:
         return False

@@ -161,6 +161,11 @@ def segment_hybrid(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min
     return finalize(newline_cuts(trace) + keyword_cuts(trace, keywords), trace, min_tokens, max_tokens, max_segments)
 
 
+def think_marker(cfg) -> str | None:
+    """model.think_end ("" or null: the model answers without thinking; configs from before the key: </think>)."""
+    return cfg.model.get("think_end", THINK_CLOSE) or None
+
+
 def think_end_of(pieces: Sequence[str], marker: str | None = THINK_CLOSE) -> int | None:
     """Token offset where the last end-of-thinking marker starts, found in the decoded text, so a
     marker that the tokenizer splits into several tokens (most models without a `</think>` token) counts.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rredcot.errors import UserError
+from rredcot import ranges
 from rredcot.ranges import COUNT, FRACTION, NATURAL, Rule, integer, one_of, optional
 from rredcot.registry import register
 from rredcot.task.arith import ArithSpec, generate
@@ -158,10 +159,7 @@ def load_rows(path: str, config_name: str | None, split: str) -> list[dict[str, 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our message says what went wrong
     local = Path(path).expanduser()
     try:
-        if local.suffix in _LOCAL_FORMATS:
-            if not local.exists():
-                raise UserError(f"Data file {str(local)!r} does not exist. Set task.path (or task.sources.<split>.path) "
-                                "to an existing jsonl/json/parquet/csv file, or to a hub dataset name.")
+        if local.suffix in _LOCAL_FORMATS:  # its existence is checked by the caller (naming the key that set it)
             ds = datasets.load_dataset(_LOCAL_FORMATS[local.suffix], data_files=str(local), split="train")
         else:
             ds = datasets.load_dataset(path, config_name, split=split)
@@ -244,9 +242,7 @@ def _check_hf(cfg: Any, prefix: str) -> None:
         if split not in ("train", "dev", "test"):
             raise UserError(f"{prefix}sources.{split}: the splits are train, dev and test; rename or remove it.")
         source_of(cfg, split)  # unknown keys in a source are refused there
-        fmt = (sources[split] or {}).get("answer_format")
-        if fmt is not None:
-            HF_RULES["answer_format"].ok(fmt) or gold_from("", fmt)  # gold_from names the valid formats
+        ranges.check(sources[split] or {}, {"answer_format": optional(HF_RULES["answer_format"])}, f"{prefix}sources.{split}.")
 
 
 @register("task", "hf", HF_RULES)
