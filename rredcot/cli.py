@@ -60,7 +60,9 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     startup_notes(cfg, tokenizer)
     funcs = build_reward_funcs(cfg.verify)
     check_golds({cfg.eval.split: samples}, funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
-    result = evaluate(model, tokenizer, samples, cfg, funcs)
+    from rredcot.pipeline import build_stages
+
+    result = evaluate(build_stages(cfg).make_backend(model, tokenizer), tokenizer, samples, cfg, funcs)
     result.update(checkpoint=str(ckpt), split=cfg.eval.split, task=cfg.task.name, verifier=cfg.verify.name)
     out_dir = Path(cfg.run_dir) if cfg.run_dir else (run or ckpt)
     path = unique_path(out_dir / "evals" / f"{ckpt.name}_{cfg.eval.split}.json")

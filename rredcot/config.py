@@ -237,7 +237,8 @@ def _check_entries(cfg: DictConfig) -> None:
     from rredcot import registry
     from rredcot.stages.verify import build_reward_funcs
 
-    for stage in ("rollout", "segment", "redistribute"):
+    registry.check_options("rollout", cfg.rollout.name, rollout_options(cfg.rollout)[1], "rollout.")
+    for stage in ("segment", "redistribute"):
         registry.check_options(stage, cfg[stage].name, stage_options(cfg[stage]), f"{stage}.")
     registry.check_options("task", cfg.task.name, _without_name(cfg.task), "task.", keywords=False)
     build_reward_funcs(cfg.verify)  # a verifier checks its own options when it is built
@@ -258,6 +259,15 @@ def _check_entries(cfg: DictConfig) -> None:
 
 def _without_name(section: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in OmegaConf.to_container(section, resolve=True).items() if k != "name"})
+
+
+SAMPLING_KEYS = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k")  # rollout.*: how, for every backend
+
+
+def rollout_options(section: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """rollout.* split into (sampling settings every backend honours, the chosen backend's own options)."""
+    opts = stage_options(section)
+    return {k: opts.pop(k) for k in SAMPLING_KEYS if k in opts}, opts
 
 
 def stage_options(section: DictConfig) -> dict[str, Any]:

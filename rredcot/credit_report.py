@@ -180,9 +180,9 @@ def html_page(title: str, traces: list[dict[str, Any]], table: dict[str, Any] | 
             f"<p>Green: positive credit, red: negative (hover for the number).</p>{''.join(body)}{tbl}")
 
 
-def sample_traces(cfg: DictConfig, model, tokenizer, stages):
+def sample_traces(cfg: DictConfig, backend, tokenizer, stages):
     samples = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.credit.prompts]
-    ro = stages.rollout(model, tokenizer, samples)
+    ro = stages.rollout(backend, tokenizer, samples)
     return ro, run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
 
 
@@ -202,10 +202,11 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
 
     stages = build_stages(cfg)
     torch.manual_seed(cfg.seed)
-    ro, ver = sample_traces(cfg, model, tokenizer, stages)
+    backend = stages.make_backend(model, tokenizer)
+    ro, ver = sample_traces(cfg, backend, tokenizer, stages)
     pieces = PieceDecoder(tokenizer)
     seg = run_segment(ro, stages.segment, pieces, stages.marker)
-    ctx = policy_context(cfg, model, tokenizer, stages)
+    ctx = policy_context(cfg, model, tokenizer, stages, backend)
     credit = stages.redistribute(ro, ver, seg, ctx)
     scale = max((abs(c) for cs in credit.segment_credit for c in cs.tolist()), default=1.0)
     traces = [{"prompt": ro.samples[i].prompt, "reward": float(ver.rewards[i]), "parts": trace_segments(ro, seg, credit, i, pieces)}

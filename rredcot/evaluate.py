@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from rredcot.config import stage_options
-from rredcot.registry import get
+from rredcot.config import rollout_options
+from rredcot.stages.rollout import as_backend, sample_rollout
 from rredcot.stages.verify import run_verify
 from rredcot.stages.segment import think_marker
 from rredcot.types import Sample
@@ -24,10 +24,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def _rollout(model, tokenizer, samples, cfg: Any, n: int, greedy: bool):
-    """The training rollout stage with its own options, except n samples, eval temperature, greedy."""
-    opts = {**stage_options(cfg.rollout), "group_size": n, "temperature": cfg.eval.temperature, "greedy": greedy}
-    return get("rollout", cfg.rollout.name)(model, tokenizer, samples, **opts)
+def _rollout(backend, tokenizer, samples, cfg: Any, n: int, greedy: bool):
+    """The training rollout's sampling settings, except n samples, eval temperature, greedy; nothing re-scored."""
+    opts = {**rollout_options(cfg.rollout)[0], "group_size": n, "temperature": cfg.eval.temperature, "greedy": greedy}
+    return sample_rollout(backend, tokenizer, samples, score=False, **opts)
 
 
 def unclosed(texts: list[str], marker: str | None) -> float | None:
@@ -36,14 +36,16 @@ def unclosed(texts: list[str], marker: str | None) -> float | None:
     return sum(marker not in t for t in texts) / max(len(texts), 1) if marker else None
 
 
-def evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:
-    """Metrics on `samples`; with sampled=False only the greedy ones (cheap, for periodic evals).
+def evaluate(backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True) -> dict[str, Any]:
+    """Metrics on `samples` from a rollout backend (or a model: the reference backend); with
+    sampled=False only the greedy ones (cheap, for periodic evals).
 
     Sampling runs on a forked RNG: how often and on what a run evaluates never changes its training
     (a run evaluated on dev and the same run evaluated on test train the same policy)."""
-    device = next(model.parameters()).device
+    backend = as_backend(backend, tokenizer)
+    device = next(backend.model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _evaluate(model, tokenizer, samples, cfg, reward_funcs, sampled)
+        return _evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled)
 
 
 def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:

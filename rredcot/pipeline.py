@@ -23,12 +23,12 @@ from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
 from rredcot import lora
-from rredcot.config import stage_options
+from rredcot.config import rollout_options, stage_options
 from rredcot.errors import UserError
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
 from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir, save_checkpoint
-from rredcot.stages.rollout import sample_from_ids
+from rredcot.stages.rollout import sample_from_ids, sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths, think_marker
 from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, enable_checkpointing, frac_zero_std, update_policy
@@ -44,7 +44,8 @@ from rredcot.ui import console, make_progress, note, summary_table
 class Stages:
     """The registry entries the config chose, with their options bound."""
 
-    rollout: Callable
+    rollout: Callable  # (backend or model, tokenizer, samples) -> Rollout
+    make_backend: Callable  # (model, tokenizer) -> the RolloutBackend that rollout.name chose
     reward_funcs: dict
     segment: Callable
     redistribute: Callable
@@ -52,8 +53,10 @@ class Stages:
 
 
 def build_stages(cfg: DictConfig) -> Stages:
+    sampling, backend = rollout_options(cfg.rollout)
     return Stages(
-        rollout=partial(get("rollout", cfg.rollout.name), **stage_options(cfg.rollout)),
+        rollout=partial(sample_rollout, **sampling),
+        make_backend=partial(get("rollout", cfg.rollout.name), **backend),
         reward_funcs=build_reward_funcs(cfg.verify),
         segment=partial(get("segment", cfg.segment.name), **stage_options(cfg.segment)),
         redistribute=partial(get("redistribute", cfg.redistribute.name), group_size=cfg.rollout.group_size,
@@ -62,13 +65,14 @@ def build_stages(cfg: DictConfig) -> Stages:
     )
 
 
-def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages) -> PolicyContext:
-    """What the value estimators see: the live policy, the task's verifier and forcing texts."""
+def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages, backend=None) -> PolicyContext:
+    """What the value estimators see: the live policy, the task's verifier and forcing texts; Monte
+    Carlo continuations come from the rollout backend (the model's own when none is given)."""
     ro = cfg.rollout
 
     def generate(prefixes, n, budgets):
-        return sample_from_ids(model, tokenizer, prefixes, n, budgets, temperature=ro.temperature, top_p=ro.top_p,
-                               top_k=ro.top_k, chunk_size=ro.chunk_size)
+        return sample_from_ids(backend or model, tokenizer, prefixes, n, budgets, temperature=ro.temperature,
+                               top_p=ro.top_p, top_k=ro.top_k)
 
     return PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs["accuracy"][0],
                          force_text=cfg.task.get("forcing_text"), closing_text=cfg.task.get("closing_text") or "",
@@ -176,9 +180,9 @@ def task_sets(cfg: DictConfig, tokenizer, limit: int | None = None) -> tuple[lis
     return train, held_out
 
 
-def evaluate_all(model, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: dict,
+def evaluate_all(backend, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: dict,
                  sampled: bool = True) -> dict[str, dict[str, Any]]:
-    return {split: evaluate(model, tokenizer, samples, cfg, reward_funcs, sampled) for split, samples in sets.items()}
+    return {split: evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled) for split, samples in sets.items()}
 
 
 def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, float]:
@@ -235,7 +239,9 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
             torch.set_rng_state(resume_state["rng"])
         sampler = PromptSampler(len(train_set), cfg.seed, drawn)
         pieces = PieceDecoder(tokenizer)
-        ctx = policy_context(cfg, accelerator.unwrap_model(model), tokenizer, stages)
+        backend = stages.make_backend(accelerator.unwrap_model(model), tokenizer)
+        backend.sync(accelerator.unwrap_model(model))  # a LoRA or resumed policy is not what the engine loaded
+        ctx = policy_context(cfg, accelerator.unwrap_model(model), tokenizer, stages, backend)
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
@@ -248,7 +254,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
 
         start_file = run / "eval_start.json"  # the starting metrics, kept for eval.json across resumes
         if start == 0:
-            first_eval = evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs)
+            first_eval = evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs)
             log.log({"step": 0, **eval_row(cfg, first_eval)})
             start_file.write_text(json.dumps(first_eval))
         else:
@@ -260,7 +266,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 times: dict[str, float] = {}
                 t = time.perf_counter()
                 batch = [train_set[i] for i in sampler.take(prompts_per_step)]
-                ro = stages.rollout(accelerator.unwrap_model(model), tokenizer, batch)
+                backend.wake()  # a colocated engine takes its memory back for sampling (and MC values)
+                ro = stages.rollout(backend, tokenizer, batch)
                 times["rollout"], t = time.perf_counter() - t, time.perf_counter()
                 ver = run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
                 times["verify"], t = time.perf_counter() - t, time.perf_counter()
@@ -268,13 +275,15 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 times["segment"], t = time.perf_counter() - t, time.perf_counter()
                 credit = stages.redistribute(ro, ver, seg, ctx)
                 times["redistribute"], t = time.perf_counter() - t, time.perf_counter()
+                backend.sleep()  # ... and gives it to the gradient passes
                 upd = update_policy(model, ro, credit, cfg=cfg["update"], temperature=cfg.rollout.temperature,
                                     max_completion_length=cfg.rollout.max_new_tokens, optimizer=optimizer,
                                     scheduler=scheduler, accelerator=accelerator, ref_model=ref_model)
+                backend.sync(accelerator.unwrap_model(model))  # the next samples come from the new weights
                 times["update"] = time.perf_counter() - t
                 row = {"step": step, **step_metrics(ro, ver, seg, credit, upd, times, cfg.rollout.group_size)}
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    row.update(eval_row(cfg, evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs, sampled=False)))
+                    row.update(eval_row(cfg, evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs, sampled=False)))
                 log.log(row)
                 if step % cfg.train.log_every == 0 or step == 1:
                     log.samples(step, [{"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r),
@@ -294,7 +303,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                     log.close()
                     raise KeyboardInterrupt(stop.requested)
         checkpoint(cfg.train.steps)
-        final = evaluate_all(model, tokenizer, eval_sets, cfg, stages.reward_funcs)
+        final = evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs)
         log.log({"step": cfg.train.steps, **eval_row(cfg, final, ("accuracy", "pass@1"))})
         log.close()
     primary = cfg.eval.split

@@ -34,6 +34,7 @@ class Rollout:
     texts: list[str]  # N decoded completions (special tokens kept out)
     samples: list[Sample]  # N samples, each repeated group_size times
     group_size: int
+    sampler_logprobs: torch.Tensor | None = None  # [N, T] an external sampler's own log-probs (rollout=vllm), else None
 
     @property
     def lengths(self) -> torch.Tensor:

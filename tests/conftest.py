@@ -42,3 +42,16 @@ def tiny_model():
     cfg = OmegaConf.create({"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2,
                             "max_positions": 128})
     return build_tiny(cfg, len(tok), seed=0).eval(), tok
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """rollout=vllm with tests/fake_vllm.py as the vllm module and no CUDA check (see that file)."""
+    from rredcot.stages import vllm_backend
+    from tests import fake_vllm as fake
+
+    monkeypatch.setattr(vllm_backend, "_import_vllm", lambda: fake.module)
+    monkeypatch.setattr(vllm_backend, "_require_cuda", lambda: None)
+    monkeypatch.setattr(fake.LLM, "instances", [])
+    monkeypatch.setattr(fake.LLM, "dtype_override", None)
+    return fake

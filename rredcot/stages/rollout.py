@@ -1,15 +1,24 @@
-"""Rollout stage: batched sampling with the KV cache.
+"""Rollout stage: sampling completions through a rollout backend.
 
-Keeps, for free, each sampled token's log-prob and the entropy of the distribution it was drawn from
-(the segmenters use the entropies). Log-probs use temperature-scaled logits before top-k/top-p
-filtering, the same distribution the update's log-probs use.
+A backend (registry stage `rollout`, chosen by `rollout=NAME`) generates token ids and their
+log-probs: `sample` is the reference, the trainer's model with its KV cache; `vllm`
+(stages/vllm_backend.py) is a colocated vLLM engine. `sample_rollout` turns any backend's output
+into the Rollout the other stages read.
+
+The reference loop keeps, for free, each sampled token's log-prob and the entropy of the distribution
+it was drawn from (the segmenters use the entropies). Log-probs use temperature-scaled logits before
+top-k/top-p filtering, the same distribution the update's log-probs use.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rredcot.logprobs import entropy_from_logits, position_ids
+from rredcot.ranges import COUNT
 from rredcot.registry import register
 from rredcot.types import Rollout, Sample
 
@@ -109,9 +118,112 @@ def generate(
     return torch.stack(toks, 1), completion_mask, logprobs, entropies, ~done
 
 
-@register("rollout", "sample")
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn (the rollout.* keys every backend honours)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+
+
+@dataclass
+class Generations:
+    """A backend's answer for N left-padded prompts: [N, T] tensors on the trainer's device."""
+
+    ids: torch.Tensor  # [N, T] sampled tokens, pad after the stop token
+    mask: torch.Tensor  # [N, T] 1 up to and including the stop token
+    logprobs: torch.Tensor  # [N, T] the sampler's log-prob of each token (temperature-scaled logits)
+    entropies: torch.Tensor | None  # [N, T] the sampler's entropy per step; None: the sampler does not give them
+    truncated: torch.Tensor  # [N] bool, no stop token within the budget
+
+
+class RolloutBackend:
+    """What generates completions. `external` backends sample with their own copy of the weights (vLLM):
+    the trainer re-scores their tokens, and the update corrects for the mismatch (update.is_cap).
+
+    generate(prompt_ids [N, P], prompt_mask [N, P], sampling, budgets=None) -> Generations
+    sync(model): the trainer's weights changed (after every optimizer step); the next generate uses them
+    sleep() / wake(): free and take back the sampler's accelerator memory around the gradient passes
+    """
+
+    external = False
+    chunk_size = 256
+
+    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None) -> Generations:
+        raise NotImplementedError
+
+    def sync(self, model) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+class KVCacheBackend(RolloutBackend):
+    """The reference backend: the trainer's own model sampled with its KV cache, `chunk_size` rows at a
+    time. Its log-probs are the trainer's, so there is nothing to correct and nothing to copy."""
+
+    def __init__(self, model, tokenizer, chunk_size: int = 256):
+        self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
+
+    def sync(self, model) -> None:
+        self.model = model
+
+    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None) -> Generations:
+        model, tok = self.model, self.tokenizer
+        was_training = model.training
+        model.eval()
+        parts = []
+        for lo in range(0, prompt_ids.shape[0], self.chunk_size):
+            sl = slice(lo, lo + self.chunk_size)
+            budget = max(budgets[sl]) if budgets else sampling.max_new_tokens
+            parts.append(generate(model, prompt_ids[sl], prompt_mask[sl], eos_id=stop_ids(model, tok), pad_id=tok.pad_token_id,
+                                  max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  top_k=sampling.top_k, greedy=sampling.greedy))
+        model.train(was_training)
+        T = max(p[0].shape[1] for p in parts)
+        fill = (tok.pad_token_id, 0, 0.0, 0.0)
+        ids, mask, logp, ent = (torch.cat([F.pad(p[i], (0, T - p[i].shape[1]), value=fill[i]) for p in parts])
+                                for i in range(4))
+        return Generations(ids, mask, logp, ent, torch.cat([p[4] for p in parts]))
+
+
+@register("rollout", "sample", rules={"chunk_size": COUNT})
+def kv_cache_backend(model, tokenizer, *, chunk_size: int = 256) -> KVCacheBackend:
+    """rollout=sample: the built-in sampler (any transformers causal LM, CPU or GPU)."""
+    return KVCacheBackend(model, tokenizer, chunk_size)
+
+
+def as_backend(model_or_backend, tokenizer) -> RolloutBackend:
+    """A backend as is; a model gets the reference backend (tests, scripts, plug-ins calling the stage)."""
+    return model_or_backend if isinstance(model_or_backend, RolloutBackend) else KVCacheBackend(model_or_backend, tokenizer)
+
+
+def trainer_scores(model, prompt_ids, prompt_mask, ids, mask, temperature: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's log-probs and entropies [N, T] of another engine's tokens (no gradients, `batch` rows a pass)."""
+    from rredcot.logprobs import completion_logprobs
+
+    was = model.training
+    model.eval()
+    lps, ents = [], []
+    with torch.no_grad():
+        for lo in range(0, ids.shape[0], batch):
+            sl = slice(lo, lo + batch)
+            lp, ent = completion_logprobs(model, prompt_ids[sl], prompt_mask[sl], ids[sl], mask[sl], temperature, with_entropy=True)
+            lps.append(lp * mask[sl])
+            ents.append(ent * mask[sl])
+    model.train(was)
+    return torch.cat(lps), torch.cat(ents)
+
+
 def sample_rollout(
-    model: PreTrainedModel,
+    backend,
     tokenizer: PreTrainedTokenizerBase,
     samples: list[Sample],
     *,
@@ -121,56 +233,52 @@ def sample_rollout(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
-    chunk_size: int = 256,
+    score: bool = True,
 ) -> Rollout:
-    """Sample `group_size` completions for each sample, in chunks of `chunk_size` rows (memory bound)."""
+    """`group_size` completions for each sample from `backend` (or a model: the reference backend).
+
+    An external backend's tokens are re-scored by the trainer (log-probs, entropies) when `score`
+    (evaluation needs neither); its own log-probs are kept as `sampler_logprobs` for the update's
+    importance correction."""
+    backend = as_backend(backend, tokenizer)
     repeated = [s for s in samples for _ in range(group_size)]
-    device = next(model.parameters()).device
+    device = next(backend.model.parameters()).device
     enc = tokenizer([s.prompt for s in repeated], return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    was_training = model.training
-    model.eval()
-    parts = []
-    for lo in range(0, len(repeated), chunk_size):
-        sl = slice(lo, lo + chunk_size)
-        parts.append(generate(
-            model, prompt_ids[sl], prompt_mask[sl], eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
-        ))
-    model.train(was_training)
-    T = max(p[0].shape[1] for p in parts)
-    fill = (tokenizer.pad_token_id, 0, 0.0, 0.0)
-    ids, cmask, logp, ent = (
-        torch.cat([torch.nn.functional.pad(p[i], (0, T - p[i].shape[1]), value=fill[i]) for p in parts])
-        for i in range(4)
-    )
-    truncated = torch.cat([p[4] for p in parts])
-    texts = tokenizer.batch_decode(ids.masked_fill(cmask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, ids, cmask, logp, ent, truncated, texts, repeated, group_size)
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, greedy)
+    gen = backend.generate(prompt_ids, prompt_mask, sampling)
+    logp, ent, sampler_logp = gen.logprobs, gen.entropies, None
+    if backend.external:
+        sampler_logp = gen.logprobs
+        if score:
+            logp, ent = trainer_scores(backend.model, prompt_ids, prompt_mask, gen.ids, gen.mask, temperature,
+                                       getattr(backend, "score_batch_size", 8))
+    if ent is None:
+        ent = torch.zeros_like(logp)
+    texts = tokenizer.batch_decode(gen.ids.masked_fill(gen.mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, gen.ids, gen.mask, logp, ent, gen.truncated, texts, repeated, group_size,
+                   sampler_logprobs=sampler_logp)
 
 
-def sample_from_ids(model, tokenizer, prefixes: list[list[int]], n: int, budgets: list[int], *, temperature: float = 1.0,
-                    top_p: float = 1.0, top_k: int = 0, chunk_size: int = 256) -> list[str]:
+def sample_from_ids(backend, tokenizer, prefixes: list[list[int]], n: int, budgets: list[int], *, temperature: float = 1.0,
+                    top_p: float = 1.0, top_k: int = 0) -> list[str]:
     """`n` sampled continuations of each token prefix (Monte Carlo values); continuation j of prefix i
     is at index i * n + j and has at most budgets[i] tokens."""
+    backend = as_backend(backend, tokenizer)
     rows = [(p, b) for p, b in zip(prefixes, budgets) for _ in range(n)]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = next(backend.model.parameters()).device
     texts: list[str] = []
-    for lo in range(0, len(rows), chunk_size):
-        chunk = rows[lo : lo + chunk_size]
+    for lo in range(0, len(rows), backend.chunk_size):
+        chunk = rows[lo : lo + backend.chunk_size]
         width = max(len(p) for p, _ in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (p, _) in enumerate(chunk):  # left padding
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        out_ids, out_mask, *_ = generate(model, ids.to(device), mask.to(device), eos_id=stop_ids(model, tokenizer),
-                                         pad_id=tokenizer.pad_token_id, max_new_tokens=max(b for _, b in chunk),
-                                         temperature=temperature, top_p=top_p, top_k=top_k)
+        gen = backend.generate(ids.to(device), mask.to(device), Sampling(max(b for _, b in chunk), temperature, top_p, top_k),
+                               budgets=[b for _, b in chunk])
         for i, (_, budget) in enumerate(chunk):
-            keep = out_ids[i, :budget][out_mask[i, :budget].bool()]
+            keep = gen.ids[i, :budget][gen.mask[i, :budget].bool()]
             texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True))
-    model.train(was_training)
     return texts

@@ -104,16 +104,20 @@ def per_token_terms(
     eps_high: float = 0.2,
     beta: float = 0.0,
     ref_logp: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(per-token loss [B, T], ratio rho [B, T], k3 KL [B, T] or None). advantages [B] or [B, T].
 
     Example: logp = old_logp (rho = 1), A = 2: loss = -min(1 * 2, 1 * 2) = -2 per token.
     rho = 1.5, A = 1: -min(1.5, clip(1.5, .8, 1.2) = 1.2) = -1.2 (clipped); A = -1: -min(-1.5, -1.2) = 1.5.
+    is_weight [B, T] (an external sampler's truncated importance weight) scales the surrogate, not the KL.
     """
     adv = advantages if advantages.ndim == 2 else advantages[:, None]  # [B, T] or [B, 1]
     rho = torch.exp(logp - old_logp)
     clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high)
     loss = -torch.min(rho * adv, clipped * adv)
+    if is_weight is not None:
+        loss = loss * is_weight
     kl = None
     if beta > 0:
         if ref_logp is None:
@@ -122,6 +126,25 @@ def per_token_terms(
         kl = torch.exp(delta) - delta - 1  # k3 >= 0; e.g. delta = .1 -> 1.10517 - .1 - 1 = .00517
         loss = loss + beta * kl
     return loss, rho, kl
+
+
+def sampler_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Truncated importance weights for tokens another engine sampled (vLLM), and the mismatch stats.
+
+    w = min(exp(old_logp - sampler_logp), cap) per token [B, T] (None when cap == 0: no correction).
+    Example: old -1.0, sampler -1.5: w = e^0.5 = 1.65; old -1.0, sampler -2.0, cap 2: min(e^1, 2) = 2.
+    """
+    m = mask.bool()
+    diff = (old_logp - sampler_logp)[m]
+    ratio = torch.exp(old_logp - sampler_logp)
+    stats = {"sampler/logp_diff_mean": float(diff.abs().mean()) if diff.numel() else 0.0,
+             "sampler/logp_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
+             "sampler/is_ratio_mean": float(ratio[m].mean()) if diff.numel() else 1.0}
+    if cap <= 0:
+        return None, stats
+    stats["sampler/is_capped_frac"] = float((ratio[m] > cap).float().mean()) if diff.numel() else 0.0
+    return ratio.clamp(max=cap), stats
 
 
 def policy_loss(
@@ -252,8 +275,12 @@ def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all,
                                               rollout.completion_ids[r], rollout.completion_mask[r], temperature)
                 old = logp.detach() if old_all is None else old_all[r]
                 ref = None if ref_all is None else ref_all[r]
+                w = None
+                if rollout.sampler_logprobs is not None:  # another engine sampled these tokens (rollout=vllm)
+                    w, mismatch = sampler_correction(old, rollout.sampler_logprobs[r], mask[r], cfg.get("is_cap", 2.0))
+                    _append(stats, mismatch)
                 tok_loss, rho, kl = per_token_terms(logp, old, credit.advantages[r], eps_low=cfg.eps_low,
-                                                    eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref)
+                                                    eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref, is_weight=w)
                 m = mask[r].to(tok_loss.dtype)
                 loss = agg(tok_loss, m, max_completion_length=max_completion_length, num_items=num_items)
                 if agg.divide_by_accum:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,27 @@ def cli(*args: str, check: bool = True, timeout: int = 600, env: dict | None = N
     if check and proc.returncode != 0:
         raise AssertionError(f"rredcot {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main(line: str, **fmt) -> tuple[int, str]:
+    """`rredcot LINE` through the real entry point in this process: (exit status, stderr)."""
+    import io
+    from contextlib import redirect_stderr
+
+    from rredcot.cli import main
+
+    argv = ["rredcot", *shlex.split(line.format(**fmt))]
+    err = io.StringIO()
+    old, sys.argv = sys.argv, argv
+    try:
+        with redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli
+from .conftest import cli, run_main
 
 # (command line after `rredcot`, what the error must say). {A} = the assets folder made below.
 CONFIG = [
@@ -127,27 +127,6 @@ def assets(tmp_path_factory, hub_shaped_model) -> Path:
     (a / "nulls.jsonl").write_text("".join(_row(i, question=None) if i % 2 == 0 else _row(i) for i in range(300)))
     (a / "long.jsonl").write_text("".join(_row(i, question=f"{'very ' * 20}long question {i}?") for i in range(300)))
     return a
-
-
-def run_main(line: str, **fmt) -> tuple[int, str]:
-    """`rredcot LINE` through the real entry point in this process: (exit status, stderr)."""
-    import io
-    from contextlib import redirect_stderr
-
-    from rredcot.cli import main
-
-    argv = ["rredcot", *shlex.split(line.format(**fmt))]
-    err = io.StringIO()
-    old, sys.argv = sys.argv, argv
-    try:
-        with redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, err.getvalue()
 
 
 def _check(line: str, needle: str, tmp_path: Path, **fmt) -> None:
