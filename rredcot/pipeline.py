@@ -31,7 +31,7 @@ from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir,
 from rredcot.stages.rollout import sample_from_ids, sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths, think_marker
 from rredcot.stages.values import PolicyContext
-from rredcot.stages.update import build_optimizer, enable_checkpointing, frac_zero_std, update_policy
+from rredcot.stages.update import build_optimizer, compile_layers, enable_checkpointing, frac_zero_std, update_policy
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.stopping import GracefulStop
 from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
@@ -228,6 +228,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
         if cfg["update"].gradient_checkpointing:  # recompute activations in backward: memory for compute
             enable_checkpointing(model)
+        if cfg["update"].get("compile"):  # after LoRA and checkpointing: it compiles the layers as they will run
+            compile_layers(model)
         total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
         optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -74,7 +74,7 @@ RULES: dict[str, Rule] = {
     "update.eps_low": NON_NEGATIVE, "update.eps_high": NON_NEGATIVE, "update.beta": NON_NEGATIVE,
     "update.num_iterations": COUNT, "update.steps_per_generation": COUNT, "update.micro_batch_size": COUNT,
     "update.max_grad_norm": POSITIVE, "update.autocast": optional(one_of("bfloat16", "float16")),
-    "update.is_cap": NON_NEGATIVE,
+    "update.is_cap": NON_NEGATIVE, "update.compile": one_of(True, False),
     "optim.lr": POSITIVE, "optim.beta1": number(0, 1, hi_open=True), "optim.beta2": number(0, 1, hi_open=True),
     "optim.weight_decay": NON_NEGATIVE, "optim.adam_eps": POSITIVE, "optim.warmup_steps": NATURAL,
     "optim.warmup_ratio": FRACTION, "optim.schedule": one_of("constant", "cosine"),

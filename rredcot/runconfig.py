@@ -20,7 +20,8 @@ OVERRIDES_FILE = "overrides.yaml"
 _QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
 # Keys a resume may change: how long a run goes on and how it reports, never what it learns from.
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
-             "train.samples_per_log", "train.max_nonfinite_steps", "logging.", "device", "cache_dir", "resume", "run_dir")
+             "train.samples_per_log", "train.max_nonfinite_steps", "logging.", "device", "cache_dir", "resume", "run_dir",
+             "update.gradient_checkpointing", "update.compile")  # the last two: memory and speed, the same arithmetic
 
 
 def save_overrides(run: Path, overrides: list[str]) -> None:
@@ -130,8 +131,9 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
 
 def config_for_resume(overrides: list[str]) -> DictConfig:
     """`rredcot train resume=true run_dir=RUN [overrides]`: the run's own saved config, so a plain resume
-    continues the same run. Overrides may change only how long it runs and how it reports (RESUMABLE;
-    each said in one line); any other change is refused, naming the keys."""
+    continues the same run. Overrides may change only how long it runs, how it reports, and the memory and
+    speed switches that leave its arithmetic alone (RESUMABLE; each said in one line); any other change
+    is refused, naming the keys."""
     from rredcot import registry
     from rredcot.config import load_config, validate
     from rredcot.ui import note

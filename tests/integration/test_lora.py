@@ -29,6 +29,13 @@ def test_lora_trains_the_adapter_only_and_checkpoints_load_as_plain_models(tmp_p
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # ... and it trained
     merged = AutoModelForCausalLM.from_pretrained(ckpt)                  # plain transformers, no peft needed
     assert not any("lora" in k for k in merged.state_dict())
+    # ... and the adapter opens with peft on its base model and merges to the same plain model on request
+    from peft import PeftModel
+
+    base_path = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    remerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), ckpt / "adapter").merge_and_unload()
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(remerged.state_dict()[k], v, atol=1e-6), k
     rows = _steps(run)
     assert all(r["kl"] >= 0 for r in rows) and rows[-1]["kl"] > 0      # policy moved away from its base
 

@@ -184,3 +184,44 @@ def test_autocast_computes_in_bf16_keeps_fp32_weights_and_fp32_logprobs(tiny_mod
     assert logp.dtype == torch.float32 and not torch.equal(logp, ref)          # computed in bf16 ...
     assert torch.allclose(logp, ref, atol=0.1)                                  # ... close to fp32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_compile_wraps_each_layer_in_place_and_keeps_checkpoint_names(tiny_model):
+    """update.compile=true: every decoder layer compiled in place (no run here: compiling takes ~30 s on CPU,
+    see the slow test); parameter names, hence checkpoints, unchanged; a model without layers is refused."""
+    from rredcot.errors import UserError
+    from rredcot.stages.update import compile_layers
+
+    model, _ = tiny_model
+    names = list(model.state_dict())
+    assert compile_layers(model) == 2
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert list(model.state_dict()) == names
+    with pytest.raises(UserError, match="update.compile=false"):
+        compile_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_log_probs_gradients_and_samples(tiny_model):
+    from rredcot.logprobs import completion_logprobs
+    from rredcot.stages.rollout import sample_rollout
+    from rredcot.stages.update import compile_layers
+    from rredcot.types import Sample
+
+    model, tok = tiny_model
+    samples = [Sample("a=1, b=a+2. b=?\n", "3"), Sample("x=10, y=x*2. y=?\n", "20")]
+
+    def run():
+        torch.manual_seed(0)
+        ro = sample_rollout(model, tok, samples, group_size=3, max_new_tokens=16)
+        model.zero_grad(set_to_none=True)
+        logp, _ = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+        (logp * ro.completion_mask).sum().backward()
+        return ro.completion_ids, logp.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager = run()
+    compile_layers(model)
+    compiled = run()
+    assert torch.equal(eager[0], compiled[0])
+    assert torch.allclose(eager[1], compiled[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager[2], compiled[2]))
