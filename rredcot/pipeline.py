@@ -31,7 +31,8 @@ from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir,
 from rredcot.stages.rollout import sample_from_ids, sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths, think_marker
 from rredcot.stages.values import PolicyContext
-from rredcot.stages.update import build_optimizer, compile_layers, enable_checkpointing, frac_zero_std, update_policy
+from rredcot.stages.update import (advantage_by_group, build_optimizer, compile_layers, enable_checkpointing, frac_zero_std,
+                                   update_policy)
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.stopping import GracefulStop
 from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
@@ -136,6 +137,8 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
         "segments/per_trace": float(segment_lengths(seg).mean()),
         "completion/unclosed_think_frac": sum(e is None for e in seg.think_end) / max(len(seg.think_end), 1),
         "advantage/token_std": float(credit.advantages[mask].std()) if mask.sum() > 1 else 0.0,
+        **advantage_by_group(credit.advantages, ro.completion_mask * credit.valid.to(mask.device)[:, None], ver.correct,
+                             group_size),
         **{f"reward/{k}/mean": float(torch.nanmean(v)) for k, v in ver.per_func.items()},
         **{f"extractor/{e}": ver.extractor.count(e) / len(ver.extractor) for e in sorted(set(ver.extractor))},
         **credit.stats, **upd,

@@ -61,6 +61,28 @@ def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
     return float(((r.max(1).values - r.min(1).values).abs() < 1e-8).float().mean())
 
 
+def advantage_by_group(advantages: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, group_size: int) -> dict[str, float]:
+    """Where the credit goes, by group type: all right, mixed, all wrong (issue 11's collapse question).
+
+    advantages, mask [N, T], correct [N] bool. `advantage/token_mean` is the mean advantage per active
+    token; `advantage/mass_<type>` is that type's share of it (sum of its advantages over all active
+    tokens: the three add up to token_mean). GRPO gives all-right and all-wrong groups exactly 0;
+    a positive mass there is a push without a baseline.
+    Example: G=2, rows (right, right | right, wrong), one token each, advantages (.5, .5 | .5, -.5):
+    token_mean = 1/4 = .25, mass_all_right = (.5 + .5) / 4 = .25, mass_mixed = 0, frac_all_right = .5.
+    """
+    m = mask.to(advantages.dtype)
+    per_row = (advantages * m).sum(-1).view(-1, group_size)  # [groups, G]
+    right = correct.to(per_row.device).view(-1, group_size).sum(-1)  # [groups]
+    kinds = {"all_right": right == group_size, "mixed": (right > 0) & (right < group_size), "all_wrong": right == 0}
+    total = max(float(m.sum()), 1.0)
+    out = {"advantage/token_mean": float(per_row.sum()) / total}
+    for name, sel in kinds.items():
+        out[f"advantage/mass_{name}"] = float(per_row[sel].sum()) / total
+        out[f"groups/frac_{name}"] = float(sel.float().mean())
+    return out
+
+
 # ---- loss aggregations: per-token loss [B, T], mask [B, T] -> scalar --------------------------------
 # `divide_by_accum` says whether the trainer divides by the gradient-accumulation steps (all but dapo).
 

@@ -225,3 +225,20 @@ def test_compiled_layers_give_the_eager_log_probs_gradients_and_samples(tiny_mod
     assert torch.equal(eager[0], compiled[0])
     assert torch.allclose(eager[1], compiled[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager[2], compiled[2]))
+
+
+def test_advantage_by_group_splits_the_token_mean_by_group_type():
+    from rredcot.stages.update import advantage_by_group
+
+    # G=2: group 0 (right, right), group 1 (right, wrong), group 2 (wrong, wrong); 2 active tokens per row
+    # except the last row (1 token). Advantages per token: .5 | .25, -.25 | .1 (all-wrong: no baseline pushes it)
+    adv = torch.tensor([[.5, .5], [.5, .5], [.25, .25], [-.25, -.25], [.1, .1], [.1, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1], [1, 1], [1, 0]])
+    correct = torch.tensor([True, True, True, False, False, False])
+    out = advantage_by_group(adv, mask, correct, 2)
+    # 11 active tokens; all right: 4 * .5 = 2; mixed: .5 - .5 = 0; all wrong: .2 + .1 = .3
+    assert out["advantage/mass_all_right"] == pytest.approx(2 / 11)
+    assert out["advantage/mass_mixed"] == pytest.approx(0.0)
+    assert out["advantage/mass_all_wrong"] == pytest.approx(0.3 / 11)
+    assert out["advantage/token_mean"] == pytest.approx(2.3 / 11)
+    assert out["groups/frac_all_right"] == out["groups/frac_mixed"] == out["groups/frac_all_wrong"] == pytest.approx(1 / 3)
