@@ -35,6 +35,7 @@ MODES = ("immediate", "return_to_go", "mixed", "anchored")
 SCALES = ("group", "batch", "none")
 # The valid range of every estimator option (checked at config time).
 RULES = {"mode": one_of(*MODES), "scale": one_of(*SCALES), "scale_rewards": one_of(*SCALES), "alpha": number(0),
+         "equal_groups": one_of("keep", "zero"),
          "samples": COUNT, "max_new_tokens": NATURAL, "max_batch_tokens": COUNT,
          "packed_max_tokens": COUNT}
 
@@ -68,10 +69,22 @@ def _group_mean(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.nan_to_num(torch.nanmean(rewards.view(-1, group_size), 1, keepdim=True), nan=0.0).expand(-1, group_size).reshape(-1)
 
 
+def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] bool: the row's group has one reward for every trace (all right or all wrong; undefined left out).
+    Example: G=2, rewards [1, 1, 1, 0, nan, 0] -> [T, T, F, F, T, T]."""
+    r = rewards.view(-1, group_size)
+    hi = torch.nan_to_num(r, nan=-torch.inf).max(1).values
+    lo = torch.nan_to_num(r, nan=torch.inf).min(1).values
+    return ((hi - lo) <= 0).repeat_interleave(group_size)
+
+
 def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.Tensor], *, group_size: int,
                  mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
-                 eps: float = 1e-4) -> Credit:
-    """Token advantages [N, T] from boundary values, by `mode` and `scale`, plus the credit statistics."""
+                 equal_groups: str = "keep", eps: float = 1e-4) -> Credit:
+    """Token advantages [N, T] from boundary values, by `mode` and `scale`, plus the credit statistics.
+
+    equal_groups="zero": groups whose traces all got the same reward get no credit, as in GRPO (with
+    return_to_go an all-right group otherwise gets 1 - V ~ 1 on every token: a push with no baseline)."""
     if mode not in MODES or scale not in SCALES:
         raise ValueError(f"redistribute.mode must be one of {MODES} and redistribute.scale one of {SCALES}")
     N, T = ro.completion_ids.shape
@@ -98,6 +111,8 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
         elif scale == "batch":
             pooled = torch.cat(per_seg)
             adv = adv / (pooled.std() + eps if pooled.numel() > 1 else 1.0)
+    if equal_groups == "zero":
+        adv = adv * (~equal_reward_groups(ver.rewards, group_size))[:, None]
     adv = adv * ro.completion_mask.cpu() * valid[:, None]
     return Credit(advantages=adv.to(ro.completion_ids.device), valid=valid, stats=credit_stats(seg_r, values, ver),
                   segment_credit=seg_r, values=values)
@@ -133,14 +148,15 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
 
 @register("redistribute", "rredcot", RULES)
 def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0,
-            scale_rewards: str = "group", include_reference: bool = True, self_normalize: bool = False,
-            length_normalize: bool = False, max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> Credit:
+            scale_rewards: str = "group", equal_groups: str = "keep", include_reference: bool = True,
+            self_normalize: bool = False, length_normalize: bool = False, max_batch_tokens: int = 16384,
+            packed_max_tokens: int = 8192) -> Credit:
     """RREDCoT: values by answer forcing with the policy itself, no extra generation."""
     values, stats = forced_values(ro, ver, seg, ctx, group_size=group_size, include_reference=include_reference,
                                   self_normalize=self_normalize, length_normalize=length_normalize,
                                   max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens)
     credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
-                          scale_rewards=scale_rewards)
+                          scale_rewards=scale_rewards, equal_groups=equal_groups)
     credit.stats.update(stats)
     return credit
 
@@ -150,12 +166,12 @@ rredcot.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]
 
 @register("redistribute", "mc", RULES)
 def mc(ro, ver, seg, ctx, *, group_size: int, samples: int = 4, max_new_tokens: int = 0, mode: str = "return_to_go",
-       scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group") -> Credit:
+       scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group", equal_groups: str = "keep") -> Credit:
     """Monte Carlo values (VinePPO-style): `samples` continuations from every boundary."""
     values, stats = mc_values(ro, ver, seg, ctx, group_size=group_size, samples=samples,
                               max_new_tokens=max_new_tokens or ctx.max_new_tokens or ro.completion_ids.shape[1])
     credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
-                          scale_rewards=scale_rewards)
+                          scale_rewards=scale_rewards, equal_groups=equal_groups)
     credit.stats.update(stats)
     return credit
 
@@ -175,9 +191,6 @@ def _weighted(ro, ver, seg, weights: list[torch.Tensor], group_size: int, scale_
 def attention(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
     """Dense reward from the attention the answer pays to each segment."""
     return _weighted(ro, ver, seg, attention_weights(ro, seg, ctx), group_size, scale_rewards)
-
-
-
 
 
 @register("redistribute", "gradient", RULES)

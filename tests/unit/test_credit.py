@@ -68,6 +68,20 @@ def test_group_scale_is_one_when_the_group_is_all_equal():
     assert torch.allclose(c.advantages[0, :4], torch.tensor([-0.2, -0.2, -0.1, -0.1]) / (1 + 1e-4))
 
 
+def test_equal_groups_zero_gives_all_right_and_all_wrong_groups_no_credit():
+    # G=2: group 0 both right (return_to_go would give 1 - V = .7 / .9 on every token), group 1 mixed
+    # (kept as is, so it equals the keep run there)
+    from rredcot.stages.redistribute import equal_reward_groups
+
+    ro, ver, seg = _batch([1.0, 1.0, 1.0, 0.0], [4, 4, 4, 4], [[0, 2]] * 4)
+    values = [torch.tensor([0.3, 0.1])] * 4
+    keep = value_credit(ro, ver, seg, values, group_size=2, mode="return_to_go", equal_groups="keep")
+    zero = value_credit(ro, ver, seg, values, group_size=2, mode="return_to_go", equal_groups="zero")
+    assert torch.allclose(keep.advantages[0, :4], torch.tensor([0.7, 0.7, 0.9, 0.9]) / (1 + 1e-4))
+    assert (zero.advantages[:2] == 0).all() and torch.equal(zero.advantages[2:], keep.advantages[2:])
+    assert equal_reward_groups(torch.tensor([1.0, 1.0, 1.0, 0.0, math.nan, 0.0]), 2).tolist() == [True, True, False, False, True, True]
+
+
 def test_mixed_mode_adds_unit_std_credit_to_grpo():
     c = value_credit(RO, VER, SEG, VALUES, group_size=2, mode="mixed", alpha=0.5)
     A = group_advantages(VER.rewards, 2)
