@@ -30,7 +30,7 @@ STAGES = ("task", "rollout", "verify", "segment", "redistribute", "update")
 ENTRY_POINT_GROUP = "rredcot.plugins"
 _S = "rredcot.stages."
 BUILTIN: dict[str, dict[str, str]] = {
-    "task": {"builtin": "rredcot.task.datasets", "hf": "rredcot.task.datasets"},
+    "task": {"builtin": "rredcot.task.datasets", "hf": "rredcot.task.datasets", "search": "rredcot.task.search"},
     "rollout": {"sample": _S + "rollout", "vllm": _S + "vllm_backend"},
     "verify": {n: _S + "verify" for n in ("builtin", "gsm8k", "math", "format")},
     "segment": {n: _S + "segment" for n in ("none", "fixed", "newline", "keyword", "entropy", "hybrid")},

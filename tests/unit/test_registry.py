@@ -10,7 +10,8 @@ def test_every_stage_has_its_entries():
     assert registry.names("redistribute") == ["attention", "gradient", "mc", "rredcot", "uniform"]
     assert registry.names("update") == ["bnpo", "dapo", "dr_grpo", "grpo"]
     assert {"builtin", "gsm8k", "math", "format"} <= set(registry.names("verify"))
-    assert registry.names("task") == ["builtin", "hf"]
+    assert registry.names("task") == ["builtin", "hf", "search"]
+    assert registry.names("rollout") == ["sample", "vllm"]
 
 
 def test_unknown_name_lists_the_valid_ones_and_the_closest():
