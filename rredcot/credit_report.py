@@ -23,35 +23,13 @@ from rich.console import Console
 from rich.text import Text
 
 from rredcot.config import load_config, stage_options
+from rredcot.correlation import bootstrap_ci, pearson, spearman
 from rredcot.registry import get
 from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
 from rredcot.stages.verify import run_verify
 
 
 # ---- statistics ------------------------------------------------------------------------------------
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share the mean rank): [3, 1, 3] -> [2.5, 1, 2.5]."""
-    order = x.argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for v in x.unique():
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation; NaN when fewer than 3 points or either side is constant."""
-    a, b = a.double(), b.double()
-    if len(a) < 3 or a.std() == 0 or b.std() == 0:
-        return math.nan
-    return float(((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()).norm() * (b - b.mean()).norm()))
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return pearson(_ranks(a), _ranks(b)) if len(a) >= 3 else math.nan
 
 
 def _nanmean(xs: list[float]) -> float:
@@ -65,9 +43,14 @@ def agreement(est: list[torch.Tensor], ref: list[torch.Tensor]) -> dict[str, flo
     if not pairs:
         return {}
     pooled_e, pooled_r = torch.cat([e for e, _ in pairs]), torch.cat([r for _, r in pairs])
+
+    def pooled(sample: list) -> float:
+        return spearman(torch.cat([e for e, _ in sample]), torch.cat([r for _, r in sample]))
+
     return {"spearman_per_trace": _nanmean([spearman(e, r) for e, r in pairs]),
             "pearson_per_trace": _nanmean([pearson(e, r) for e, r in pairs]),
             "spearman_pooled": spearman(pooled_e, pooled_r), "pearson_pooled": pearson(pooled_e, pooled_r),
+            "spearman_pooled_ci95": list(bootstrap_ci(pairs, pooled)),  # traces resampled: they are the units
             "traces": len(pairs)}
 
 
@@ -220,7 +203,8 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
                               "prompts": cfg.credit.prompts, "traces": len(ro.texts), "stats": credit.stats}
     if cfg.credit.against == "mc":
         ref, ref_cost = run_estimator("mc", ro, ver, seg, ctx, cfg.rollout.group_size, {"samples": cfg.credit.mc_samples})
-        result["mc"] = {"samples": cfg.credit.mc_samples, "cost": ref_cost}
+        result["mc"] = {"samples": cfg.credit.mc_samples, "cost": ref_cost,
+                        "split_half_reliability": ref.stats.get("credit/mc_split_half")}
         result["estimators"] = compare(ro, ver, seg, ctx, cfg, ref)
         if cfg.credit.segmenters:
             result["segmenters"] = segmenter_rows(ro, ver, ctx, cfg, pieces)
@@ -236,13 +220,20 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
     return result
 
 
+def _ci(d: dict[str, Any]) -> str:
+    lo, hi = d.get("spearman_pooled_ci95", (math.nan, math.nan))
+    return "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+
+
 def results_table(result: dict[str, Any]):
     from rich.table import Table
 
+    rel = result["mc"].get("split_half_reliability")
     table = Table(title=f"estimators against Monte Carlo ({result['mc']['samples']} samples per boundary, "
-                        f"{result['traces']} traces of {result['prompts']} prompts)")
+                        f"{result['traces']} traces of {result['prompts']} prompts; MC split-half reliability "
+                        f"{'-' if rel is None or math.isnan(rel) else f'{rel:.2f}'})")
     for col in ("estimator", "credit spearman (trace / pooled)", "credit pearson (trace / pooled)",
-                "value spearman (trace / pooled)", "forward tokens", "generated tokens", "seconds"):
+                "value spearman (trace / pooled [95% CI])", "forward tokens", "generated tokens", "seconds"):
         table.add_column(col, justify="right")
     rows = {"mc (reference)": {"cost": result["mc"]["cost"]}, **result["estimators"]}
     for name, row in rows.items():
@@ -250,6 +241,6 @@ def results_table(result: dict[str, Any]):
         f = lambda d, k: "-" if k not in d or math.isnan(d[k]) else f"{d[k]:.2f}"  # noqa: E731
         table.add_row(name, f"{f(c, 'spearman_per_trace')} / {f(c, 'spearman_pooled')}",
                       f"{f(c, 'pearson_per_trace')} / {f(c, 'pearson_pooled')}",
-                      f"{f(v, 'spearman_per_trace')} / {f(v, 'spearman_pooled')}",
+                      f"{f(v, 'spearman_per_trace')} / {f(v, 'spearman_pooled')}{_ci(v)}",
                       str(cost["forward_tokens"]), str(cost["generated_tokens"]), f"{cost['seconds']:.2f}")
     return table

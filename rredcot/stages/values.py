@@ -131,9 +131,16 @@ def mc_values(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext, *,
             owners.append((row, k, ids[plen : plen + b].tolist()))
     texts = ctx.generate(prefixes, samples, budgets)  # len(prefixes) * samples continuations
     values = [torch.zeros(len(b)) for b in seg.boundaries]
+    halves = torch.zeros(len(owners), 2)  # the mean reward of the even and of the odd continuations
     for j, (row, k, done_ids) in enumerate(owners):
         head = ctx.tokenizer.decode(done_ids, skip_special_tokens=True)
         conts = texts[j * samples : (j + 1) * samples]
         rewards = [ctx.verifier(head + c, ro.samples[row]).reward or 0.0 for c in conts]
         values[row][k] = sum(rewards) / samples
-    return values, {"credit/mc_continuations_per_trace": len(prefixes) * samples / max(len(seg.boundaries), 1)}
+        halves[j] = torch.tensor([sum(rewards[::2]) / len(rewards[::2]), sum(rewards[1::2]) / max(len(rewards[1::2]), 1)])
+    stats = {"credit/mc_continuations_per_trace": len(prefixes) * samples / max(len(seg.boundaries), 1)}
+    if samples >= 2:  # how far MC agrees with itself: the ceiling of any estimator's agreement with it
+        from rredcot.correlation import pearson, spearman_brown
+
+        stats["credit/mc_split_half"] = spearman_brown(pearson(halves[:, 0], halves[:, 1]))
+    return values, stats
