@@ -39,6 +39,7 @@ from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
 from rredcot.ui import console, make_progress, note, summary_table
+from rredcot.watch import CollapseWatch
 
 
 @dataclass
@@ -265,6 +266,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         else:
             first_eval = json.loads(start_file.read_text()) if start_file.exists() else None
         bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
+        watch = CollapseWatch(cfg.train.get("collapse_drop", 0.2), cfg.train.get("collapse_window", 10))
         nonfinite = 0  # consecutive steps whose every optimizer step was skipped for a NaN/inf gradient
         with GracefulStop() as stop:
             for step in range(start + 1, cfg.train.steps + 1):
@@ -287,6 +289,9 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 backend.sync(accelerator.unwrap_model(model))  # the next samples come from the new weights
                 times["update"] = time.perf_counter() - t
                 row = {"step": step, **step_metrics(ro, ver, seg, credit, upd, times, cfg.rollout.group_size)}
+                warning = watch.update(step, row)
+                if warning:
+                    note(warning)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                     row.update(eval_row(cfg, evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs, sampled=False)))
                 log.log(row)

@@ -20,7 +20,8 @@ OVERRIDES_FILE = "overrides.yaml"
 _QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
 # Keys a resume may change: how long a run goes on and how it reports, never what it learns from.
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
-             "train.samples_per_log", "train.max_nonfinite_steps", "logging.", "device", "cache_dir", "resume", "run_dir",
+             "train.samples_per_log", "train.max_nonfinite_steps", "train.collapse_", "logging.", "device", "cache_dir",
+             "resume", "run_dir",
              "update.gradient_checkpointing", "update.compile")  # the last two: memory and speed, the same arithmetic
 
 
