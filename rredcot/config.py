@@ -224,8 +224,8 @@ def validate(cfg: DictConfig, check_entries: bool = True) -> None:
                             "e.g. eval.split=dev eval.extra_splits=[test].")
     for stage, key in ENTRY_KEYS:
         registry.check(stage, OmegaConf.select(cfg, key), key)
-    for name in cfg.credit.estimators:
-        registry.check("redistribute", name, "credit.estimators")
+    for entry in cfg.credit.estimators:
+        registry.check("redistribute", estimator_spec(entry)[0], "credit.estimators")
     for name in cfg.credit.segmenters:
         registry.check("segment", name, "credit.segmenters")
     if check_entries:
@@ -241,6 +241,9 @@ def _check_entries(cfg: DictConfig) -> None:
     for stage in ("segment", "redistribute"):
         registry.check_options(stage, cfg[stage].name, stage_options(cfg[stage]), f"{stage}.")
     registry.check_options("task", cfg.task.name, _without_name(cfg.task), "task.", keywords=False)
+    for entry in cfg.credit.estimators:  # a variant's options: names the estimator takes, values in range
+        name, opts = estimator_spec(entry)
+        registry.check_options("redistribute", name, opts, f"credit.estimators {entry!r}: ")
     build_reward_funcs(cfg.verify)  # a verifier checks its own options when it is built
     for stage, key in ENTRY_KEYS:
         entry = registry.get(stage, OmegaConf.select(cfg, key), key)
@@ -259,6 +262,22 @@ def _check_entries(cfg: DictConfig) -> None:
 
 def _without_name(section: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in OmegaConf.to_container(section, resolve=True).items() if k != "name"})
+
+
+def estimator_spec(entry: str) -> tuple[str, dict[str, Any]]:
+    """A credit.estimators entry: "rredcot" or a variant "rredcot:self_normalize=true,include_reference=false"
+    -> (name, options over its shipped config). Values are YAML: true, 0.5, [a, b]."""
+    import yaml
+
+    name, _, rest = str(entry).partition(":")
+    opts = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise UserError(f"credit.estimators entry {entry!r}: write options as name:key=value,key=value "
+                            "(e.g. rredcot:self_normalize=true).")
+        opts[key.strip()] = yaml.safe_load(value)
+    return name.strip(), opts
 
 
 SAMPLING_KEYS = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k")  # rollout.*: how, for every backend

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
-from rredcot.config import load_config, stage_options
+from rredcot.config import estimator_spec, load_config, stage_options
 from rredcot.correlation import bootstrap_ci, pearson, spearman
 from rredcot.registry import get
 from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
@@ -103,12 +103,13 @@ def compare(ro, ver, seg, ctx, cfg: DictConfig, reference) -> dict[str, Any]:
     """Every estimator in credit.estimators against the MC reference credit on the same segments."""
     rows = {}
     ref_credit = [c[:-1] for c in reference.segment_credit]  # segments only; the correction is R - V_K
-    for name in cfg.credit.estimators:
-        credit, cost = run_estimator(name, ro, ver, seg, ctx, cfg.rollout.group_size, {})
+    for entry in cfg.credit.estimators:
+        name, opts = estimator_spec(entry)
+        credit, cost = run_estimator(name, ro, ver, seg, ctx, cfg.rollout.group_size, opts)
         row = {"cost": cost, "credit": agreement([c[:-1] for c in credit.segment_credit], ref_credit)}
         if credit.values is not None:
             row["values"] = agreement(credit.values, reference.values)
-        rows[name] = row
+        rows[str(entry)] = row
     return rows
 
 

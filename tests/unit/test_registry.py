@@ -63,3 +63,16 @@ def test_a_plugin_cannot_take_a_builtin_name(tmp_path):
     plugin.write_text("from rredcot.registry import register\n@register('segment', 'fixed')\ndef f(trace):\n    return [0]\n")
     with pytest.raises(UserError, match="registered twice"):
         registry.load_plugins([str(plugin)])
+
+
+def test_credit_estimator_variants_parse_and_bad_options_are_named():
+    from rredcot.config import estimator_spec, load_config, validate
+
+    assert estimator_spec("rredcot:self_normalize=true,mode=anchored") == ("rredcot", {"self_normalize": True, "mode": "anchored"})
+    assert estimator_spec("uniform") == ("uniform", {})
+    # on a command line: "credit.estimators=['rredcot:include_reference=false',uniform]" (quoted: it holds '=')
+    validate(load_config(["credit.estimators=['rredcot:include_reference=false',uniform]"]))
+    with pytest.raises(UserError, match="self_normalise is not an option of redistribute 'rredcot'"):
+        validate(load_config(["credit.estimators=['rredcot:self_normalise=true']"]))
+    with pytest.raises(UserError, match="name:key=value"):
+        estimator_spec("rredcot:self_normalize")
