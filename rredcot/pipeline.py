@@ -81,6 +81,23 @@ def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages, backend=No
                          generate=generate, temperature=ro.temperature, max_new_tokens=ro.max_new_tokens)
 
 
+class Critic:
+    """The network the value and attribution estimators read (PolicyContext.model): the live policy, or
+    with train.critic_lag=N a frozen copy refreshed from it every N steps (so the policy cannot move its
+    own critic within a step's reach). Monte Carlo continuations still come from the rollout backend."""
+
+    def __init__(self, policy, lag: int, start_step: int = 0):
+        self.policy, self.lag = policy, lag
+        self.model = copy.deepcopy(policy).requires_grad_(False).eval() if lag else policy
+        if lag and start_step % lag:
+            note(f"train.critic_lag={lag}: resumed at step {start_step}, the critic restarts from these weights, not "
+                 f"from step {start_step - start_step % lag} as the uninterrupted run's would.")
+
+    def after_step(self, step: int) -> None:
+        if self.lag and step % self.lag == 0:
+            self.model.load_state_dict(self.policy.state_dict())
+
+
 class PromptSampler:
     """Draws prompt indices epoch by epoch, each epoch a seeded permutation; `drawn` is its whole state."""
 
@@ -247,7 +264,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         pieces = PieceDecoder(tokenizer)
         backend = stages.make_backend(accelerator.unwrap_model(model), tokenizer)
         backend.sync(accelerator.unwrap_model(model))  # a LoRA or resumed policy is not what the engine loaded
-        ctx = policy_context(cfg, accelerator.unwrap_model(model), tokenizer, stages, backend)
+        critic = Critic(accelerator.unwrap_model(model), cfg.train.get("critic_lag", 0), start)
+        ctx = policy_context(cfg, critic.model, tokenizer, stages, backend)
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
@@ -287,6 +305,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                                     max_completion_length=cfg.rollout.max_new_tokens, optimizer=optimizer,
                                     scheduler=scheduler, accelerator=accelerator, ref_model=ref_model)
                 backend.sync(accelerator.unwrap_model(model))  # the next samples come from the new weights
+                critic.after_step(step)
                 times["update"] = time.perf_counter() - t
                 row = {"step": step, **step_metrics(ro, ver, seg, credit, upd, times, cfg.rollout.group_size)}
                 warning = watch.update(step, row)

@@ -242,3 +242,19 @@ def test_advantage_by_group_splits_the_token_mean_by_group_type():
     assert out["advantage/mass_all_wrong"] == pytest.approx(0.3 / 11)
     assert out["advantage/token_mean"] == pytest.approx(2.3 / 11)
     assert out["groups/frac_all_right"] == out["groups/frac_mixed"] == out["groups/frac_all_wrong"] == pytest.approx(1 / 3)
+
+
+def test_a_lagged_critic_is_a_frozen_copy_refreshed_every_n_steps(tiny_model):
+    from rredcot.pipeline import Critic
+
+    model, _ = tiny_model
+    assert Critic(model, 0).model is model  # no lag: the live policy
+    critic = Critic(model, 2)
+    w = next(model.parameters())
+    with torch.no_grad():
+        w.add_(1.0)  # step 1 trains the policy ...
+    critic.after_step(1)
+    assert not torch.equal(next(critic.model.parameters()), w)  # ... the critic is still the old one
+    critic.after_step(2)
+    assert torch.equal(next(critic.model.parameters()), w)  # refreshed at step 2
+    assert not any(p.requires_grad for p in critic.model.parameters())
