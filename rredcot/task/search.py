@@ -1,21 +1,19 @@
-"""The built-in search task (`task=search`): find the x that satisfies a condition by trying candidates.
+"""The built-in search task (`task=search`): which of the listed candidates satisfies the condition?
 
-    prompt:      "x*3+4=19. x=?\n"
-    completion:  "<think>\n2*3+4=10\n7*3+4=25\n5*3+4=19\nso x=5\n</think>\n5</s>"
+    prompt:      "x*3+4=19. x in 2,7,5,8? x=?\n"
+    completion:  "<think>\n2*3+4=10 no\n7*3+4=25 no\n5*3+4=19 yes\nso x=5\n</think>\n5</s>"
 
-One candidate per line (at most `max_tries`), in an order the trace chooses, until one meets the
-target; then a line that
-states it, the marker and the answer. Unlike the chain task, whose answer is the value the last line
-computes, here the answer is known part-way: at the line whose result equals the target, usually well
-before the end of a long search, and a model may guess it earlier still. That is the shape of real
-reasoning traces the method is built for (try, find, confirm), where forced-answer values can move
-mid-trace; the chain task stays as the hard case.
+The trace checks the candidates in the order listed, one per line with a verdict, stops at the first
+that meets the target, states it, then the marker and the answer. Unlike the chain task, whose answer
+is the value its last line computes, the answer here is known part-way: at the "yes" line, which
+comes anywhere from the first candidate to the last. That is the shape of real reasoning traces the
+method is built for (try, find, confirm), where forced-answer values can move mid-trace; the chain
+task stays as the hard case.
 
-Warm-start flaws make a wrong check ruin the trace: a candidate's check is a fact "c*a+b" that the data
-(for a hash-chosen `misconception_frac` of facts, `misconception_rate` of the time) writes as equal to
-the target, so the trace stops there and answers a wrong x; `rate` adds one random slip in some
-candidate line (noise that usually changes nothing, or ends the search early on a wrong x).
-Splits are disjoint by prompt hash, as in the chain task.
+Warm-start flaws make a wrong check ruin the trace: for a hash-chosen `misconception_frac` of the facts
+"c*a+b", the data (`misconception_rate` of the time) writes a wrong candidate as meeting the target
+("=19 yes"), and the trace answers it; `rate` adds a slip to one line's result (usually harmless, or
+a missed answer, and the trace then states the last candidate). Splits are disjoint by prompt hash.
 """
 from __future__ import annotations
 
@@ -31,10 +29,10 @@ from rredcot.types import Sample
 
 @dataclass(frozen=True)
 class SearchSpec:
-    max_x: int = 29  # the answer and every candidate are in [0, max_x]
-    max_a: int = 9  # the multiplier a is in [2, max_a]
-    max_b: int = 99  # the offset b is in [0, max_b]
-    max_tries: int = 6  # candidate lines in a reference trace, the answer's included
+    max_x: int = 9  # the answer and every candidate are in [0, max_x]
+    max_a: int = 4  # the multiplier a is in [2, max_a]
+    max_b: int = 9  # the offset b is in [0, max_b]
+    candidates: int = 5  # listed in the prompt, the answer among them at a random place
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class Problem:
     x: int
     a: int
     b: int
-    order: tuple[int, ...]  # the candidates in the order the reference trace tries them; ends with x
+    order: tuple[int, ...]  # the listed candidates, the answer among them
 
     @property
     def target(self) -> int:
@@ -50,23 +48,22 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        return f"x*{self.a}+{self.b}={self.target}. x=?\n"
+        return f"x*{self.a}+{self.b}={self.target}. x in {','.join(map(str, self.order))}? x=?\n"
 
 
 def make_problem(rng: random.Random, spec: SearchSpec) -> Problem:
-    """A condition and a search order: the wrong candidates tried first are a random subset, so the
-    answer turns up anywhere from the first line to the last."""
+    """A condition and `candidates` distinct values that include its only solution, in random order."""
     x, a, b = rng.randint(0, spec.max_x), rng.randint(2, spec.max_a), rng.randint(0, spec.max_b)
-    others = [c for c in range(spec.max_x + 1) if c != x]
-    rng.shuffle(others)
-    return Problem(x, a, b, tuple(others[: rng.randint(0, min(spec.max_tries - 1, len(others)))]) + (x,))
+    listed = rng.sample([c for c in range(spec.max_x + 1) if c != x], spec.candidates - 1) + [x]
+    rng.shuffle(listed)
+    return Problem(x, a, b, tuple(listed))
 
 
 def trace_text(p: Problem, flaws: Flaws = Flaws(), rng: random.Random | None = None) -> str:
-    """The worked search; with `flaws`, a wrong candidate can pass its check and end it (see module doc)."""
+    """The worked check; with `flaws`, a wrong candidate can pass its check and end it (see module doc)."""
     rng = rng or random.Random(0)
     slip = rng.randrange(len(p.order)) if rng.random() < flaws.rate else None
-    lines, found = [], p.x
+    lines, found = [], p.order[-1]
     for i, c in enumerate(p.order):
         y = c * p.a + p.b
         if c != p.x and misconception(c, f"*{p.a}+", p.b, flaws.misconception_frac) is not None \
@@ -74,7 +71,7 @@ def trace_text(p: Problem, flaws: Flaws = Flaws(), rng: random.Random | None = N
             y = p.target  # the check a flawed fact gets wrong: a wrong x "meets" the target
         elif i == slip:
             y += rng.choice([-2, -1, 1, 2])
-        lines.append(f"{c}*{p.a}+{p.b}={y}")
+        lines.append(f"{c}*{p.a}+{p.b}={y} {'yes' if y == p.target else 'no'}")
         if y == p.target:
             found = c
             break
@@ -94,26 +91,33 @@ def generate(spec: SearchSpec, split: str, n: int, seed: int, flaws: Flaws = Fla
     seen: set[str] = set()
     for _ in range(200 * n + 10_000):
         if len(out) == n:
-            return out
+            break
         p = make_problem(rng, spec)
         if p.prompt in seen or split_of(p.prompt) != split:
             continue  # the prompt decides the split, so a problem never crosses splits whatever its order
         seen.add(p.prompt)
         trace = trace_text(p, flaws, rng)
         out.append(Sample(prompt=p.prompt, gold=str(p.x), meta={"trace": trace, "flawed": not trace.endswith("\n" + str(p.x)),
-                                                                "candidates_before_answer": len(p.order) - 1}))
-    if len(out) < n:  # few distinct conditions: (max_x + 1) x (max_a - 1) x (max_b + 1) per split share
-        distinct = (spec.max_x + 1) * (spec.max_a - 1) * (spec.max_b + 1)
-        raise ValueError(f"{split}: only {len(out)} distinct problems of {n} ({distinct} conditions in all, ~10% per "
-                         "held-out split); raise task.max_x, max_a or max_b, or lower the sizes")
+                                                                "answer_at": p.order.index(p.x)}))
+    if len(out) < n:
+        raise ValueError(f"{split}: only {len(out)} distinct problems of {n} with {spec}; raise task.max_x, max_a, max_b "
+                         "or candidates, or lower the sizes")
     return out
 
 
 def spec_of(cfg: Any) -> SearchSpec:
-    return SearchSpec(max_x=cfg.max_x, max_a=cfg.max_a, max_b=cfg.max_b, max_tries=cfg.max_tries)
+    return SearchSpec(max_x=cfg.max_x, max_a=cfg.max_a, max_b=cfg.max_b, candidates=cfg.candidates)
 
 
-@register("task", "search", {"max_x": integer(1, 999), "max_a": integer(2, 99), "max_b": NATURAL, "max_tries": COUNT,
+def _check(cfg: Any, prefix: str) -> None:
+    from rredcot.errors import UserError
+
+    if cfg.candidates > cfg.max_x + 1:
+        raise UserError(f"{prefix}candidates={cfg.candidates} distinct values do not fit in [0, {prefix}max_x={cfg.max_x}]: "
+                        f"keep candidates <= max_x + 1.")
+
+
+@register("task", "search", {"max_x": integer(1, 999), "max_a": integer(2, 99), "max_b": NATURAL, "candidates": integer(2),
                              "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL})
 def search_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
     """`split` is train / dev / test; sizes from cfg.train_size and cfg.eval_size."""
@@ -127,3 +131,4 @@ def _warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:
 
 
 search_task.warmstart_samples = _warmstart
+search_task.check_options = _check
