@@ -284,7 +284,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         else:
             first_eval = json.loads(start_file.read_text()) if start_file.exists() else None
         bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
-        watch = CollapseWatch(cfg.train.get("collapse_drop", 0.2), cfg.train.get("collapse_window", 10))
+        watch = CollapseWatch(cfg.train.get("collapse_drop", 0.2), cfg.train.get("collapse_window", 10),
+                              cfg.train.get("collapse_clip", 0.05))
         nonfinite = 0  # consecutive steps whose every optimizer step was skipped for a NaN/inf gradient
         with GracefulStop() as stop:
             for step in range(start + 1, cfg.train.steps + 1):

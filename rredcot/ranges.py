@@ -81,7 +81,7 @@ RULES: dict[str, Rule] = {
     "train.steps": NATURAL, "train.generation_batch_size": COUNT, "train.log_every": COUNT, "train.eval_every": NATURAL,
     "train.save_every": NATURAL, "train.save_total_limit": NATURAL, "train.samples_per_log": NATURAL,
     "train.max_nonfinite_steps": COUNT, "train.max_prompt_tokens": COUNT,
-    "train.collapse_drop": FRACTION, "train.collapse_window": COUNT, "train.critic_lag": NATURAL,
+    "train.collapse_drop": FRACTION, "train.collapse_window": COUNT, "train.collapse_clip": FRACTION, "train.critic_lag": NATURAL,
     "eval.n_prompts": COUNT, "eval.n_samples": COUNT, "eval.ks": list_of(COUNT, 1), "eval.temperature": POSITIVE,
     "credit.prompts": COUNT, "credit.show": NATURAL, "credit.mc_samples": COUNT,
     "credit.estimators": list_of(Rule(lambda v: isinstance(v, str), "a name"), 1),

@@ -1,29 +1,39 @@
-"""The collapse watch: one warning when the reward's moving average falls `drop` below its best, naming
-the other signals' change; none on a noisy plateau; off at drop=0."""
+"""The collapse watch: a warning when truncation climbs (the first sign in the collapses we logged), one
+when the reward's moving average falls `drop` below its best, each once, naming the signals; none on a
+noisy plateau or a run that always truncates a little; off at drop=0. Replayed on a logged collapse."""
 from rredcot.watch import CollapseWatch
 
 
-def _feed(watch, rewards, **signals):
+def _feed(watch, rewards, clips=None):
     said = []
     for step, r in enumerate(rewards, 1):
-        row = {"reward/mean": r, **{k: v(step) for k, v in signals.items()}}
+        row = {"reward/mean": r, "completion/clipped_ratio": clips[step - 1] if clips else 0.0}
         msg = watch.update(step, row)
         if msg:
             said.append((step, msg, row))
     return said
 
 
-def test_a_fall_from_the_best_average_is_said_once_with_the_signals():
-    # 10 steps at .8, then .5: the 4-step average is .8 until step 10, then (3 x .8 + .5) / 4 = .725 at
-    # step 11, .65 at 12 (a fall of .15), .575 at 13 (a fall of .225 >= .2): said at step 13, once
-    rewards = [0.8] * 10 + [0.5] * 10
-    said = _feed(CollapseWatch(drop=0.2, window=4), rewards, **{"value/end_mean": lambda s: 0.6 if s <= 10 else 0.2})
+def test_a_fall_from_the_best_average_is_said_once():
+    # 10 steps at .8, then .5: the 4-step average is .8 until step 10, .725 at 11, .65 at 12, .575 at 13
+    # (a fall of .225 >= .2): said at step 13, once
+    said = _feed(CollapseWatch(drop=0.2, window=4), [0.8] * 10 + [0.5] * 10)
     assert [s for s, _, _ in said] == [13]
-    step, msg, row = said[0]
-    assert "fell from 0.80 at step 10 to 0.57" in msg and "value/end_mean 0.6 -> 0.2" in msg and row["watch/collapse"] == 1.0
+    assert "fell from 0.80 at step 10 to 0.57" in said[0][1] and said[0][2]["watch/collapse"] == 1.0
 
 
-def test_a_noisy_plateau_and_drop_zero_say_nothing():
-    noisy = [0.7, 0.8, 0.75, 0.65, 0.8, 0.7] * 5
-    assert _feed(CollapseWatch(drop=0.2, window=4), noisy) == []
+def test_rising_truncation_is_said_before_the_reward_falls():
+    # truncation .01 while the reward is .8; from step 11 it climbs .04 a step
+    clips = [0.01] * 10 + [0.01 + 0.04 * i for i in range(1, 11)]
+    rewards = [0.8] * 14 + [0.3] * 6
+    said = _feed(CollapseWatch(drop=0.2, window=4), rewards, clips)
+    # 4-step clip averages: step 11 (.01,.01,.01,.05) = .02; 12 (.01,.01,.05,.09) = .04; 13 = .07 >= .05
+    # and >= 3 x .01 (its lowest): said at step 13, while the reward is still .8
+    assert [s for s, _, _ in said][0] == 13 and "run into rollout.max_new_tokens" in said[0][1]
+    assert any("fell from" in m for _, m, _ in said[1:])  # the reward warning still comes, later
+
+
+def test_a_noisy_plateau_a_steady_truncation_and_drop_zero_say_nothing():
+    assert _feed(CollapseWatch(drop=0.2, window=4), [0.7, 0.8, 0.75, 0.65, 0.8, 0.7] * 5) == []
+    assert _feed(CollapseWatch(drop=0.2, window=4), [0.7] * 30, [0.2] * 30) == []  # always 20% truncated
     assert _feed(CollapseWatch(drop=0.0, window=4), [0.8] * 10 + [0.0] * 10) == []
