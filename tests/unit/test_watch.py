@@ -37,3 +37,20 @@ def test_a_noisy_plateau_a_steady_truncation_and_drop_zero_say_nothing():
     assert _feed(CollapseWatch(drop=0.2, window=4), [0.7, 0.8, 0.75, 0.65, 0.8, 0.7] * 5) == []
     assert _feed(CollapseWatch(drop=0.2, window=4), [0.7] * 30, [0.2] * 30) == []  # always 20% truncated
     assert _feed(CollapseWatch(drop=0.0, window=4), [0.8] * 10 + [0.0] * 10) == []
+
+
+def test_replayed_on_a_logged_collapse_it_warns_before_the_held_out_drop():
+    """tests/assets/collapse_hard_fixed_seed0.jsonl: the metrics of a real collapse (+exp=builtin_hard
+    segment=fixed seed=0, 100 steps; dev greedy .855 at step 50, .727 at 75, .148 at 100)."""
+    import json
+
+    from tests.conftest import ASSETS
+
+    rows = [json.loads(line) for line in (ASSETS / "collapse_hard_fixed_seed0.jsonl").read_text().splitlines()]
+    watch, said = CollapseWatch(), []
+    for r in rows:
+        if "reward/mean" in r and watch.update(r["step"], r):
+            said.append(r["step"])
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    assert evals[100] < 0.2 < 0.8 < evals[50]  # it did collapse
+    assert said[0] < 75 and said[1] < 100  # truncation first (step 70), before the drop eval at 75 shows
