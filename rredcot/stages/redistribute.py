@@ -10,9 +10,9 @@ where ctx (a PolicyContext) gives the current policy and the task's forcing text
 
 Modes (docs/method.md, "From values to token advantages"), with r_k = V_k - V_(k-1) and the correction r_(K+1) = R - V_K:
   immediate     segment k gets r_k                      (RUDDER)
-  return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO)
+  return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO; biased here, below)
   mixed         the GRPO advantage + alpha * r_k / std(r over the batch)
-  anchored      segment k gets R - B_(k-1), B_k = V_k + (1 - V_k) * m, m the group's mean reward
+  anchored      segment k gets R - B_(k-1), B_k = V_k + (1 - V_k) * m, m the group's mean reward (the default)
 Tokens after b_K (marker and answer) get the correction in all modes but mixed.
 
 Why `anchored`: forced values are a lower bound (the chance that the answer is already settled and right),
@@ -147,7 +147,7 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
 
 
 @register("redistribute", "rredcot", RULES)
-def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0,
+def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "anchored", scale: str = "group", alpha: float = 1.0,
             scale_rewards: str = "group", equal_groups: str = "keep", include_reference: bool = True,
             self_normalize: bool = False, length_normalize: bool = False, max_batch_tokens: int = 16384,
             packed_max_tokens: int = 8192) -> Credit:
