@@ -48,9 +48,9 @@ def evaluate(backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: 
         return _evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled)
 
 
-def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:
+def _evaluate(backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool) -> dict[str, Any]:
     marker = think_marker(cfg)
-    greedy = _rollout(model, tokenizer, samples, cfg, 1, greedy=True)
+    greedy = _rollout(backend, tokenizer, samples, cfg, 1, greedy=True)
     v = run_verify(greedy.texts, greedy.samples, reward_funcs, cfg.verify.budget_s)
     out: dict[str, Any] = {
         "accuracy": float(v.correct.float().mean()),
@@ -61,7 +61,7 @@ def _evaluate(model, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: d
     }
     if sampled:
         n = cfg.eval.n_samples
-        ro = _rollout(model, tokenizer, samples, cfg, n, greedy=False)
+        ro = _rollout(backend, tokenizer, samples, cfg, n, greedy=False)
         correct = run_verify(ro.texts, ro.samples, reward_funcs, cfg.verify.budget_s).correct.view(len(samples), n)  # [prompts, n]
         c = correct.sum(1).tolist()
         out["pass@1"] = float(correct.float().mean())

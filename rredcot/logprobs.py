@@ -50,3 +50,19 @@ def completion_logprobs(
     logp = selective_log_softmax(logits, completion_ids)
     ent = entropy_from_logits(logits.detach()) if with_entropy else None
     return logp, ent
+
+
+def no_grad_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                     completion_mask: torch.Tensor, temperature: float, batch: int,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """completion_logprobs without gradients, `batch` rows per forward: ([n, T], [n, T] or None).
+    The update's old and reference log-probs and the re-scoring of an external sampler's tokens use it."""
+    lps, ents = [], []
+    with torch.no_grad():
+        for lo in range(0, completion_ids.shape[0], batch):
+            sl = slice(lo, lo + batch)
+            lp, ent = completion_logprobs(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
+                                          temperature, with_entropy)
+            lps.append(lp)
+            ents.append(ent)
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)

@@ -28,6 +28,11 @@ def _peft():
     return peft
 
 
+def base_model(model):
+    """The transformers model inside a peft wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def enabled(cfg: Any) -> bool:
     return bool((cfg.model.get("lora") or {}).get("r", 0))
 

@@ -263,7 +263,6 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         sampler = PromptSampler(len(train_set), cfg.seed, drawn)
         pieces = PieceDecoder(tokenizer)
         backend = stages.make_backend(accelerator.unwrap_model(model), tokenizer)
-        backend.sync(accelerator.unwrap_model(model))  # a LoRA or resumed policy is not what the engine loaded
         critic = Critic(accelerator.unwrap_model(model), cfg.train.get("critic_lag", 0), start)
         ctx = policy_context(cfg, critic.model, tokenizer, stages, backend)
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rredcot.logprobs import entropy_from_logits, position_ids
+from rredcot.logprobs import entropy_from_logits, no_grad_logprobs, position_ids
+from rredcot.lora import base_model
 from rredcot.ranges import COUNT
 from rredcot.registry import register
 from rredcot.types import Rollout, Sample
@@ -45,8 +46,7 @@ def forward_takes(model, name: str) -> bool:
     """Whether the model's own forward has argument `name` (through a peft wrapper, whose forward takes **kwargs)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
+    return name in inspect.signature(base_model(model).forward).parameters
 
 
 def cache_kwarg(model) -> str:
@@ -151,6 +151,7 @@ class RolloutBackend:
 
     external = False
     chunk_size = 256
+    score_batch_size = 8  # rows per trainer forward when an external backend's tokens are re-scored
 
     def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None) -> Generations:
         raise NotImplementedError
@@ -206,20 +207,12 @@ def as_backend(model_or_backend, tokenizer) -> RolloutBackend:
 
 
 def trainer_scores(model, prompt_ids, prompt_mask, ids, mask, temperature: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trainer's log-probs and entropies [N, T] of another engine's tokens (no gradients, `batch` rows a pass)."""
-    from rredcot.logprobs import completion_logprobs
-
+    """The trainer's log-probs and entropies [N, T] of another engine's tokens (eval mode, no gradients)."""
     was = model.training
     model.eval()
-    lps, ents = [], []
-    with torch.no_grad():
-        for lo in range(0, ids.shape[0], batch):
-            sl = slice(lo, lo + batch)
-            lp, ent = completion_logprobs(model, prompt_ids[sl], prompt_mask[sl], ids[sl], mask[sl], temperature, with_entropy=True)
-            lps.append(lp * mask[sl])
-            ents.append(ent * mask[sl])
+    lp, ent = no_grad_logprobs(model, prompt_ids, prompt_mask, ids, mask, temperature, batch, with_entropy=True)
     model.train(was)
-    return torch.cat(lps), torch.cat(ents)
+    return lp * mask, ent * mask
 
 
 def sample_rollout(
@@ -252,7 +245,7 @@ def sample_rollout(
         sampler_logp = gen.logprobs
         if score:
             logp, ent = trainer_scores(backend.model, prompt_ids, prompt_mask, gen.ids, gen.mask, temperature,
-                                       getattr(backend, "score_batch_size", 8))
+                                       backend.score_batch_size)
     if ent is None:
         ent = torch.zeros_like(logp)
     texts = tokenizer.batch_decode(gen.ids.masked_fill(gen.mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from rredcot.logprobs import completion_logprobs, no_grad_logprobs
 from rredcot.registry import get, register
 
 
@@ -210,20 +211,6 @@ def clip_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
 # ---- the optimisation of one generation batch ------------------------------------------------------
 
 
-def _no_grad_logprobs(model, rollout, rows: torch.Tensor, micro: int, temperature: float) -> torch.Tensor:
-    """Log-probs [N, T] of the completions under `model`, without gradients, in micro-batches."""
-    from rredcot.logprobs import completion_logprobs
-
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(rows), micro):
-            r = rows[lo : lo + micro]
-            lp, _ = completion_logprobs(model, rollout.prompt_ids[r], rollout.prompt_mask[r],
-                                        rollout.completion_ids[r], rollout.completion_mask[r], temperature)
-            out.append(lp)
-    return torch.cat(out)
-
-
 def update_policy(model, rollout, credit, *, cfg, temperature: float, max_completion_length: int, optimizer,
                   scheduler, accelerator, ref_model=None) -> dict[str, float]:
     """num_iterations x steps_per_generation optimizer steps on one generation batch of N completions.
@@ -245,8 +232,10 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
     num_items = float(mask.sum())  # dapo: active tokens of the whole generation batch (one process)
     stats: dict[str, list[float]] = {}
     with _grad_mode(model, cfg.get("autocast")):  # old and reference log-probs in the same precision as the new
-        old_all = _no_grad_logprobs(model, rollout, rows, cfg.micro_batch_size, temperature) if reuse else None
-        ref_all = _no_grad_logprobs(ref_model, rollout, rows, cfg.micro_batch_size, temperature) if cfg.beta > 0 else None
+        batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature,
+                 cfg.micro_batch_size)
+        old_all = no_grad_logprobs(model, *batch)[0] if reuse else None
+        ref_all = no_grad_logprobs(ref_model, *batch)[0] if cfg.beta > 0 else None
         _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all, ref_all, agg, num_items, stats,
                   temperature, max_completion_length, optimizer, scheduler, accelerator)
     out = {k: sum(v) / len(v) for k, v in stats.items()}
@@ -290,8 +279,9 @@ def compile_layers(model) -> int:
     (lengths change every step); parameter names, checkpoints and results are unchanged (tested).
     Returns the number of layers compiled."""
     from rredcot.errors import UserError
+    from rredcot.lora import base_model
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
         raise UserError(f"update.compile=true compiles the decoder layers (model.model.layers), which "
@@ -304,8 +294,6 @@ def compile_layers(model) -> int:
 def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all, ref_all, agg, num_items, stats,
               temperature, max_completion_length, optimizer, scheduler, accelerator) -> None:
     """The optimizer steps of update_policy (stats are appended to `stats`)."""
-    from rredcot.logprobs import completion_logprobs
-
     for _ in range(cfg.num_iterations):
         for s in range(cfg.steps_per_generation):
             for lo in range(s * per_step, (s + 1) * per_step, cfg.micro_batch_size):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rredcot.errors import UserError
+from rredcot.lora import base_model
 from rredcot.ranges import COUNT, FRACTION, integer, optional, one_of
 from rredcot.registry import register
 from rredcot.stages.rollout import Generations, RolloutBackend, Sampling, stop_ids
@@ -83,7 +84,7 @@ def merged_weights(model):
 def engine_source(model, scratch: Path) -> str:
     """What the engine loads: the folder or hub name the model came from, else a copy saved in `scratch`
     (an in-memory model); the trainer's weights are pushed before the first sample either way."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     name = getattr(base, "name_or_path", "") or ""
     if name and (Path(name).is_dir() or not Path(name).is_absolute()):
         return name
@@ -100,7 +101,8 @@ class VLLMBackend(RolloutBackend):
                  score_batch_size: int = 8):
         self.model, self.tokenizer, self.llm, self.params_cls = model, tokenizer, llm, params_cls
         self.chunk_size, self.sleep_mode, self.score_batch_size = chunk_size, sleep, score_batch_size
-        self.stale, self.asleep, self.pushes, self.noted = True, False, 0, False
+        self.stale, self.asleep, self.pushes, self.noted = True, False, 0, False  # stale: the trainer's weights
+        # (a LoRA adapter, a resumed run) are not what the engine loaded, so they are pushed before the first sample
         self.sleep()
 
     def sync(self, model) -> None:
@@ -144,7 +146,7 @@ class VLLMBackend(RolloutBackend):
 
     def _tensors(self, outs, device) -> Generations:
         """vLLM outputs -> [N, T] tensors padded like the reference backend's."""
-        T = max(max((len(o.token_ids) for o in outs), default=1), 1)
+        T = max([len(o.token_ids) for o in outs] + [1])
         ids = torch.full((len(outs), T), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         logp = torch.zeros(len(outs), T)
