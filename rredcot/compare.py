@@ -20,8 +20,11 @@ from rredcot.errors import UserError
 from rredcot.runlog import eval_prefix, read_metrics
 from rredcot.stats import mean_ci, paired_t
 
-CURVES = [("reward/mean", "reward"), ("kl", "KL"), ("entropy", "entropy"), ("completion/mean_length", "completion length"),
-          ("grad_norm", "gradient norm"), ("advantage/token_std", "token-advantage std")]
+# The training figure's panels. Truncated share and mean token advantage are the signals that preceded the
+# collapses we saw (README, "why RREDCoT collapsed"): a baseline that is biased shows as a mean far from 0.
+CURVES = [("reward/mean", "reward"), ("entropy", "entropy"), ("completion/mean_length", "completion length"),
+          ("completion/clipped_ratio", "truncated share"), ("advantage/token_mean", "token-advantage mean"),
+          ("advantage/token_std", "token-advantage std"), ("grad_norm", "gradient norm"), ("kl", "KL")]
 
 
 @dataclass
@@ -251,7 +254,7 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 200k, not 200000 run into its neighbours
     files = [_finish(fig, axes, out / "accuracy.png")]
     plt.close(fig)
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 7))
     for ax, (key, title) in zip(axes.flat, CURVES):
         for label, runs in groups.items():
             steps, m, h = _series(runs, key)

@@ -34,7 +34,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     "rollout": {"sample": _S + "rollout", "vllm": _S + "vllm_backend"},
     "verify": {n: _S + "verify" for n in ("builtin", "gsm8k", "math", "format")},
     "segment": {n: _S + "segment" for n in ("none", "fixed", "newline", "keyword", "entropy", "hybrid")},
-    "redistribute": {n: _S + "redistribute" for n in ("uniform", "rredcot", "mc", "attention", "gradient")},
+    "redistribute": {n: _S + "redistribute" for n in ("uniform", "rredcot", "verdict", "mc", "attention", "gradient")},
     "update": {n: _S + "update" for n in ("grpo", "bnpo", "dr_grpo", "dapo")},
 }
 _REGISTRY: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}

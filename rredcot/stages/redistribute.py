@@ -5,6 +5,7 @@ where ctx (a PolicyContext) gives the current policy and the task's forcing text
 
 - `uniform`: every token gets its trace's GRPO advantage. This *is* GRPO.
 - `rredcot`: values from answer forcing (stages/values.py), turned into token advantages by `mode`.
+- `verdict`: values from the policy's own yes/no verdict on the trace so far, turned likewise.
 - `mc`: the same with Monte Carlo values (the reference for estimator quality; expensive).
 - `attention`, `gradient`: the GRPO advantage spread over segments by attribution weights.
 
@@ -24,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from rredcot.ranges import COUNT, NATURAL, number, one_of
+from rredcot.ranges import COUNT, NATURAL, Rule, list_of, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
 from rredcot.stages.update import group_advantages, group_std
-from rredcot.stages.values import PolicyContext, forced_values, mc_values
+from rredcot.stages.values import PolicyContext, forced_values, mc_values, verdict_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
 MODES = ("immediate", "return_to_go", "mixed", "anchored")
@@ -37,7 +38,12 @@ SCALES = ("group", "batch", "none")
 RULES = {"mode": one_of(*MODES), "scale": one_of(*SCALES), "scale_rewards": one_of(*SCALES), "alpha": number(0),
          "equal_groups": one_of("keep", "zero"),
          "samples": COUNT, "max_new_tokens": NATURAL, "max_batch_tokens": COUNT,
-         "packed_max_tokens": COUNT}
+         "packed_max_tokens": COUNT, "mc_boundaries": NATURAL, "mc_samples": COUNT,
+         "extra_forcings": list_of(Rule(lambda v: len(v) == 2 and all(isinstance(t, str) and t for t in v),
+                                        "a [forcing text, closing text] pair of non-empty strings")),
+         "verdict_text": Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+         "yes_text": Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+         "no_text": Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")}
 
 
 def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
@@ -149,11 +155,12 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
 @register("redistribute", "rredcot", RULES)
 def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "anchored", scale: str = "group", alpha: float = 1.0,
             scale_rewards: str = "group", equal_groups: str = "keep", include_reference: bool = True,
-            self_normalize: bool = False, length_normalize: bool = False, max_batch_tokens: int = 16384,
-            packed_max_tokens: int = 8192) -> Credit:
-    """RREDCoT: values by answer forcing with the policy itself, no extra generation."""
+            self_normalize: bool = False, length_normalize: bool = False, extra_forcings=(), mc_boundaries: int = 0,
+            mc_samples: int = 4, max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> Credit:
+    """RREDCoT: values by answer forcing with the policy itself, no extra generation (unless mc_boundaries)."""
     values, stats = forced_values(ro, ver, seg, ctx, group_size=group_size, include_reference=include_reference,
                                   self_normalize=self_normalize, length_normalize=length_normalize,
+                                  extra_forcings=extra_forcings, mc_boundaries=mc_boundaries, mc_samples=mc_samples,
                                   max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens)
     credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
                           scale_rewards=scale_rewards, equal_groups=equal_groups)
@@ -162,6 +169,19 @@ def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "anchored", scale
 
 
 rredcot.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]
+
+
+@register("redistribute", "verdict", RULES)
+def verdict(ro, ver, seg, ctx, *, group_size: int, verdict_text: str, yes_text: str = "yes", no_text: str = "no",
+            mode: str = "anchored", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
+            equal_groups: str = "keep", max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> Credit:
+    """Values from the policy's own verdict on the trace so far (stages/values.verdict_values)."""
+    values, stats = verdict_values(ro, ver, seg, ctx, verdict_text=verdict_text, yes_text=yes_text, no_text=no_text,
+                                   max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens)
+    credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
+                          scale_rewards=scale_rewards, equal_groups=equal_groups)
+    credit.stats.update(stats)
+    return credit
 
 
 @register("redistribute", "mc", RULES)

@@ -7,7 +7,7 @@ from rredcot.errors import UserError
 
 def test_every_stage_has_its_entries():
     assert registry.names("segment") == ["entropy", "fixed", "hybrid", "keyword", "newline", "none"]
-    assert registry.names("redistribute") == ["attention", "gradient", "mc", "rredcot", "uniform"]
+    assert registry.names("redistribute") == ["attention", "gradient", "mc", "rredcot", "uniform", "verdict"]
     assert registry.names("update") == ["bnpo", "dapo", "dr_grpo", "grpo"]
     assert {"builtin", "gsm8k", "math", "format"} <= set(registry.names("verify"))
     assert registry.names("task") == ["builtin", "hf", "search"]
@@ -70,6 +70,10 @@ def test_credit_estimator_variants_parse_and_bad_options_are_named():
 
     assert estimator_spec("rredcot:self_normalize=true,mode=anchored") == ("rredcot", {"self_normalize": True, "mode": "anchored"})
     assert estimator_spec("uniform") == ("uniform", {})
+    # commas inside brackets and quotes belong to the value
+    assert estimator_spec('rredcot:extra_forcings=[["so x=", "\\n"]],mc_boundaries=2') == \
+        ("rredcot", {"extra_forcings": [["so x=", "\n"]], "mc_boundaries": 2})
+    assert estimator_spec("verdict:verdict_text='a, b? '") == ("verdict", {"verdict_text": "a, b? "})
     # on a command line: "credit.estimators=['rredcot:include_reference=false',uniform]" (quoted: it holds '=')
     validate(load_config(["credit.estimators=['rredcot:include_reference=false',uniform]"]))
     with pytest.raises(UserError, match="self_normalise is not an option of redistribute 'rredcot'"):

@@ -5,7 +5,8 @@ import torch
 from rredcot.errors import UserError
 from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_newline
-from rredcot.stages.values import PolicyContext, forced_values, group_answers, mc_values
+from rredcot.stages.values import (PolicyContext, anchor_indices, blend_anchors, forced_values, group_answers, mc_values,
+                                  verdict_values)
 from rredcot.stages.verify import BuiltinVerifier, GSM8KVerifier, run_verify
 from rredcot.types import Sample
 
@@ -87,3 +88,64 @@ def test_utilities_come_from_the_verifiers_judgement_not_a_synthetic_completion(
     values, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=False)
     assert torch.all(values[0] > 0) and torch.all(values[1] > 0)           # "7" is right for group 1
     assert torch.all(values[2] == 0)                                        # group 2 only answered "5"
+
+
+def test_several_forcing_texts_average_their_values(batch):
+    ro, ver, seg, ctx = batch
+    own, own_stats = forced_values(ro, ver, seg, ctx, group_size=2)
+    ctx.force_text, ctx.closing_text = "\n", "\n"
+    other, _ = forced_values(ro, ver, seg, ctx, group_size=2)
+    ctx.force_text, ctx.closing_text = "</think>\n", "</s>"
+    both, stats = forced_values(ro, ver, seg, ctx, group_size=2, extra_forcings=[["\n", "\n"]])
+    for b, o, t in zip(both, own, other):
+        assert torch.allclose(b, (o + t) / 2, atol=1e-6)  # the mean over the task's forcing and the extra one
+    assert stats["credit/probe_tokens_per_trace"] > own_stats["credit/probe_tokens_per_trace"]  # both were scored
+
+
+def test_verdict_values_are_the_yes_share_of_the_policys_own_verdict(batch, monkeypatch):
+    ro, ver, seg, ctx = batch
+    import rredcot.stages.values as values_mod
+
+    # log p(yes) = -1, log p(no) = -2 at every boundary -> sigmoid(-1 - -2) = sigmoid(1) = 0.731
+    monkeypatch.setattr(values_mod, "score_items", lambda model, items, *a: [torch.tensor([[-1.0, -2.0]] * len(it.boundaries)) for it in items])
+    values, _ = verdict_values(ro, ver, seg, ctx, verdict_text="\nok? ")
+    assert all(torch.allclose(v, torch.full((len(b),), 0.7311), atol=1e-4) for v, b in zip(values, seg.boundaries))
+    monkeypatch.undo()
+    real, stats = verdict_values(ro, ver, seg, ctx, verdict_text="\nok? ")  # the real model: a probability per boundary
+    assert all(v.shape == (len(b),) and torch.all((v > 0) & (v < 1)) for v, b in zip(real, seg.boundaries))
+    assert torch.any(real[2] > 0)  # unlike forced answers, it speaks where the group has no right answer
+    assert stats["credit/probe_tokens_per_trace"] > 0
+
+
+def test_anchor_indices_spread_evenly_and_keep_both_ends():
+    assert anchor_indices(7, 3) == [0, 3, 6]
+    assert anchor_indices(5, 2) == [0, 4]
+    assert anchor_indices(4, 1) == [0]
+    assert anchor_indices(3, 8) == [0, 1, 2]
+
+
+def test_blend_takes_mc_levels_at_anchors_and_the_forced_shape_between():
+    F = torch.tensor([0.0, 0.1, 0.0, 0.6, 1.0])
+    # lerp(mc) = [.4, .55, .7, .85, 1], lerp(F) = [0, .25, .5, .75, 1] -> lerp(mc) + F - lerp(F)
+    out = blend_anchors(F, [0, 4], torch.tensor([0.4, 1.0]))
+    assert torch.allclose(out, torch.tensor([0.4, 0.4, 0.2, 0.7, 1.0]))
+    # one anchor: the forced values shifted so that b_0 carries MC's level; clamped to [0, 1]
+    assert torch.allclose(blend_anchors(F, [0], torch.tensor([0.5])), torch.tensor([0.5, 0.6, 0.5, 1.0, 1.0]))
+    # anchors everywhere: MC itself
+    assert torch.allclose(blend_anchors(F, [0, 1, 2, 3, 4], torch.tensor([.1, .2, .3, .4, .5])), torch.tensor([.1, .2, .3, .4, .5]))
+
+
+def test_mc_at_a_few_boundaries_samples_only_there(batch):
+    ro, ver, seg, ctx = batch
+    calls = []
+
+    def fake_generate(prefixes, n, budgets):
+        calls.append(len(prefixes))
+        return ["\n</think>\n7", "\n</think>\n0"] * len(prefixes)
+
+    ctx.generate, ctx.max_new_tokens = fake_generate, 16
+    values, stats = forced_values(ro, ver, seg, ctx, group_size=2, mc_boundaries=2, mc_samples=2)
+    assert calls == [sum(min(len(b), 2) for b in seg.boundaries)]  # 2 anchors per trace, not K+1
+    assert all(abs(float(v[0]) - 0.5) < 1e-6 for v in values[:2])  # gold 7: MC's level 1/2 at b_0
+    assert all(abs(float(v[-1]) - (0.5 if len(v) > 0 else 0)) < 1e-6 for v in values[:2])  # and at b_K
+    assert "credit/mc_continuations_per_trace" in stats
