@@ -205,7 +205,8 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
     if cfg.credit.against == "mc":
         ref, ref_cost = run_estimator("mc", ro, ver, seg, ctx, cfg.rollout.group_size, {"samples": cfg.credit.mc_samples})
         result["mc"] = {"samples": cfg.credit.mc_samples, "cost": ref_cost,
-                        "split_half_reliability": ref.stats.get("credit/mc_split_half")}
+                        "split_half_reliability": ref.stats.get("credit/mc_split_half"),
+                        "split_half_reliability_credit": ref.stats.get("credit/mc_split_half_credit")}
         result["estimators"] = compare(ro, ver, seg, ctx, cfg, ref)
         if cfg.credit.segmenters:
             result["segmenters"] = segmenter_rows(ro, ver, ctx, cfg, pieces)
@@ -229,10 +230,11 @@ def _ci(d: dict[str, Any]) -> str:
 def results_table(result: dict[str, Any]):
     from rich.table import Table
 
-    rel = result["mc"].get("split_half_reliability")
+    rel = [result["mc"].get(k) for k in ("split_half_reliability", "split_half_reliability_credit")]
+    rel = ["-" if r is None or math.isnan(r) else f"{r:.2f}" for r in rel]
     table = Table(title=f"estimators against Monte Carlo ({result['mc']['samples']} samples per boundary, "
-                        f"{result['traces']} traces of {result['prompts']} prompts; MC split-half reliability "
-                        f"{'-' if rel is None or math.isnan(rel) else f'{rel:.2f}'})")
+                        f"{result['traces']} traces of {result['prompts']} prompts; MC split-half reliability: "
+                        f"values {rel[0]}, credit {rel[1]})")
     for col in ("estimator", "credit spearman (trace / pooled)", "credit pearson (trace / pooled)",
                 "value spearman (trace / pooled [95% CI])", "forward tokens", "generated tokens", "seconds"):
         table.add_column(col, justify="right")

@@ -212,16 +212,28 @@ def mc_values(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext, *,
             owners.append((row, k, ids[plen : plen + b].tolist()))
     texts = ctx.generate(prefixes, samples, budgets)  # len(prefixes) * samples continuations
     values = [torch.zeros(len(b)) for b in seg.boundaries]
-    halves = torch.zeros(len(owners), 2)  # the mean reward of the even and of the odd continuations
+    halves = [torch.zeros(2, len(b)) for b in seg.boundaries]  # per trace: the mean reward of the even / odd continuations
     for j, (row, k, done_ids) in enumerate(owners):
         head = ctx.tokenizer.decode(done_ids, skip_special_tokens=True)
         conts = texts[j * samples : (j + 1) * samples]
         rewards = [ctx.verifier(head + c, ro.samples[row]).reward or 0.0 for c in conts]
         values[row][k] = sum(rewards) / samples
-        halves[j] = torch.tensor([sum(rewards[::2]) / len(rewards[::2]), sum(rewards[1::2]) / max(len(rewards[1::2]), 1)])
+        halves[row][:, k] = torch.tensor([sum(rewards[::2]) / len(rewards[::2]), sum(rewards[1::2]) / max(len(rewards[1::2]), 1)])
     stats = {"credit/mc_continuations_per_trace": len(prefixes) * samples / max(len(seg.boundaries), 1)}
-    if samples >= 2:  # how far MC agrees with itself: the ceiling of any estimator's agreement with it
-        from rredcot.correlation import pearson, spearman_brown
-
-        stats["credit/mc_split_half"] = spearman_brown(pearson(halves[:, 0], halves[:, 1]))
+    if samples >= 2:
+        stats.update(split_half(halves))
     return values, stats
+
+
+def split_half(halves: list[torch.Tensor]) -> dict[str, float]:
+    """How far Monte Carlo agrees with itself, from per-trace [2, K+1] values of its even and odd samples:
+    the ceiling of any estimator's agreement with it. Values: Pearson of the halves, Spearman-Brown
+    corrected. Credit (V_k - V_(k-1), what training uses): Spearman of the halves' differences, likewise;
+    differences of noisy values are much noisier than the values, so this ceiling is the lower one.
+    Example: halves' credits [.5, 0, -.5] and [.5, .5, -.5] -> Spearman .87 -> 2(.87)/(1.87) = .93."""
+    from rredcot.correlation import pearson, spearman, spearman_brown
+
+    vals = torch.cat([h for h in halves], dim=1)  # [2, all boundaries]
+    diffs = torch.cat([h[:, 1:] - h[:, :-1] for h in halves], dim=1)  # [2, all segments]
+    return {"credit/mc_split_half": spearman_brown(pearson(vals[0], vals[1])),
+            "credit/mc_split_half_credit": spearman_brown(spearman(diffs[0], diffs[1]))}

@@ -161,7 +161,7 @@ def test_a_few_stray_rows_are_skipped_with_a_note_not_refused(assets, hub_shaped
     rows = (assets / "train.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "few.jsonl").write_text(_row(7000, question="x" * 2_000_000) + _row(7001, answer=None) + "".join(rows))
     from rredcot.config import load_config
-    from rredcot.pipeline import prompt_limit, task_sets
+    from rredcot.startup import prompt_limit, task_sets
     from rredcot.task.warmstart import load_policy
 
     cfg = load_config(shlex.split((HF + "task.sources.train.path={T}/few.jsonl task.dev_size=20").format(

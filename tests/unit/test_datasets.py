@@ -6,7 +6,7 @@ import pytest
 
 from rredcot.config import load_config
 from rredcot.errors import UserError
-from rredcot.pipeline import task_sets
+from rredcot.startup import task_sets
 from rredcot.task.datasets import check_disjoint, hf_task, question_hash
 from rredcot.task.model import load_tokenizer
 from rredcot.types import Sample

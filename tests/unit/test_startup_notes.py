@@ -1,6 +1,6 @@
 """Start-up notes: a default that does not apply is said in one line, never silently."""
 from rredcot.config import load_config
-from rredcot.pipeline import startup_notes
+from rredcot.startup import startup_notes
 from rredcot.task.model import load_tokenizer
 
 

@@ -245,7 +245,7 @@ def test_advantage_by_group_splits_the_token_mean_by_group_type():
 
 
 def test_a_lagged_critic_is_a_frozen_copy_refreshed_every_n_steps(tiny_model):
-    from rredcot.pipeline import Critic
+    from rredcot.critic import Critic
 
     model, _ = tiny_model
     assert Critic(model, 0).model is model  # no lag: the live policy

@@ -149,3 +149,15 @@ def test_mc_at_a_few_boundaries_samples_only_there(batch):
     assert all(abs(float(v[0]) - 0.5) < 1e-6 for v in values[:2])  # gold 7: MC's level 1/2 at b_0
     assert all(abs(float(v[-1]) - (0.5 if len(v) > 0 else 0)) < 1e-6 for v in values[:2])  # and at b_K
     assert "credit/mc_continuations_per_trace" in stats
+
+
+def test_split_half_reliability_of_values_and_of_credit():
+    from rredcot.stages.values import split_half
+
+    # one trace; even-sample and odd-sample values at 4 boundaries. Credits (differences):
+    # [.5, 0, -.5] and [.5, .5, -.5] -> Spearman .866 -> Spearman-Brown 2(.866)/1.866 = .928
+    halves = [torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.5, 1.0, 0.5]])]
+    rel = split_half(halves)
+    assert rel["credit/mc_split_half_credit"] == pytest.approx(0.928, abs=1e-3)
+    # values [0, .5, .5, 0] and [0, .5, 1, .5]: Pearson .707 -> .828
+    assert rel["credit/mc_split_half"] == pytest.approx(0.828, abs=1e-3)
