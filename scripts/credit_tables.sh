@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The README's estimator and segmenter tables ("A fair test of the premise"): every estimator against Monte
+# Carlo values on both built-in families (12 dev prompts x 8 traces, MC 8 samples per boundary), then every
+# segmenter. Each report goes to runs/credit_<name>/ (credit.json, credit.html); a finished one is skipped.
+#   bash scripts/credit_tables.sh          (about 30 minutes on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RREDCOT="${RREDCOT:-.venv/bin/rredcot}"
+Q="'"
+COMMON="rredcot,${Q}rredcot:include_reference=false${Q},${Q}rredcot:self_normalize=true${Q},${Q}rredcot:mc_boundaries=2${Q},${Q}rredcot:mc_boundaries=3${Q},verdict,attention,uniform"
+SO="${Q}rredcot:extra_forcings=[[\"so x=\",\"\\n\"]]${Q},${Q}rredcot:extra_forcings=[[\"so x=\",\"\\n\"]],self_normalize=true${Q}"
+SEG="credit.segmenters=[fixed,newline,keyword,entropy,hybrid]"
+FEW="credit.estimators=[rredcot,${Q}rredcot:self_normalize=true${Q},uniform]"
+run() {
+  local out=$1; shift
+  [ -f "$out/credit.json" ] && { echo "$out: done"; return; }
+  rm -rf "$out"
+  "$RREDCOT" credit credit.against=mc credit.prompts=12 credit.mc_samples=8 eval.split=dev run_dir="$out" logging.progress=false "$@"
+}
+run runs/credit_chain "credit.estimators=[$COMMON]"
+run runs/credit_search "credit.estimators=[$COMMON,$SO]" +exp=search
+run runs/credit_seg_search "$FEW" "$SEG" +exp=search
+run runs/credit_seg_chain "$FEW" "$SEG"
