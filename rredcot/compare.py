@@ -47,7 +47,23 @@ class Run:
         return "grpo" if name == "uniform" else name
 
     def method_settings(self) -> dict[str, Any]:
-        return {f"{sec}.{k}": v for sec in ("segment", "redistribute") for k, v in self.config[sec].items()}
+        """Every setting that shapes training (flattened), so runs that differ in any of them (optim.lr,
+        train.critic_lag, ...) are never averaged together as seeds of one method."""
+        return {k: v for k, v in _flatten(self.config).items() if not k.startswith(NOT_METHOD)}
+
+
+# Settings that do not change what a run learns: where it writes, how it logs, how often it is evaluated.
+NOT_METHOD = ("seed", "run_dir", "resume", "checkpoint", "cache_dir", "device", "plugins", "logging.", "eval.",
+              "credit.", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
+              "train.samples_per_log", "train.max_nonfinite_steps", "train.collapse_", "verify.timeout_s",
+              "verify.budget_s", "update.gradient_checkpointing", "update.compile", "hydra")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
 
 
 def load_run(path: Path, split: str | None = None) -> Run:
@@ -228,11 +244,18 @@ def _band(ax, xs, runs_curves, label):
 
 
 def _finish(fig, axes, path: Path) -> Path:
+    """One legend for the whole figure, under it (method labels can be long: one per panel covered the curves)."""
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend()
-    fig.tight_layout()
+    first = next((ax for ax in axes if ax.lines), None)
+    if first is None:
+        fig.tight_layout()
+    else:
+        handles, labels = first.get_legend_handles_labels()
+        ncol = 1 if max(map(len, labels)) > 60 else min(len(labels), 3)
+        rows = math.ceil(len(labels) / ncol)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
+        fig.tight_layout(rect=(0, min(0.04 * rows + 0.02, 0.4), 1, 1))
     fig.savefig(path, dpi=110)
     return path
 

@@ -51,3 +51,18 @@ def test_compare_labels_name_the_segmenter_not_its_options():
                 {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 8}]
     differ = ["segment.max_tokens", "segment.name", "segment.size"]
     assert [k for k in differ if _tells_apart(k, differ, settings)] == ["segment.name", "segment.size"]
+
+
+def test_runs_that_differ_outside_segment_and_redistribute_are_not_averaged_as_seeds():
+    # the same estimator at two learning rates (or with a lagged critic) is two methods, not two seeds;
+    # the seed, the run directory and logging settings never tell methods apart
+    a, b = _run("uniform", 0), _run("uniform", 1)
+    a.config["optim"], b.config["optim"] = {"lr": 2e-4}, {"lr": 5e-5}
+    c = _run("rredcot", 0)
+    c.config.update(run_dir="/x", logging={"progress": False}, train={"generation_batch_size": 8, "critic_lag": 10,
+                                                                        "eval_every": 25})
+    d = _run("rredcot", 1)
+    d.config["train"]["critic_lag"] = 0
+    groups = group_runs([a, b, c, d])
+    assert set(groups) == {"grpo optim.lr=0.0002", "grpo optim.lr=5e-05", "rredcot train.critic_lag=10",
+                           "rredcot train.critic_lag=0"}
