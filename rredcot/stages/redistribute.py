@@ -41,9 +41,7 @@ RULES = {"mode": one_of(*MODES), "scale": one_of(*SCALES), "scale_rewards": one_
          "packed_max_tokens": COUNT, "mc_boundaries": NATURAL, "mc_samples": COUNT,
          "extra_forcings": list_of(Rule(lambda v: len(v) == 2 and all(isinstance(t, str) and t for t in v),
                                         "a [forcing text, closing text] pair of non-empty strings")),
-         "verdict_text": Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-         "yes_text": Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-         "no_text": Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")}
+         **{k: Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string") for k in ("verdict_text", "yes_text", "no_text")}}
 
 
 def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
