@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from rredcot.errors import UserError
+from rredcot.runconfig import RESUMABLE, flat
 from rredcot.runlog import eval_prefix, read_metrics
 from rredcot.stats import mean_ci, paired_t
 
@@ -49,21 +50,13 @@ class Run:
     def method_settings(self) -> dict[str, Any]:
         """Every setting that shapes training (flattened), so runs that differ in any of them (optim.lr,
         train.critic_lag, ...) are never averaged together as seeds of one method."""
-        return {k: v for k, v in _flatten(self.config).items() if not k.startswith(NOT_METHOD)}
+        return {k: v for k, v in flat(self.config).items() if not k.startswith(NOT_METHOD)}
 
 
-# Settings that do not change what a run learns: where it writes, how it logs, how often it is evaluated.
-NOT_METHOD = ("seed", "run_dir", "resume", "checkpoint", "cache_dir", "device", "plugins", "logging.", "eval.",
-              "credit.", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
-              "train.samples_per_log", "train.max_nonfinite_steps", "train.collapse_", "verify.timeout_s",
-              "verify.budget_s", "update.gradient_checkpointing", "update.compile", "hydra")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+# Settings that do not change what a run learns: those a resume may change (runconfig.RESUMABLE) but the
+# run's length, plus the seed, what is evaluated and where things come from.
+NOT_METHOD = tuple(k for k in RESUMABLE if k != "train.steps") + (
+    "seed", "checkpoint", "plugins", "eval.", "credit.", "verify.timeout_s", "verify.budget_s")
 
 
 def load_run(path: Path, split: str | None = None) -> Run:

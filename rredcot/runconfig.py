@@ -37,19 +37,20 @@ def run_dir_of(path: Path) -> Path | None:
     return None
 
 
-def _flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists stay values)."""
     if isinstance(cfg, dict):
         out: dict[str, Any] = {}
         for k, v in cfg.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: cfg}
 
 
 def _changes(before: DictConfig, after: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (before, after) for every leaf the two configs disagree on."""
-    a = _flat(OmegaConf.to_container(before, resolve=True))
-    b = _flat(OmegaConf.to_container(after, resolve=True))
+    a = flat(OmegaConf.to_container(before, resolve=True))
+    b = flat(OmegaConf.to_container(after, resolve=True))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
