@@ -212,6 +212,7 @@ def validate(cfg: DictConfig, check_entries: bool = True) -> None:
         raise UserError(f"Each generation batch of {n} completions is split into update.steps_per_generation={spg} "
                         f"optimizer steps of micro-batches of update.micro_batch_size={micro}; {n} / {spg} must be a whole "
                         f"multiple of {micro}. Change update.micro_batch_size (a divisor of {n // max(spg, 1)}) or steps_per_generation.")
+    check_data_parallel(cfg)
     if max(cfg.eval.ks) > cfg.eval.n_samples:
         raise UserError(f"eval.ks={list(cfg.eval.ks)} asks for pass@{max(cfg.eval.ks)}, but eval.n_samples={cfg.eval.n_samples} "
                         f"completions are sampled per prompt: set eval.n_samples={max(cfg.eval.ks)} or drop the larger k.")
@@ -230,6 +231,34 @@ def validate(cfg: DictConfig, check_entries: bool = True) -> None:
         registry.check("segment", name, "credit.segmenters")
     if check_entries:
         _check_entries(cfg)
+
+
+def check_data_parallel(cfg: DictConfig, world: int | None = None) -> None:
+    """Under W processes each rank owns whole prompt groups: W must divide the prompts per step, and each
+    rank's share of an optimizer step must be whole micro-batches (micro_batch_size is per process)."""
+    from rredcot.distributed import env_world_size
+
+    w = world or env_world_size()
+    g, n = cfg.rollout.group_size, cfg.train.generation_batch_size
+    spg, micro = cfg["update"].steps_per_generation, cfg["update"].micro_batch_size
+    if w == 1:
+        return
+    prompts = n // g
+    if prompts % w:
+        fits = [k for k in range(1, prompts + 1) if prompts % k == 0]
+        raise UserError(f"{w} processes share each step's {prompts} prompts (train.generation_batch_size={n} / rollout."
+                        f"group_size={g}), and every process must own whole prompt groups. Make the prompts per step a "
+                        f"multiple of {w} (train.generation_batch_size={g * w * max(1, round(prompts / w))}), or launch a "
+                        f"number of processes that divides {prompts} ({', '.join(map(str, fits))}).")
+    local = n // w // spg
+    if local % micro:
+        raise UserError(f"On {w} processes each one's share of an optimizer step is {n} / {w} / update.steps_per_generation="
+                        f"{spg} = {local} completions, not a whole number of micro-batches of update.micro_batch_size={micro} "
+                        f"(a per-process size). Set update.micro_batch_size to a divisor of {local} (e.g. {_divisor(local, micro)}).")
+
+
+def _divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def _check_entries(cfg: DictConfig) -> None:

@@ -22,24 +22,24 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from rredcot import lora
+from rredcot import distributed, lora
 from rredcot.config import rollout_options, stage_options
 from rredcot.critic import Critic
 from rredcot.errors import UserError
 from rredcot.evaluate import evaluate
 from rredcot.registry import get
-from rredcot.runlog import MetricsLog, check_run_dir, eval_prefix, init_run_dir, save_checkpoint
-from rredcot.stages.rollout import sample_from_ids, sample_rollout
-from rredcot.stages.segment import PieceDecoder, run_segment, segment_lengths, think_marker
+from rredcot.metrics import global_metrics, sample_rows
+from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, eval_prefix, init_run_dir, save_checkpoint
+from rredcot.stages.rollout import prefix_seeds, row_seeds, sample_from_ids, sample_rollout
+from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
 from rredcot.stages.values import PolicyContext
-from rredcot.stages.update import (advantage_by_group, build_optimizer, compile_layers, enable_checkpointing, frac_zero_std,
-                                   update_policy)
+from rredcot.stages.update import build_optimizer, compile_layers, enable_checkpointing, update_policy
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.startup import prompt_limit, startup_notes, task_sets
 from rredcot.stopping import GracefulStop
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
-from rredcot.ui import console, make_progress, note, summary_table
+from rredcot.ui import console, err_console, make_progress, note, summary_table
 from rredcot.watch import CollapseWatch
 
 
@@ -75,11 +75,12 @@ def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages, backend=No
 
     def generate(prefixes, n, budgets):
         return sample_from_ids(backend or model, tokenizer, prefixes, n, budgets, temperature=ro.temperature,
-                               top_p=ro.top_p, top_k=ro.top_k)
+                               top_p=ro.top_p, top_k=ro.top_k, seeds=prefix_seeds(cfg.seed, ctx.step, prefixes, n))
 
-    return PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs["accuracy"][0],
-                         force_text=cfg.task.get("forcing_text"), closing_text=cfg.task.get("closing_text") or "",
-                         generate=generate, temperature=ro.temperature, max_new_tokens=ro.max_new_tokens)
+    ctx = PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs["accuracy"][0],
+                        force_text=cfg.task.get("forcing_text"), closing_text=cfg.task.get("closing_text") or "",
+                        generate=generate, temperature=ro.temperature, max_new_tokens=ro.max_new_tokens)
+    return ctx
 
 
 class PromptSampler:
@@ -99,40 +100,25 @@ class PromptSampler:
         return out
 
 
-def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group_size: int) -> dict[str, Any]:
-    """What a user watches: reward, accuracy, lengths, entropy, credit spread, losses, stage times."""
-    lengths = ro.lengths.float()
-    mask = ro.completion_mask.bool()
-    valid = ~torch.isnan(ver.rewards)
-    out = {
-        "reward/mean": float(ver.rewards[valid].mean()) if valid.any() else float("nan"),
-        "reward/std": float(ver.rewards[valid].std()) if valid.sum() > 1 else 0.0,
-        "accuracy": float(ver.correct.float().mean()),
-        "frac_reward_zero_std": frac_zero_std(torch.nan_to_num(ver.rewards, nan=-1.0), group_size),
-        "frac_reward_undefined": float((~valid).float().mean()),
-        "completion/mean_length": float(lengths.mean()),
-        "completion/max_length": float(lengths.max()),
-        "completion/clipped_ratio": float(ro.truncated.float().mean()),
-        "entropy": float(ro.entropies[mask].mean()),
-        "segments/per_trace": float(segment_lengths(seg).mean()),
-        "completion/unclosed_think_frac": sum(e is None for e in seg.think_end) / max(len(seg.think_end), 1),
-        "advantage/token_std": float(credit.advantages[mask].std()) if mask.sum() > 1 else 0.0,
-        **advantage_by_group(credit.advantages, ro.completion_mask * credit.valid.to(mask.device)[:, None], ver.correct,
-                             group_size),
-        **{f"reward/{k}/mean": float(torch.nanmean(v)) for k, v in ver.per_func.items()},
-        **{f"extractor/{e}": ver.extractor.count(e) / len(ver.extractor) for e in sorted(set(ver.extractor))},
-        **credit.stats, **upd,
-    }
-    out.update({f"time/{k}_s": v for k, v in times.items()})
-    out["time/step_s"] = sum(times.values())
-    out["tokens/s"] = float(lengths.sum()) / max(out["time/step_s"], 1e-9)
-    out["memory/peak_mb"] = peak_memory_mb()
-    return out
-
-
 def evaluate_all(backend, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: dict,
-                 sampled: bool = True) -> dict[str, dict[str, Any]]:
-    return {split: evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled) for split, samples in sets.items()}
+                 sampled: bool = True, step: int = 0) -> dict[str, dict[str, Any]]:
+    return {split: evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled, step) for split, samples in sets.items()}
+
+
+def quiet_unless(main: bool) -> None:
+    """Only rank 0 speaks: notes, progress and tables once, not once per process (errors still reach stderr)."""
+    console.quiet = not main
+    err_console.quiet = not main
+
+
+def check_world_size(cfg: DictConfig) -> int:
+    """The launched world size (recorded in the run's config.yaml); world_size=N on the command line must match it."""
+    w = distributed.size()
+    if cfg.get("world_size") not in (None, w):
+        raise UserError(f"world_size={cfg.world_size} was set, but {w} process(es) were launched. world_size is recorded, "
+                        f"not chosen: launch with torchrun --nproc_per_node {cfg.world_size} (or accelerate launch "
+                        "--num_processes N), and leave world_size unset.")
+    return w
 
 
 def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, float]:
@@ -140,31 +126,33 @@ def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[st
     return {f"{eval_prefix(split, cfg.eval.split)}/{k}": r[k] for split, r in results.items() for k in keys}
 
 
-def peak_memory_mb() -> float:
-    """Peak accelerator memory if there is one, else the process's peak resident memory."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
-    """Run RL training as configured (`overrides`: the command line, saved with the run); returns the run directory."""
+    """Run RL training as configured (`overrides`: the command line, saved with the run); returns the run directory.
+
+    Launched on W processes (torchrun, accelerate launch), each rank samples, verifies, segments and
+    redistributes its own block of the step's prompt groups (rredcot/distributed.py); the update's
+    gradients are averaged by DDP (or sharded by FSDP2 / ZeRO); rank 0 alone writes the run directory."""
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    main = distributed.is_main()
+    quiet_unless(main)
+    cfg.world_size = check_world_size(cfg)
+    if not cfg.run_dir:
+        cfg.run_dir = distributed.broadcast(str(default_run_dir()))  # one name, chosen by rank 0
     run, ckpt = check_run_dir(cfg)
     set_seed(cfg.seed)
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
     stages = build_stages(cfg)
-    with make_progress(cfg.logging.progress) as progress:
-        model, tokenizer = load_policy(cfg, progress)
-        set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
-        train_set, eval_sets = task_sets(cfg, tokenizer, prompt_limit(cfg, model))
+    with make_progress(cfg.logging.progress and main) as progress:
+        with distributed.main_first():  # rank 0 builds the warm-start cache and the data caches; the others reuse them
+            model, tokenizer = load_policy(cfg, progress)
+            set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
+            train_set, eval_sets = task_sets(cfg, tokenizer, prompt_limit(cfg, model))
         check_golds({"train": train_set, **eval_sets}, stages.reward_funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
         startup_notes(cfg, tokenizer)
         if lora.enabled(cfg):  # the base weights stay; the adapter is new, or the checkpoint's
             model = lora.wrap(model, cfg, resume_from=ckpt)
-        init_run_dir(run, cfg, overrides, ckpt)  # only now: a config, data or model error leaves nothing behind
-        log = MetricsLog(run, cfg)
+        if main:
+            init_run_dir(run, cfg, overrides, ckpt)  # only now: a config, data or model error leaves nothing behind
+        log = MetricsLog(run, cfg, enabled=main)
         start, drawn, resume_state = 0, 0, None
         if ckpt is not None:
             resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
@@ -186,7 +174,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         if ref_model is not None and not isinstance(ref_model, lora.AdapterOff):
             ref_model = ref_model.to(accelerator.device)
         if resume_state is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])
+            distributed.load_optimizer(model, optimizer, resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
             torch.set_rng_state(resume_state["rng"])
         sampler = PromptSampler(len(train_set), cfg.seed, drawn)
@@ -195,20 +183,31 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         critic = Critic(accelerator.unwrap_model(model), cfg.train.get("critic_lag", 0), start)
         ctx = policy_context(cfg, critic.model, tokenizer, stages, backend)
         prompts_per_step = cfg.train.generation_batch_size // cfg.rollout.group_size
+        G = cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
+            finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            if distributed.any_rank(not finite):
                 raise UserError(f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
                                 "is still good. Lower optim.lr or update.max_grad_norm and resume from it.")
-            state = {"step": step, "drawn": sampler.drawn, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}
-            save_checkpoint(run, step, accelerator.unwrap_model(model), tokenizer, state, cfg.train.save_total_limit)
+            weights, optim_state = distributed.full_state(accelerator, model, optimizer)  # every rank takes part
+            if main:
+                state = {"step": step, "drawn": sampler.drawn, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                         "rng": torch.get_rng_state(), "world_size": distributed.size()}
+                save_checkpoint(run, step, accelerator.unwrap_model(model), tokenizer, state, cfg.train.save_total_limit,
+                                state_dict=weights)
+            distributed.barrier()  # no rank goes on (or exits) before the checkpoint is complete
+
+        def held_out(step: int, sampled: bool) -> dict[str, dict[str, Any]]:
+            with distributed.full_weights(model):  # ranks evaluate different prompt counts: no per-forward collectives
+                return evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs, sampled, step)
 
         start_file = run / "eval_start.json"  # the starting metrics, kept for eval.json across resumes
         if start == 0:
-            first_eval = evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs)
+            first_eval = held_out(0, True)
             log.log({"step": 0, **eval_row(cfg, first_eval)})
-            start_file.write_text(json.dumps(first_eval))
+            if main:
+                start_file.write_text(json.dumps(first_eval))
         else:
             first_eval = json.loads(start_file.read_text()) if start_file.exists() else None
         bar = progress.add_task("RL", total=cfg.train.steps, completed=start)
@@ -219,16 +218,19 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
             for step in range(start + 1, cfg.train.steps + 1):
                 times: dict[str, float] = {}
                 t = time.perf_counter()
-                batch = [train_set[i] for i in sampler.take(prompts_per_step)]
-                backend.wake()  # a colocated engine takes its memory back for sampling (and MC values)
-                ro = stages.rollout(backend, tokenizer, batch)
-                times["rollout"], t = time.perf_counter() - t, time.perf_counter()
-                ver = run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
-                times["verify"], t = time.perf_counter() - t, time.perf_counter()
-                seg = run_segment(ro, stages.segment, pieces, stages.marker)
-                times["segment"], t = time.perf_counter() - t, time.perf_counter()
-                credit = stages.redistribute(ro, ver, seg, ctx)
-                times["redistribute"], t = time.perf_counter() - t, time.perf_counter()
+                offset, batch = distributed.shard([train_set[i] for i in sampler.take(prompts_per_step)])
+                ctx.step = step
+                with distributed.full_weights(model):  # generation and probe chunks differ per rank
+                    backend.wake()  # a colocated engine takes its memory back for sampling (and MC values)
+                    seeds = row_seeds(cfg.seed, "train", step, range(offset * G, (offset + len(batch)) * G))
+                    ro = stages.rollout(backend, tokenizer, batch, seeds=seeds)
+                    times["rollout"], t = time.perf_counter() - t, time.perf_counter()
+                    ver = run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
+                    times["verify"], t = time.perf_counter() - t, time.perf_counter()
+                    seg = run_segment(ro, stages.segment, pieces, stages.marker)
+                    times["segment"], t = time.perf_counter() - t, time.perf_counter()
+                    credit = stages.redistribute(ro, ver, seg, ctx)
+                    times["redistribute"], t = time.perf_counter() - t, time.perf_counter()
                 backend.sleep()  # ... and gives it to the gradient passes
                 upd = update_policy(model, ro, credit, cfg=cfg["update"], temperature=cfg.rollout.temperature,
                                     max_completion_length=cfg.rollout.max_new_tokens, optimizer=optimizer,
@@ -236,37 +238,38 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                 backend.sync(accelerator.unwrap_model(model))  # the next samples come from the new weights
                 critic.after_step(step)
                 times["update"] = time.perf_counter() - t
-                row = {"step": step, **step_metrics(ro, ver, seg, credit, upd, times, cfg.rollout.group_size)}
+                records = distributed.gather_step(ro, ver, seg, credit)  # the whole batch's, for metrics and samples
+                row = {"step": step, **global_metrics(records, upd, times, G)}
                 warning = watch.update(step, row)
                 if warning:
                     note(warning)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                    row.update(eval_row(cfg, evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs, sampled=False)))
+                    row.update(eval_row(cfg, held_out(step, False)))
                 log.log(row)
                 if step % cfg.train.log_every == 0 or step == 1:
-                    log.samples(step, [{"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r),
-                                        "segments": b} for s, txt, r, b in
-                                       list(zip(ro.samples, ro.texts, ver.rewards.tolist(), seg.boundaries))[: cfg.train.samples_per_log]])
+                    log.samples(step, sample_rows(*records[:3], cfg.train.samples_per_log))
                 nonfinite = nonfinite + 1 if upd.get("skipped_nonfinite", 0) == 1 else 0
                 if nonfinite >= cfg.train.max_nonfinite_steps:
                     raise UserError(f"{nonfinite} steps in a row had non-finite gradients (NaN or inf) and were skipped "
                                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the weights are the last "
                                     "finite ones. Lower optim.lr or update.max_grad_norm, and resume from the last checkpoint.")
-                if stop.requested or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps):
+                stopping = distributed.any_rank(stop.requested is not None)  # a signal that reached one rank stops all
+                if stopping or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps):
                     checkpoint(step)
                 progress.update(bar, advance=1, description=f"RL reward {row['reward/mean']:.2f} acc {row['accuracy']:.2f} "
                                                           f"{row['time/step_s']:.2f}s/step")
-                if stop.requested and step < cfg.train.steps:
+                if stopping and step < cfg.train.steps:
                     console.print(f"[yellow]Stopped after step {step}; continue with: rredcot train resume=true run_dir={run}")
                     log.close()
-                    raise KeyboardInterrupt(stop.requested)
+                    raise KeyboardInterrupt(stop.requested or "a stop signal on another rank")
         checkpoint(cfg.train.steps)
-        final = evaluate_all(backend, tokenizer, eval_sets, cfg, stages.reward_funcs)
+        final = held_out(cfg.train.steps, True)
         log.log({"step": cfg.train.steps, **eval_row(cfg, final, ("accuracy", "pass@1"))})
         log.close()
     primary = cfg.eval.split
     result = {"start": first_eval and first_eval[primary], "final": final[primary], "steps": cfg.train.steps, "split": primary,
               "splits": {s: {"start": first_eval and first_eval[s], "final": final[s]} for s in final}}
-    (run / "eval.json").write_text(json.dumps(result, indent=2))
-    console.print(summary_table(run, result))
+    if main:
+        (run / "eval.json").write_text(json.dumps(result, indent=2))
+        console.print(summary_table(run, result))
     return run

@@ -67,6 +67,7 @@ COUNT, NATURAL = integer(1), integer(0)  # COUNT: at least one; NATURAL: 0 allow
 # Keys of conf/train.yaml outside the stage entries' own options. Checked when present.
 RULES: dict[str, Rule] = {
     "seed": NATURAL, "device": one_of("auto", "cpu", "cuda"), "resume": one_of(True, False),
+    "world_size": optional(COUNT),
     "rollout.group_size": integer(2), "rollout.max_new_tokens": COUNT, "rollout.temperature": POSITIVE,
     "rollout.top_p": number(0, 1, lo_open=True), "rollout.top_k": NATURAL, "rollout.chunk_size": COUNT,
     "verify.weight": number(), "verify.format_weight": NON_NEGATIVE, "verify.timeout_s": NON_NEGATIVE,

@@ -21,7 +21,7 @@ _QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
 # Keys a resume may change: how long a run goes on and how it reports, never what it learns from.
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
              "train.samples_per_log", "train.max_nonfinite_steps", "train.collapse_", "logging.", "device", "cache_dir",
-             "resume", "run_dir",
+             "resume", "run_dir", "world_size",  # a run is the same at any world size (README, "Scaling up")
              "update.gradient_checkpointing", "update.compile")  # the last two: memory and speed, the same arithmetic
 
 
@@ -160,6 +160,12 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
     if "train.steps" in told and (cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio):
         note(f"optim.schedule={cfg.optim.schedule} (warmup_ratio={cfg.optim.warmup_ratio}) is stretched over the new "
              "train.steps from here on: the run is no longer the one a fresh start with these steps would make.")
+    from rredcot.distributed import env_world_size
+
+    if cfg.get("world_size") not in (None, env_world_size()):
+        note(f"resuming on {env_world_size()} process(es); the run was started on {cfg.world_size}: the same run "
+             "(sampling is keyed by step and prompt, not by process), config.yaml records the new count.")
+    OmegaConf.update(cfg, "world_size", None, force_add=True)  # recorded, not chosen: the launch decides
     OmegaConf.update(cfg, "resume", True)
     OmegaConf.update(cfg, "run_dir", str(asked.run_dir))
     registry.load_plugins(cfg.get("plugins") or [])

@@ -124,8 +124,10 @@ def resolve_checkpoint(path: str) -> Path:
     return ckpt
 
 
-def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
-    """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones."""
+def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int,
+                    state_dict: dict | None = None) -> Path:
+    """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones.
+    state_dict: the full weights when the model is sharded over ranks (distributed.full_state)."""
     final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     for leftover in (run / "checkpoints").glob("*.tmp"):  # a write that a kill interrupted
@@ -135,7 +137,7 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any
 
         save(model, tmp, tokenizer)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -148,10 +150,12 @@ def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any
 class MetricsLog:
     """Appends one JSON object per step to metrics.jsonl, mirrored to tensorboard / wandb if asked."""
 
-    def __init__(self, run: Path, cfg: DictConfig):
+    def __init__(self, run: Path, cfg: DictConfig, enabled: bool = True):
         self.path = run / "metrics.jsonl"
-        self.run = run
+        self.run, self.enabled = run, enabled  # enabled=False: a data-parallel rank other than 0 writes nothing
         self.tb = self.wandb = None
+        if not enabled:
+            return
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -167,6 +171,8 @@ class MetricsLog:
                                     config=OmegaConf.to_container(cfg, resolve=True))
 
     def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
@@ -181,12 +187,14 @@ class MetricsLog:
         """Drop rows after `step` (a resumed run logged them before it was killed; they are redone), and,
         when the run never finished (`unfinished`: no eval.json), a final-evaluation row at `step` (the
         only rows with pass@1 are final ones; a kill during the final evaluation leaves one behind)."""
-        if self.path.exists():
+        if self.enabled and self.path.exists():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r["step"] < step or (r["step"] == step and not (unfinished and _is_final(r)))]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
         with (self.run / "samples" / f"step_{step:06d}.jsonl").open("w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

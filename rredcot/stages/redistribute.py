@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rredcot import distributed
 from rredcot.ranges import COUNT, NATURAL, Rule, list_of, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
@@ -105,7 +106,7 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
         per_seg = [R[i] - (v.clamp(0, 1) + (1 - v.clamp(0, 1)) * m[i]) for i, v in enumerate(values)]
     else:
         grpo = group_advantages(ver.rewards, group_size, scale=scale_rewards)
-        pooled = torch.cat(seg_r)
+        pooled = distributed.pooled(torch.cat(seg_r))  # every rank's segments: one unit for the whole batch
         unit = pooled.std() if pooled.numel() > 1 and pooled.std() > 0 else torch.tensor(1.0)
         per_seg = [grpo[i] + alpha * r / unit for i, r in enumerate(seg_r)]
     adv = torch.stack([_spread(p, seg.boundaries[i], lengths[i], T) for i, p in enumerate(per_seg)])  # [N, T]
@@ -113,7 +114,7 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
         if scale == "group":
             adv = adv / (_group_std(ver.rewards, group_size)[:, None] + eps)
         elif scale == "batch":
-            pooled = torch.cat(per_seg)
+            pooled = distributed.pooled(torch.cat(per_seg))
             adv = adv / (pooled.std() + eps if pooled.numel() > 1 else 1.0)
     if equal_groups == "zero":
         adv = adv * (~equal_reward_groups(ver.rewards, group_size))[:, None]

@@ -11,7 +11,9 @@ top-k/top-p filtering, the same distribution the update's log-probs use.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,35 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocab order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def row_seed(*key: object) -> int:
+    """A 63-bit seed from a key such as (seed, "train", step, global row): sampling keyed by what is sampled,
+    not by which process samples it, so 1 and 8 processes draw the same completions."""
+    digest = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def row_seeds(seed: int, stream: str, step: int, rows: Iterable[int]) -> list[int]:
+    """row_seed(seed, stream, step, row) for each global row index in `rows`."""
+    return [row_seed(seed, stream, step, r) for r in rows]
+
+
+def keyed_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
+    """[N, steps] uniforms in [0, 1), row i from its own generator seeded with seeds[i] (CPU, then moved)."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                        for s in seeds]) if seeds else torch.zeros(0, steps, dtype=torch.float64)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [N, V] (rows need not sum to 1), u [N] in [0, 1) -> token ids [N].
+
+    Token i is drawn when cdf[i-1] <= u * total < cdf[i]; a zero-probability token never is.
+    Example: probs [.2, 0, .5, .3] (cdf .2 .2 .7 1.0): u=.1 -> 0, u=.2 -> 2 (not 1), u=.69 -> 2, u=.95 -> 3.
+    """
+    cdf = probs.double().cumsum(-1)  # float64: the boundaries do not drift with the vocabulary size
+    target = u.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    return (cdf <= target).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def forward_takes(model, name: str) -> bool:
@@ -76,12 +107,14 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Sample completions for left-padded prompts [N, P].
 
     Returns completion_ids, completion_mask, logprobs, entropies (all [N, T], T <= max_new_tokens)
     and truncated [N]. Rows stop at any of the EOS ids (included in the mask); the loop ends when all
-    have stopped.
+    have stopped. Token t of row i is drawn with uniforms[i, t] ([N, >= max_new_tokens], keyed per row:
+    a row's completion does not depend on which other rows share its batch); None: torch's generator.
     """
     n = prompt_ids.shape[0]
     mask = prompt_mask.clone()
@@ -100,7 +133,8 @@ def generate(
             tok = scaled.argmax(-1)
         else:
             probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
-            tok = torch.multinomial(probs, 1).squeeze(-1)  # [N]
+            u = uniforms[:, len(toks)] if uniforms is not None else torch.rand(n, device=probs.device)
+            tok = draw(probs, u)  # [N]
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         toks.append(tok)
         alive.append(~done)
@@ -144,7 +178,9 @@ class RolloutBackend:
     """What generates completions. `external` backends sample with their own copy of the weights (vLLM):
     the trainer re-scores their tokens, and the update corrects for the mismatch (update.is_cap).
 
-    generate(prompt_ids [N, P], prompt_mask [N, P], sampling, budgets=None) -> Generations
+    generate(prompt_ids [N, P], prompt_mask [N, P], sampling, budgets=None, seeds=None) -> Generations
+      seeds: N per-row sampling seeds (row_seed); row i's completion must depend only on its prompt,
+      the weights and seeds[i], so a run gives the same completions at any world size
     sync(model): the trainer's weights changed (after every optimizer step); the next generate uses them
     sleep() / wake(): free and take back the sampler's accelerator memory around the gradient passes
     """
@@ -153,7 +189,8 @@ class RolloutBackend:
     chunk_size = 256
     score_batch_size = 8  # rows per trainer forward when an external backend's tokens are re-scored
 
-    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None) -> Generations:
+    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None,
+                 seeds: list[int] | None = None) -> Generations:
         raise NotImplementedError
 
     def sync(self, model) -> None:
@@ -176,7 +213,8 @@ class KVCacheBackend(RolloutBackend):
     def sync(self, model) -> None:
         self.model = model
 
-    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None) -> Generations:
+    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None,
+                 seeds: list[int] | None = None) -> Generations:
         model, tok = self.model, self.tokenizer
         was_training = model.training
         model.eval()
@@ -184,9 +222,10 @@ class KVCacheBackend(RolloutBackend):
         for lo in range(0, prompt_ids.shape[0], self.chunk_size):
             sl = slice(lo, lo + self.chunk_size)
             budget = max(budgets[sl]) if budgets else sampling.max_new_tokens
+            u = keyed_uniforms(seeds[sl], budget).to(prompt_ids.device) if seeds and not sampling.greedy else None
             parts.append(generate(model, prompt_ids[sl], prompt_mask[sl], eos_id=stop_ids(model, tok), pad_id=tok.pad_token_id,
                                   max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k, greedy=sampling.greedy))
+                                  top_k=sampling.top_k, greedy=sampling.greedy, uniforms=u))
         model.train(was_training)
         T = max(p[0].shape[1] for p in parts)
         fill = (tok.pad_token_id, 0, 0.0, 0.0)
@@ -227,8 +266,11 @@ def sample_rollout(
     top_k: int = 0,
     greedy: bool = False,
     score: bool = True,
+    seeds: list[int] | None = None,
 ) -> Rollout:
     """`group_size` completions for each sample from `backend` (or a model: the reference backend).
+
+    seeds: one per completion (len(samples) * group_size, row_seeds): keyed sampling; None: torch's generator.
 
     An external backend's tokens are re-scored by the trainer (log-probs, entropies) when `score`
     (evaluation needs neither); its own log-probs are kept as `sampler_logprobs` for the update's
@@ -239,7 +281,7 @@ def sample_rollout(
     enc = tokenizer([s.prompt for s in repeated], return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k, greedy)
-    gen = backend.generate(prompt_ids, prompt_mask, sampling)
+    gen = backend.generate(prompt_ids, prompt_mask, sampling, **({"seeds": seeds} if seeds is not None else {}))
     logp, ent, sampler_logp = gen.logprobs, gen.entropies, None
     if backend.external:
         sampler_logp = gen.logprobs
@@ -253,10 +295,18 @@ def sample_rollout(
                    sampler_logprobs=sampler_logp)
 
 
+def prefix_seeds(seed: int, step: int, prefixes: list[list[int]], n: int) -> list[int]:
+    """Seeds for n continuations of each prefix, keyed by the prefix's tokens (not its position in a rank's
+    batch): the same Monte Carlo values at any world size. Two identical prefixes get the same continuations
+    (they estimate the same value)."""
+    keys = [hashlib.blake2b(str(p).encode(), digest_size=8).hexdigest() for p in prefixes]
+    return [row_seed(seed, "mc", step, k, j) for k in keys for j in range(n)]
+
+
 def sample_from_ids(backend, tokenizer, prefixes: list[list[int]], n: int, budgets: list[int], *, temperature: float = 1.0,
-                    top_p: float = 1.0, top_k: int = 0) -> list[str]:
+                    top_p: float = 1.0, top_k: int = 0, seeds: list[int] | None = None) -> list[str]:
     """`n` sampled continuations of each token prefix (Monte Carlo values); continuation j of prefix i
-    is at index i * n + j and has at most budgets[i] tokens."""
+    is at index i * n + j and has at most budgets[i] tokens (seeds: one per continuation, prefix_seeds)."""
     backend = as_backend(backend, tokenizer)
     rows = [(p, b) for p, b in zip(prefixes, budgets) for _ in range(n)]
     device = next(backend.model.parameters()).device
@@ -269,8 +319,9 @@ def sample_from_ids(backend, tokenizer, prefixes: list[list[int]], n: int, budge
         for i, (p, _) in enumerate(chunk):  # left padding
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
+        keyed = {"seeds": seeds[lo : lo + backend.chunk_size]} if seeds is not None else {}
         gen = backend.generate(ids.to(device), mask.to(device), Sampling(max(b for _, b in chunk), temperature, top_p, top_k),
-                               budgets=[b for _, b in chunk])
+                               budgets=[b for _, b in chunk], **keyed)
         for i, (_, budget) in enumerate(chunk):
             keep = gen.ids[i, :budget][gen.mask[i, :budget].bool()]
             texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True))

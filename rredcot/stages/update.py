@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from rredcot import distributed
 from rredcot.logprobs import completion_logprobs, no_grad_logprobs
 from rredcot.registry import get, register
 
@@ -33,7 +34,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "group":
         adv = adv / (std + eps)
     elif scale == "batch":
-        adv = adv / (r[valid].std() + eps) if int(valid.sum()) > 1 else adv / (1 + eps)
+        pooled = distributed.pooled(r[valid])  # the whole generation batch's rewards, every rank's
+        adv = adv / (pooled.std() + eps) if pooled.numel() > 1 else adv / (1 + eps)
     elif scale != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
     return torch.where(valid, adv, torch.zeros_like(adv)).view(-1)
@@ -215,21 +217,27 @@ def update_policy(model, rollout, credit, *, cfg, temperature: float, max_comple
                   scheduler, accelerator, ref_model=None) -> dict[str, float]:
     """num_iterations x steps_per_generation optimizer steps on one generation batch of N completions.
 
-    Each optimizer step takes N / steps_per_generation completions, in micro-batches of
+    Each optimizer step takes N / steps_per_generation completions (step s: rows s, s + spg, s + 2 spg, ...;
+    interleaved, so that the same global rows form step s at any world size), in micro-batches of
     cfg.micro_batch_size (gradient accumulation). Old log-probs are the detached current ones when each
     completion is used once (rho == 1); otherwise they are recomputed before the first step.
+
+    Data parallel (N = this rank's rows, W ranks): DDP averages gradients over ranks, which is the global
+    mean for the per-row losses (grpo, dr_grpo: every rank holds the same number of rows); dapo divides
+    by the active tokens of the whole generation batch (all-reduced) and is scaled by W to undo the average.
     """
     N, T = rollout.completion_ids.shape
     valid = credit.valid.to(rollout.completion_mask.device)  # rewards come from the CPU verifiers
     mask = rollout.completion_mask * valid[:, None]  # [N, T]; undefined rewards are skipped
     if cfg.mask_truncated_completions:
         mask = mask * (~rollout.truncated)[:, None]
-    rows = torch.arange(N, device=mask.device)
+    # [spg, N / spg]: row s of it is optimizer step s's rows (interleaved)
+    rows = torch.arange(N, device=mask.device).view(-1, cfg.steps_per_generation).T
     per_step = N // cfg.steps_per_generation
     accum = per_step // cfg.micro_batch_size
     reuse = cfg.num_iterations > 1 or cfg.steps_per_generation > 1
     agg = get("update", cfg.loss_type)
-    num_items = float(mask.sum())  # dapo: active tokens of the whole generation batch (one process)
+    num_items = distributed.total(float(mask.sum()))  # dapo: active tokens of the whole generation batch, all ranks
     stats: dict[str, list[float]] = {}
     with _grad_mode(model, cfg.get("autocast")):  # old and reference log-probs in the same precision as the new
         batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature,
@@ -296,8 +304,8 @@ def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all,
     """The optimizer steps of update_policy (stats are appended to `stats`)."""
     for _ in range(cfg.num_iterations):
         for s in range(cfg.steps_per_generation):
-            for lo in range(s * per_step, (s + 1) * per_step, cfg.micro_batch_size):
-                r = rows[lo : lo + cfg.micro_batch_size]
+            for lo in range(0, per_step, cfg.micro_batch_size):
+                r = rows[s, lo : lo + cfg.micro_batch_size]
                 logp, _ = completion_logprobs(model, rollout.prompt_ids[r], rollout.prompt_mask[r],
                                               rollout.completion_ids[r], rollout.completion_mask[r], temperature)
                 old = logp.detach() if old_all is None else old_all[r]
@@ -310,20 +318,37 @@ def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all,
                                                     eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=ref, is_weight=w)
                 m = mask[r].to(tok_loss.dtype)
                 loss = agg(tok_loss, m, max_completion_length=max_completion_length, num_items=num_items)
-                if agg.divide_by_accum:
-                    loss = loss / accum
-                accelerator.backward(loss)
-                _append(stats, {"loss": loss.item() * (accum if agg.divide_by_accum else 1)},
+                logged = loss.item()
+                # per-row losses: / accum; dapo (global denominator): x W against DDP's mean over ranks
+                loss = loss / accum if agg.divide_by_accum else loss * distributed.size()
+                _backward(accelerator, model, loss, last=lo + cfg.micro_batch_size >= per_step)
+                _append(stats, {"loss": logged},
                         clip_stats(rho.detach(), credit.advantages[r], m, cfg.eps_low, cfg.eps_high))
                 if kl is not None:
                     _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            finite = bool(torch.isfinite(grad_norm))
+            grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))  # DeepSpeed: its engine clips
+            finite = bool(torch.isfinite(grad_norm)) or _clips_itself(model)
             if finite:  # a NaN/inf gradient would poison every weight: skip the step (counted, see pipeline)
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _append(stats, {"grad_norm": float(grad_norm) if finite else float("nan"), "skipped_nonfinite": float(not finite)})
+
+
+def _backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:
+    """One micro-batch's backward. Gradients cross ranks once, on the optimizer step's last micro-batch
+    (DDP's no_sync before it); a DeepSpeed engine, which steps inside backward, is told where the step ends."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    if hasattr(model, "set_gradient_accumulation_boundary"):  # a DeepSpeed engine
+        model.set_gradient_accumulation_boundary(last)
+    with nullcontext() if last else accelerator.no_sync(model):
+        accelerator.backward(loss)
+
+
+def _clips_itself(model) -> bool:
+    """A DeepSpeed engine clips and skips non-finite steps by its own config (its norm may not be reported)."""
+    return hasattr(model, "set_gradient_accumulation_boundary")
 
 
 def _append(stats: dict[str, list[float]], *dicts: dict[str, float]) -> None:

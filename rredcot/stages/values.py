@@ -34,6 +34,7 @@ class PolicyContext:
     generate: Callable | None = None  # (prefix id lists, n, budgets) -> texts, for Monte Carlo
     temperature: float = 1.0  # the sampling temperature: probes score the policy that samples (as the update does)
     max_new_tokens: int = 0  # the rollout's completion budget (Monte Carlo continuations share it)
+    step: int = 0  # the RL step (keys the Monte Carlo continuations' sampling: the same at any world size)
 
 
 def _encode(tok, text: str) -> torch.Tensor:

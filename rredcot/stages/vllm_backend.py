@@ -125,9 +125,10 @@ class VLLMBackend(RolloutBackend):
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
             self.stale, self.pushes = False, self.pushes + 1
 
-    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None) -> Generations:
-        """One request per row (rows are already repeated per group), each with its own seed drawn from
-        torch's generator, so a seeded run samples the same completions again."""
+    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None,
+                 seeds: list[int] | None = None) -> Generations:
+        """One request per row (rows are already repeated per group), each with its own seed: the keyed one
+        (the same completions at any world size) or one drawn from torch's generator."""
         self.wake()
         if not sampling.greedy and (sampling.top_p < 1 or sampling.top_k) and not self.noted:
             note("rollout=vllm with rollout.top_p < 1 or top_k > 0: the engine's log-probs are taken after that filter, "
@@ -135,7 +136,7 @@ class VLLMBackend(RolloutBackend):
             self.noted = True
         n = prompt_ids.shape[0]
         budgets = budgets or [sampling.max_new_tokens] * n
-        seeds = torch.randint(0, 2**31 - 1, (n,)).tolist()
+        seeds = [s % (2**31 - 1) for s in seeds] if seeds else torch.randint(0, 2**31 - 1, (n,)).tolist()
         stops = stop_ids(self.model, self.tokenizer)
         params = [self.params_cls(n=1, temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
                                   top_k=sampling.top_k or -1, max_tokens=b, logprobs=0, stop_token_ids=stops, seed=s,
