@@ -1,0 +1,97 @@
+"""Data parallel on CPU: two real ranks (torchrun, gloo), checked against one process.
+
+`accelerate launch --cpu --num_processes 2` starts a single process, so these use torchrun; each test
+asserts from the run's own record (config.yaml world_size, taken from the process group) that two ranks ran.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import REPO, cli
+
+# 2 steps of 4 prompts x 4 completions; every completion logged; an odd eval set (ranks get 3 and 2 prompts)
+SHORT = ["debug=fast", "logging.progress=false", "train.steps=2", "train.log_every=1", "train.samples_per_log=16",
+         "train.eval_every=0", "train.save_every=0", "eval.n_prompts=5"]
+CASES = {
+    # RREDCoT's default: forced values (uneven probe chunks per rank), dapo (global token denominator, x W)
+    "rredcot": ["algo=rredcot"],
+    # GRPO with per-row loss, batch-scaled rewards (a global std), 2 optimizer steps of 2 micro-batches per rank
+    "grpo": ["algo=grpo", "update.loss_type=grpo", "redistribute.scale_rewards=batch", "update.steps_per_generation=2",
+             "update.micro_batch_size=2"],
+}
+WEIGHT_TOL = 1e-5  # float32 sums in another order (DDP's average vs one process's accumulation); measured ~3e-7
+
+
+def torchrun(n: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node n -m rredcot ARGS`, as a user launches it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+                           "rredcot", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun rredcot {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_give_the_one_process_run(tmp_path, case):
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("train", *SHORT, *CASES[case], f"run_dir={one}")
+    proc = torchrun(2, "train", *SHORT, *CASES[case], f"run_dir={two}")
+
+    # two ranks really ran, and wrote one run directory (rank 1 wrote nothing of its own)
+    assert yaml.safe_load((two / "config.yaml").read_text())["world_size"] == 2
+    assert yaml.safe_load((one / "config.yaml").read_text())["world_size"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert proc.stdout.count("held-out metrics") == 1  # the summary table once, from rank 0
+
+    # the same completions (all 16 of each step: both ranks' rows, in global order) and the same rewards
+    for step in (1, 2):
+        a, b = lines(one / "samples" / f"step_{step:06d}.jsonl"), lines(two / "samples" / f"step_{step:06d}.jsonl")
+        assert len(a) == len(b) == 16 and a == b
+
+    # the same weights after two steps, within float tolerance
+    wa, wb = weights(one), weights(two)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst < WEIGHT_TOL, worst
+
+    # global metrics: the gathered batch's, not rank 0's half (timings and memory differ by nature)
+    ma, mb = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for k, v in ra.items():
+            if k.startswith(("time/", "tokens/s", "memory/")) or v is None:
+                continue
+            assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (ra["step"], k)
+    # evaluation split over ranks (3 + 2 prompts) and gathered: every prompt scored once
+    ea, eb = json.loads((one / "eval.json").read_text()), json.loads((two / "eval.json").read_text())
+    assert eb["final"]["n_prompts"] == 5
+    assert eb["final"]["examples"] == ea["final"]["examples"]
+
+
+def test_uneven_world_is_refused_at_config_time(tmp_path):
+    """3 ranks cannot split 4 prompt groups: a one-paragraph error naming the numbers to change, nothing written."""
+    env = dict(os.environ, WORLD_SIZE="3")  # what a launcher sets; the check runs before any process group
+    proc = cli("train", "debug=fast", f"run_dir={tmp_path / 'r'}", check=False, env=env)
+    assert proc.returncode == 2
+    assert "3 processes" in proc.stderr and "4 prompts" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
