@@ -47,13 +47,16 @@ def searchpath_dirs(parsed: list[Any] = ()) -> list[Path]:
     return dirs
 
 
+NOT_GROUPS = {"accelerate"}  # conf/accelerate/: launcher configs (accelerate launch --config_file), not Hydra's
+
+
 def groups(parsed: list[Any] = ()) -> dict[str, list[str]]:
     """Config group -> its options, e.g. {"algo": ["grpo"], "exp": ["gsm8k", ...]}, over our configs
     and any directories added with hydra.searchpath."""
     out: dict[str, set[str]] = {}
     for root in [config_dir(), *searchpath_dirs(parsed)]:
         for d in sorted(root.iterdir()) if root.is_dir() else []:
-            if d.is_dir() and not d.name.startswith(("_", ".")):
+            if d.is_dir() and not d.name.startswith(("_", ".")) and d.name not in NOT_GROUPS:
                 out.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
     return {g: sorted(opts) for g, opts in sorted(out.items())}
 

@@ -199,6 +199,30 @@ def sharded(model) -> bool:
     return active() and (bool(fsdp2_modules(model)) or _deepspeed_zero3(model) is not None)
 
 
+def configure_engine(accelerator, update_cfg) -> None:
+    """DeepSpeed (through accelerate) before prepare: it needs the per-GPU micro-batch (no dataloader passes
+    through prepare), it clips gradients itself (its gradient_clipping stands for update.max_grad_norm) and
+    it must not accumulate on its own (rredcot does: gradient_accumulation_steps 1)."""
+    from rredcot.errors import UserError
+    from rredcot.ui import note
+
+    ds = accelerator.state.deepspeed_plugin
+    if ds is None:
+        return
+    conf = ds.deepspeed_config
+    conf["train_micro_batch_size_per_gpu"] = int(update_cfg.micro_batch_size)
+    if conf.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise UserError(f"The DeepSpeed config sets gradient_accumulation_steps={conf['gradient_accumulation_steps']}; "
+                        "rredcot accumulates micro-batches itself (update.micro_batch_size, update.steps_per_generation). "
+                        "Set it to 1 in the accelerate config (conf/accelerate/zero2.yaml and zero3.yaml do).")
+    clip = conf.get("gradient_clipping", "auto")
+    if clip == "auto":
+        conf["gradient_clipping"] = float(update_cfg.max_grad_norm)
+    elif float(clip) != float(update_cfg.max_grad_norm):
+        note(f"DeepSpeed clips gradients at its gradient_clipping={clip}, not update.max_grad_norm="
+             f"{update_cfg.max_grad_norm}: set them equal in the accelerate config to clip where the config says.")
+
+
 # ---- checkpoints ----------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, compile_layers, enable_checkpointing, update_policy
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.startup import prompt_limit, startup_notes, task_sets
-from rredcot.stopping import GracefulStop
+from rredcot.stopping import STOP_FILE, GracefulStop
 from rredcot.task.warmstart import load_policy
 from rredcot.types import Sample
 from rredcot.ui import console, err_console, make_progress, note, summary_table
@@ -170,6 +170,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
             compile_layers(model)
         total_opt_steps = cfg.train.steps * cfg["update"].num_iterations * cfg["update"].steps_per_generation
         optimizer, scheduler = build_optimizer(model, cfg.optim, max(total_opt_steps, 1))
+        distributed.configure_engine(accelerator, cfg["update"])
         model, optimizer = accelerator.prepare(model, optimizer)
         if ref_model is not None and not isinstance(ref_model, lora.AdapterOff):
             ref_model = ref_model.to(accelerator.device)
@@ -214,7 +215,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         watch = CollapseWatch(cfg.train.get("collapse_drop", 0.2), cfg.train.get("collapse_window", 10),
                               cfg.train.get("collapse_clip", 0.05))
         nonfinite = 0  # consecutive steps whose every optimizer step was skipped for a NaN/inf gradient
-        with GracefulStop() as stop:
+        with GracefulStop(run / STOP_FILE if main else None) as stop:  # rank 0 looks for the file; any_rank tells all
             for step in range(start + 1, cfg.train.steps + 1):
                 times: dict[str, float] = {}
                 t = time.perf_counter()
@@ -253,17 +254,21 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
                     raise UserError(f"{nonfinite} steps in a row had non-finite gradients (NaN or inf) and were skipped "
                                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); the weights are the last "
                                     "finite ones. Lower optim.lr or update.max_grad_norm, and resume from the last checkpoint.")
-                stopping = distributed.any_rank(stop.requested is not None)  # a signal that reached one rank stops all
+                stopping = distributed.any_rank(stop.requested is not None)  # a request that reached one rank stops all
                 if stopping or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps):
                     checkpoint(step)
                 progress.update(bar, advance=1, description=f"RL reward {row['reward/mean']:.2f} acc {row['accuracy']:.2f} "
                                                           f"{row['time/step_s']:.2f}s/step")
                 if stopping and step < cfg.train.steps:
+                    if main:
+                        (run / STOP_FILE).unlink(missing_ok=True)  # served: a resumed run does not stop again
                     console.print(f"[yellow]Stopped after step {step}; continue with: rredcot train resume=true run_dir={run}")
                     log.close()
-                    raise KeyboardInterrupt(stop.requested or "a stop signal on another rank")
+                    raise KeyboardInterrupt(stop.requested or "a stop request on another rank")
         checkpoint(cfg.train.steps)
         final = held_out(cfg.train.steps, True)
+        if main:
+            (run / STOP_FILE).unlink(missing_ok=True)  # a request that came too late to matter
         log.log({"step": cfg.train.steps, **eval_row(cfg, final, ("accuracy", "pass@1"))})
         log.close()
     primary = cfg.eval.split

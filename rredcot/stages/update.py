@@ -328,7 +328,7 @@ def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all,
                     _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))  # DeepSpeed: its engine clips
-            finite = bool(torch.isfinite(grad_norm)) or _clips_itself(model)
+            finite = bool(torch.isfinite(grad_norm)) or _clips_itself(accelerator)
             if finite:  # a NaN/inf gradient would poison every weight: skip the step (counted, see pipeline)
                 optimizer.step()
             scheduler.step()
@@ -339,16 +339,14 @@ def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all,
 def _backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:
     """One micro-batch's backward. Gradients cross ranks once, on the optimizer step's last micro-batch
     (DDP's no_sync before it); a DeepSpeed engine, which steps inside backward, is told where the step ends."""
-    accelerator.gradient_state._set_sync_gradients(last)
-    if hasattr(model, "set_gradient_accumulation_boundary"):  # a DeepSpeed engine
-        model.set_gradient_accumulation_boundary(last)
+    accelerator.gradient_state._set_sync_gradients(last)  # accelerate's DeepSpeed wrapper reads it
     with nullcontext() if last else accelerator.no_sync(model):
         accelerator.backward(loss)
 
 
-def _clips_itself(model) -> bool:
+def _clips_itself(accelerator) -> bool:
     """A DeepSpeed engine clips and skips non-finite steps by its own config (its norm may not be reported)."""
-    return hasattr(model, "set_gradient_accumulation_boundary")
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def _append(stats: dict[str, list[float]], *dicts: dict[str, float]) -> None:
