@@ -45,7 +45,9 @@ fi
 if [[ $mode == one_node ]]; then
   cmd=("${launcher[@]}" "${train[@]}")
 else
-  if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  if [[ -n ${SLURM_JOB_NODELIST:-} ]]; then
+    hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")  # all of it: `| head -1` would SIGPIPE scontrol (pipefail)
+    head=${hosts%%$'\n'*}
   else head=HEAD_NODE; fi
   port=${MASTER_PORT:-29500}
   if [[ -n ${ACCELERATE_CONFIG:-} ]]; then
