@@ -24,6 +24,25 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def make_accelerator(device: str):
+    """The Accelerator for device=auto|cpu|cuda, refusing a launch it would not really distribute.
+
+    Without a GPU, accelerate distributes only when told cpu=True: otherwise every rank of a torchrun
+    launch trains alone, unsynchronised, as if it were the only one (measured: 2 ranks, distributed_type NO)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from rredcot.errors import UserError
+
+    accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    launched = env_world_size()
+    if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
+        raise UserError(f"The launcher started {launched} processes, but accelerate set up {accelerator.num_processes} "
+                        f"({accelerator.distributed_type}): the ranks would train separately. Launch with torchrun "
+                        "--nproc_per_node N or accelerate launch --num_processes N, and check `accelerate env`.")
+    return accelerator
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

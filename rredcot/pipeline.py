@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
@@ -132,7 +131,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
     Launched on W processes (torchrun, accelerate launch), each rank samples, verifies, segments and
     redistributes its own block of the step's prompt groups (rredcot/distributed.py); the update's
     gradients are averaged by DDP (or sharded by FSDP2 / ZeRO); rank 0 alone writes the run directory."""
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = distributed.make_accelerator(cfg.device)
     main = distributed.is_main()
     quiet_unless(main)
     cfg.world_size = check_world_size(cfg)

@@ -22,9 +22,10 @@ SHORT = ["debug=fast", "logging.progress=false", "train.steps=2", "train.log_eve
 CASES = {
     # RREDCoT's default: forced values (uneven probe chunks per rank), dapo (global token denominator, x W)
     "rredcot": ["algo=rredcot"],
-    # GRPO with per-row loss, batch-scaled rewards (a global std), 2 optimizer steps of 2 micro-batches per rank
+    # GRPO with per-row loss, batch-scaled rewards (a global std), 2 optimizer steps of 2 micro-batches per rank;
+    # a format reward, so that groups differ (the debug model answers nothing right: GRPO would learn nothing)
     "grpo": ["algo=grpo", "update.loss_type=grpo", "redistribute.scale_rewards=batch", "update.steps_per_generation=2",
-             "update.micro_batch_size=2"],
+             "update.micro_batch_size=2", "verify.format_weight=0.5"],
 }
 WEIGHT_TOL = 1e-5  # float32 sums in another order (DDP's average vs one process's accumulation); measured ~3e-7
 
@@ -76,6 +77,8 @@ def test_two_ranks_give_the_one_process_run(tmp_path, case):
 
     # global metrics: the gathered batch's, not rank 0's half (timings and memory differ by nature)
     ma, mb = lines(one / "metrics.jsonl"), lines(two / "metrics.jsonl")
+    trained = [r for r in ma if "grad_norm" in r]
+    assert len(trained) == 2 and all(r["grad_norm"] > 1e-4 for r in trained)  # not vacuous: the weights moved
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     for ra, rb in zip(ma, mb):
         for k, v in ra.items():
@@ -90,7 +93,7 @@ def test_two_ranks_give_the_one_process_run(tmp_path, case):
 
 def test_uneven_world_is_refused_at_config_time(tmp_path):
     """3 ranks cannot split 4 prompt groups: a one-paragraph error naming the numbers to change, nothing written."""
-    env = dict(os.environ, WORLD_SIZE="3")  # what a launcher sets; the check runs before any process group
+    env = {"WORLD_SIZE": "3"}  # what a launcher sets; the check runs before any process group
     proc = cli("train", "debug=fast", f"run_dir={tmp_path / 'r'}", check=False, env=env)
     assert proc.returncode == 2
     assert "3 processes" in proc.stderr and "4 prompts" in proc.stderr and "Traceback" not in proc.stderr
