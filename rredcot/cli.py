@@ -34,6 +34,31 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     run_train(config_for_resume(overrides) if cfg.resume else cfg, overrides)
 
 
+def _ranks(cfg):
+    """(is rank 0, the device to evaluate on). Under torchrun / accelerate launch: the process group (the
+    held-out prompts are split over the ranks and gathered) and one voice; otherwise device=auto is the
+    GPU when there is one."""
+    import torch
+
+    from rredcot import distributed
+
+    if distributed.env_world_size() > 1:
+        from rredcot.pipeline import quiet_unless
+
+        device = distributed.make_accelerator(cfg.device).device
+        quiet_unless(distributed.is_main())
+        return distributed.is_main(), device
+    return True, torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _one_process(command: str) -> None:
+    from rredcot.distributed import env_world_size
+
+    if env_world_size() > 1:
+        raise UserError(f"rredcot {command} runs in one process, but it was launched on {env_world_size()}. Run it as "
+                        f"`rredcot {command} ...`; several processes are for `rredcot train` (and `rredcot eval`).")
+
+
 def _load_checkpoint(cfg):
     from rredcot.runlog import resolve_checkpoint
     from rredcot.task.model import load_pretrained, load_tokenizer
@@ -52,10 +77,12 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from rredcot.stages.verify import build_reward_funcs, check_golds
 
     cfg, run = config_for_run(list(overrides or []), "rredcot eval")
+    main, device = _ranks(cfg)
     if not cfg.checkpoint:
         raise UserError("rredcot eval needs checkpoint=PATH: a run directory made by `rredcot train` "
                         "(its latest checkpoint is used) or a checkpoint directory such as RUN/checkpoints/step_000150.")
     ckpt, model, tokenizer = _load_checkpoint(cfg)
+    model = model.to(device)
     samples = task_sets(cfg, tokenizer, prompt_limit(cfg, model))[1][cfg.eval.split]
     startup_notes(cfg, tokenizer)
     funcs = build_reward_funcs(cfg.verify)
@@ -64,6 +91,8 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
     result = evaluate(build_stages(cfg).make_backend(model, tokenizer), tokenizer, samples, cfg, funcs)
     result.update(checkpoint=str(ckpt), split=cfg.eval.split, task=cfg.task.name, verifier=cfg.verify.name)
+    if not main:  # the prompts were split over the ranks; rank 0 writes the gathered result
+        return
     out_dir = Path(cfg.run_dir) if cfg.run_dir else (run or ckpt)
     path = unique_path(out_dir / "evals" / f"{ckpt.name}_{cfg.eval.split}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +113,7 @@ def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     from rredcot.runconfig import config_for_run, unique_path
     from rredcot.task.warmstart import load_policy
 
+    _one_process("credit")
     cfg, run = config_for_run(list(overrides or []), "rredcot credit")
     if cfg.checkpoint:
         ckpt, model, tokenizer = _load_checkpoint(cfg)
@@ -111,6 +141,7 @@ def compare(
     """Train the configured method and a baseline on identical seeds, evaluate both, write a report."""
     import time
 
+    _one_process("compare")
     from rredcot.compare import build_report
     from rredcot.compare_runs import train_pair
 

@@ -186,7 +186,7 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         G = cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
-            finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            finite = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in model.parameters())  # own shard
             if distributed.any_rank(not finite):
                 raise UserError(f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
                                 "is still good. Lower optim.lr or update.max_grad_norm and resume from it.")

@@ -10,7 +10,7 @@ from .conftest import cli
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "report"
-    proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2", "eval.n_prompts=8",
+    proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2",
                "eval.extra_splits=[dev]")
     return out, proc
 

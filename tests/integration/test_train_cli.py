@@ -52,15 +52,15 @@ def test_every_trainable_parameter_changed(fast_run):
 
 def test_eval_command_writes_its_own_file_and_never_the_runs_eval_json(fast_run):
     before = (fast_run / "eval.json").read_text()
-    proc = cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=8")
+    proc = cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=4")
     assert (fast_run / "eval.json").read_text() == before          # `rredcot eval` once overwrote it
     result = json.loads((fast_run / "evals" / "step_000004_test.json").read_text())
     for key in ("accuracy", "pass@1", "pass@2", "mean_length", "truncated_frac", "unclosed_think_frac"):
         assert 0 <= result[key] <= (1 if key != "mean_length" else 1e9)
-    assert result["checkpoint"].endswith("step_000004") and result["n_prompts"] == 8 and "pass@1" in proc.stdout
-    assert "eval.n_prompts: 256 -> 8" not in proc.stderr              # the run's own debug=fast size was 16
-    assert "eval.n_prompts: 16 -> 8" in " ".join(proc.stderr.split())  # a changed setting is said
-    cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=8")
+    assert result["checkpoint"].endswith("step_000004") and result["n_prompts"] == 4 and "pass@1" in proc.stdout
+    assert "eval.n_prompts: 256 -> 4" not in proc.stderr              # the run's own debug=fast size was 8
+    assert "eval.n_prompts: 8 -> 4" in " ".join(proc.stderr.split())  # a changed setting is said
+    cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=4")
     assert (fast_run / "evals" / "step_000004_test-2.json").exists()  # a second evaluation gets its own file
 
 
