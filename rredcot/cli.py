@@ -72,9 +72,9 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Evaluate checkpoint=RUN_DIR_OR_CHECKPOINT on the held-out split, with the run's own task and
     settings; writes RUN/evals/<checkpoint>_<split>.json (never the run's eval.json)."""
     from rredcot.evaluate import evaluate
-    from rredcot.startup import prompt_limit, startup_notes, task_sets
     from rredcot.runconfig import config_for_run, unique_path
     from rredcot.stages.verify import build_reward_funcs, check_golds
+    from rredcot.startup import prompt_limit, startup_notes, task_sets
 
     cfg, run = config_for_run(list(overrides or []), "rredcot eval")
     main, device = _ranks(cfg)

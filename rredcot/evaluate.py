@@ -10,8 +10,8 @@ import torch
 from rredcot import distributed
 from rredcot.config import rollout_options
 from rredcot.stages.rollout import as_backend, row_seeds, sample_rollout
-from rredcot.stages.verify import run_verify
 from rredcot.stages.segment import think_marker
+from rredcot.stages.verify import run_verify
 from rredcot.types import Sample
 
 

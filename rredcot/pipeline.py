@@ -26,13 +26,13 @@ from rredcot.config import rollout_options, stage_options
 from rredcot.critic import Critic
 from rredcot.errors import UserError
 from rredcot.evaluate import evaluate
-from rredcot.registry import get
 from rredcot.metrics import global_metrics, sample_rows
+from rredcot.registry import get
 from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, eval_prefix, init_run_dir, save_checkpoint
 from rredcot.stages.rollout import prefix_seeds, row_seeds, sample_from_ids, sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
-from rredcot.stages.values import PolicyContext
 from rredcot.stages.update import build_optimizer, compile_layers, enable_checkpointing, update_policy
+from rredcot.stages.values import PolicyContext
 from rredcot.stages.verify import build_reward_funcs, check_golds, run_verify
 from rredcot.startup import prompt_limit, startup_notes, task_sets
 from rredcot.stopping import STOP_FILE, GracefulStop
