@@ -43,6 +43,12 @@ def make_accelerator(device: str):
     return accelerator
 
 
+def will_shard(accelerator) -> bool:
+    """Whether accelerate will split the weights over ranks (FSDP, or DeepSpeed ZeRO stage 3)."""
+    ds = accelerator.state.deepspeed_plugin
+    return str(accelerator.distributed_type).endswith("FSDP") or (ds is not None and ds.zero_stage == 3)
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -135,6 +135,9 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
     main = distributed.is_main()
     quiet_unless(main)
     cfg.world_size = check_world_size(cfg)
+    if distributed.will_shard(accelerator) and cfg.train.get("critic_lag", 0):
+        raise UserError(f"train.critic_lag={cfg.train.critic_lag} keeps a second, frozen copy of the policy, which is not "
+                        "sharded under FSDP or ZeRO-3. Use train.critic_lag=0 with these configs, or DDP (torchrun).")
     if not cfg.run_dir:
         cfg.run_dir = distributed.broadcast(str(default_run_dir()))  # one name, chosen by rank 0
     run, ckpt = check_run_dir(cfg)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from rredcot import distributed
 from rredcot.errors import UserError
 from rredcot.lora import base_model
 from rredcot.ranges import COUNT, FRACTION, integer, optional, one_of
@@ -176,7 +177,9 @@ def vllm_backend(model, tokenizer, *, chunk_size: int = 256, gpu_memory_utilizat
         gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, max_num_seqs=chunk_size,
         enable_sleep_mode=sleep, enforce_eager=enforce_eager, skip_tokenizer_init=True,  # token ids in and out
         logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
-        seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        seed=int(torch.randint(0, 2**31 - 1, ()).item()),
+        # data parallel: one engine per rank on its own GPU, inside the trainer's process group (TRL's colocate mode)
+        **({"distributed_executor_backend": "external_launcher"} if distributed.active() else {}))
     return VLLMBackend(model, tokenizer, llm, vllm.SamplingParams, chunk_size=chunk_size, sleep=sleep,
                        score_batch_size=score_batch_size)
 

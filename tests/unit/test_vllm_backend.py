@@ -70,6 +70,7 @@ def test_the_engine_samples_with_the_trainers_weights_and_sleeps_between(fake_vl
     assert engine.kwargs["enable_sleep_mode"] and engine.kwargs["skip_tokenizer_init"]
     assert engine.kwargs["logprobs_mode"] == "processed_logprobs" and engine.kwargs["dtype"] == "float32"
     assert engine.calls == ["sleep1"]  # asleep until the first sample
+    assert "distributed_executor_backend" not in engine.kwargs  # one process: vLLM's own default
 
     torch.manual_seed(0)
     ro = sample_rollout(backend, tok, SAMPLES, group_size=3, max_new_tokens=12, temperature=0.7)
@@ -158,3 +159,12 @@ def test_a_lora_policy_reaches_the_engine_merged(fake_vllm):
         q = model.base_model.model.model.layers[0].self_attn.q_proj
         delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]
         assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], q.base_layer.weight + delta, atol=1e-6)
+
+
+def test_under_data_parallel_each_rank_runs_its_engine_in_the_trainers_process_group(fake_vllm, tiny_model, monkeypatch):
+    from rredcot import distributed
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    model, tok = tiny_model
+    _backend(model, tok)
+    assert fake_vllm.LLM.instances[0].kwargs["distributed_executor_backend"] == "external_launcher"
