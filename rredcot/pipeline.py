@@ -110,6 +110,18 @@ def quiet_unless(main: bool) -> None:
     err_console.quiet = not main
 
 
+def check_shardable(cfg: DictConfig) -> None:
+    """What FSDP2 / ZeRO-3 cannot run: a second, unsharded copy of the policy (critic_lag), or an estimator whose
+    backward passes (a different number per rank) would each be a collective."""
+    if cfg.train.get("critic_lag", 0):
+        raise UserError(f"train.critic_lag={cfg.train.critic_lag} keeps a second, frozen copy of the policy, which is not "
+                        "sharded under FSDP or ZeRO-3. Use train.critic_lag=0 with these configs, or DDP (torchrun).")
+    if getattr(get("redistribute", cfg.redistribute.name), "runs_backward", False):
+        raise UserError(f"redistribute={cfg.redistribute.name} runs a backward pass per trace, and under FSDP or ZeRO-3 "
+                        "each would be a collective that ranks with other trace counts never join. Use it with DDP "
+                        "(torchrun, or conf/accelerate/ddp.yaml), or choose another estimator.")
+
+
 def check_world_size(cfg: DictConfig) -> int:
     """The launched world size (recorded in the run's config.yaml); world_size=N on the command line must match it."""
     w = distributed.size()
@@ -135,9 +147,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
     main = distributed.is_main()
     quiet_unless(main)
     cfg.world_size = check_world_size(cfg)
-    if distributed.will_shard(accelerator) and cfg.train.get("critic_lag", 0):
-        raise UserError(f"train.critic_lag={cfg.train.critic_lag} keeps a second, frozen copy of the policy, which is not "
-                        "sharded under FSDP or ZeRO-3. Use train.critic_lag=0 with these configs, or DDP (torchrun).")
+    if distributed.will_shard(accelerator):
+        check_shardable(cfg)
     if not cfg.run_dir:
         cfg.run_dir = distributed.broadcast(str(default_run_dir()))  # one name, chosen by rank 0
     run, ckpt = check_run_dir(cfg)

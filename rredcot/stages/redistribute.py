@@ -218,4 +218,7 @@ def gradient(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group"
     return _weighted(ro, ver, seg, gradient_weights(ro, seg, ctx), group_size, scale_rewards)
 
 
+gradient.runs_backward = True  # type: ignore[attr-defined]  # a backward pass per trace: not under FSDP2/ZeRO-3
+
+
 gradient.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]

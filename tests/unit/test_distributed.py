@@ -99,3 +99,18 @@ def test_data_parallel_config_errors_say_what_to_change(world, cfg, said):
 def test_the_default_batch_fits_the_usual_world_sizes():
     for world in (1, 2, 4, 8, 16):
         check_data_parallel(_cfg(micro=8), world)
+
+
+@pytest.mark.parametrize("name, lag, refused", [("rredcot", 0, None), ("uniform", 0, None), ("gradient", 0, "backward pass"),
+                                                ("rredcot", 5, "critic_lag=5")])
+def test_what_sharded_training_refuses_at_start_up(name, lag, refused):
+    import rredcot.stages.redistribute  # noqa: F401  (registers the estimators)
+    from rredcot.pipeline import check_shardable
+
+    cfg = OmegaConf.create({"train": {"critic_lag": lag}, "redistribute": {"name": name}})
+    if refused is None:
+        check_shardable(cfg)
+        return
+    with pytest.raises(UserError) as e:
+        check_shardable(cfg)
+    assert refused in str(e.value) and "DDP" in str(e.value)
