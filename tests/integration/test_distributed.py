@@ -30,9 +30,9 @@ CASES = {
 WEIGHT_TOL = 1e-5  # float32 sums in another order (DDP's average vs one process's accumulation); measured ~3e-7
 
 
-def torchrun(n: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def torchrun(n: int, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node n -m rredcot ARGS`, as a user launches it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
                            "rredcot", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -55,13 +55,18 @@ def lines(path: Path) -> list[dict]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_give_the_one_process_run(tmp_path, case):
     one, two = tmp_path / "one", tmp_path / "two"
-    cli("train", *SHORT, *CASES[case], f"run_dir={one}")
-    proc = torchrun(2, "train", *SHORT, *CASES[case], f"run_dir={two}")
+    # rredcot: the two ranks start with an empty warm-start cache (rank 0 builds it, rank 1 waits and loads it)
+    cache = {"RREDCOT_CACHE": str(tmp_path / "cache")} if case == "rredcot" else {}
+    proc = torchrun(2, "train", *SHORT, *CASES[case], f"run_dir={two}", env=cache)
+    cli("train", *SHORT, *CASES[case], f"run_dir={one}", env=cache)
 
     # two ranks really ran, and wrote one run directory (rank 1 wrote nothing of its own)
     assert yaml.safe_load((two / "config.yaml").read_text())["world_size"] == 2
     assert yaml.safe_load((one / "config.yaml").read_text())["world_size"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["one", "two", *(["cache"] if cache else [])])
+    if cache:  # one warm start, complete, no half-written copy
+        (entry,) = (tmp_path / "cache" / "warmstart").iterdir()
+        assert (entry / "config.json").exists()
     assert proc.stdout.count("held-out metrics") == 1  # the summary table once, from rank 0
 
     # the same completions (all 16 of each step: both ranks' rows, in global order) and the same rewards
