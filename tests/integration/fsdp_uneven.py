@@ -23,7 +23,7 @@ from rredcot.task.model import build_tiny, load_tokenizer
 from rredcot.types import Sample
 
 mode = sys.argv[1]
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20 if mode == "wrapped" else 6))
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20 if mode == "wrapped" else 4))
 rank = dist.get_rank()
 assert dist.get_world_size() == 2
 tok = load_tokenizer("builtin")

@@ -87,7 +87,7 @@ DATA = [
     (HF + "task.sources.train.path={A}/no_hash.jsonl", "have no question or no gold answer in the 'gsm8k' format"),
     (HF + "task.sources.train.path={A}/nulls.jsonl", "rows [0, 2, 4"),
     (HF + "task.sources.train.path={A}/long.jsonl train.max_prompt_tokens=40", "prompts are longer than 40 tokens"),
-    (HF + "task.sources.train.path={A}/test.jsonl task.dev_size=4", "split shares 15 of its 16 prompts"),
+    (HF + "task.sources.train.path={A}/test.jsonl task.dev_size=4 eval.n_prompts=16", "split shares 15 of its 16 prompts"),
     (HF + "task.sources.train.path={A}/train.jsonl task.answer_format=boxed", "'boxed' format"),
     (HF + "task.sources.train.path={A}/train.jsonl task.answer_format=plain task.dev_size=20", "do not pass the verifier's own check"),
     (HF + "task.sources.train.path={A}/train.jsonl task.question_field=prompt", "has no field(s) ['prompt']"),
