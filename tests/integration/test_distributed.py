@@ -42,10 +42,16 @@ def torchrun(n: int, *args: str, timeout: int = 600, env: dict | None = None) ->
 
 
 def weights(run: Path) -> dict:
+    """The newest checkpoint's weights."""
     from safetensors.torch import load_file
 
-    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))
-    return load_file(str(ckpt / "model.safetensors"))
+    return load_file(str(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+
+
+def worst_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
 def lines(path: Path) -> list[dict]:
@@ -75,9 +81,7 @@ def test_two_ranks_give_the_one_process_run(tmp_path, case):
         assert len(a) == len(b) == 16 and a == b
 
     # the same weights after two steps, within float tolerance
-    wa, wb = weights(one), weights(two)
-    assert wa.keys() == wb.keys()
-    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    worst = worst_difference(one, two)
     assert worst < WEIGHT_TOL, worst
 
     # global metrics: the gathered batch's, not rank 0's half (timings and memory differ by nature)
@@ -94,6 +98,15 @@ def test_two_ranks_give_the_one_process_run(tmp_path, case):
     ea, eb = json.loads((one / "eval.json").read_text()), json.loads((two / "eval.json").read_text())
     assert eb["final"]["n_prompts"] == 5
     assert eb["final"]["examples"] == ea["final"]["examples"]
+
+    if case == "grpo":  # a checkpoint does not depend on the world size: the two-rank run continues in one process
+        for run in (one, two):
+            proc = cli("train", *SHORT, *CASES[case], "train.steps=3", f"run_dir={run}", "resume=true")
+        assert "resuming on 1 process(es); the run was started on 2" in " ".join(proc.stderr.split())
+        third = [[r for r in lines(run / "metrics.jsonl") if r["step"] == 3 and "loss" in r][0] for run in (one, two)]
+        assert third[1]["grad_norm"] == pytest.approx(third[0]["grad_norm"], rel=1e-4)
+        assert third[1]["reward/mean"] == third[0]["reward/mean"]
+        assert worst_difference(one, two) < WEIGHT_TOL
 
 
 def test_uneven_world_is_refused_at_config_time(tmp_path):
