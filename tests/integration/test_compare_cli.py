@@ -11,6 +11,7 @@ from .conftest import cli
 def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "report"
     proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2",
+               "eval.n_samples=1", "eval.ks=[1]",
                "eval.extra_splits=[dev]")
     return out, proc
 
