@@ -111,16 +111,16 @@ def pooled(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.to(x.device) for p in gather(x.detach().cpu())])
 
 
-def mean_dicts(d: dict[str, float], reduce_max: Sequence[str] = ()) -> dict[str, float]:
-    """Per-key mean over ranks (max for keys starting with a prefix in `reduce_max`); keys any rank lacks are
-    averaged over the ranks that have them. One gather, keys in sorted order on every rank."""
-    parts = gather(dict(sorted(d.items())))
-    keys = sorted({k for p in parts for k in p})
-    out = {}
-    for k in keys:
-        vals = [float(p[k]) for p in parts if k in p]
-        out[k] = max(vals) if k.startswith(tuple(reduce_max)) else sum(vals) / len(vals)
-    return out
+def reduce_scalars(means: dict[str, float], maxes: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(per-key mean of `means`, per-key max of `maxes`) over ranks, in one gather; a key some rank lacks is
+    reduced over the ranks that have it."""
+    parts = gather((means, maxes))
+
+    def reduce(i: int, how) -> dict[str, float]:
+        keys = sorted({k for p in parts for k in p[i]})
+        return {k: how([float(p[i][k]) for p in parts if k in p[i]]) for k in keys}
+
+    return reduce(0, lambda v: sum(v) / len(v)), reduce(1, max)
 
 
 @contextmanager
@@ -292,12 +292,6 @@ def load_optimizer(model, optimizer, state: Any) -> None:
 # ---- the step's records, gathered for metrics and samples ---------------------------------------------
 
 
-def _pad_cat(ts: list[torch.Tensor], value: float = 0) -> torch.Tensor:
-    """[n_r, T_r] tensors -> [sum n_r, max T_r], right-padded with `value`."""
-    width = max(t.shape[1] for t in ts)
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
-
-
 def gather_step(ro, ver, seg, credit):
     """The whole generation batch's (Rollout, Verified, Segmented, Credit) on every rank, rows in global order
     (rank 0's first), for the logged metrics and samples. Prompt tokens are left behind (nothing logged reads
@@ -305,6 +299,7 @@ def gather_step(ro, ver, seg, credit):
     means over equal shares) averaged over ranks. One process: the records themselves."""
     if not active():
         return ro, ver, seg, credit
+    from rredcot.stages.rollout import pad_cat
     from rredcot.types import Credit, Rollout, Segmented, Verified
 
     cpu = lambda t: t.detach().cpu()  # noqa: E731
@@ -316,8 +311,8 @@ def gather_step(ro, ver, seg, credit):
     t = {k: [p[0][k] for p in parts] for k in mine[0]}
     n = sum(len(p[1]) for p in parts)
     g_ro = Rollout(torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0, dtype=torch.long),
-                   _pad_cat(t["completion_ids"]), _pad_cat(t["completion_mask"]), _pad_cat(t["logprobs"]),
-                   _pad_cat(t["entropies"]), torch.cat(t["truncated"]), [x for p in parts for x in p[1]],
+                   pad_cat(t["completion_ids"]), pad_cat(t["completion_mask"]), pad_cat(t["logprobs"]),
+                   pad_cat(t["entropies"]), torch.cat(t["truncated"]), [x for p in parts for x in p[1]],
                    [x for p in parts for x in p[2]], ro.group_size)
     vs = [p[3] for p in parts]
     g_ver = Verified(torch.cat([v[0] for v in vs]), {k: torch.cat([v[1][k] for v in vs]) for k in vs[0][1]},
@@ -326,7 +321,7 @@ def gather_step(ro, ver, seg, credit):
     cs = [p[5] for p in parts]
     stats = {k: sum(c[2][k] for c in cs) / len(cs) for k in cs[0][2]}
     lists = lambda i: None if cs[0][i] is None else [x for c in cs for x in c[i]]  # noqa: E731
-    g_credit = Credit(_pad_cat([c[0] for c in cs]), torch.cat([c[1] for c in cs]), stats, lists(3), lists(4))
+    g_credit = Credit(pad_cat([c[0] for c in cs]), torch.cat([c[1] for c in cs]), stats, lists(3), lists(4))
     if g_credit.values is not None and g_credit.segment_credit is not None:  # value estimators: exact, not averaged
         from rredcot.stages.redistribute import credit_stats
 

@@ -15,17 +15,14 @@ def global_metrics(records: tuple, upd: dict, times: dict[str, float], group_siz
     """step_metrics of the whole generation batch: `records` = distributed.gather_step(...), the update's
     statistics averaged over ranks (equal micro-batch counts: the single-process means), each stage's time
     and the memory of the slowest / largest rank. Every rank calls it (collectives in a fixed order)."""
-    scalars = distributed.mean_dicts({**{f"upd:{k}": v for k, v in upd.items()}, **{f"time:{k}": v for k, v in times.items()},
-                                      "peak:memory": peak_memory_mb()}, reduce_max=("time:", "peak:"))
-    upd = {k[4:]: v for k, v in scalars.items() if k.startswith("upd:")}
-    times = {k[5:]: v for k, v in scalars.items() if k.startswith("time:")}
-    row = step_metrics(*records, upd, times, group_size)
-    row["memory/peak_mb"] = scalars["peak:memory"]
-    return row
+    upd, slowest = distributed.reduce_scalars(upd, {**times, "memory": peak_memory_mb()})
+    memory = slowest.pop("memory")
+    return {**step_metrics(*records, upd, slowest, group_size), "memory/peak_mb": memory}
 
 
 def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group_size: int) -> dict[str, Any]:
-    """What a user watches: reward, accuracy, lengths, entropy, credit spread, losses, stage times."""
+    """What a user watches: reward, accuracy, lengths, entropy, credit spread, losses, stage times
+    (global_metrics adds the peak memory)."""
     lengths = ro.lengths.float()
     mask = ro.completion_mask.bool()
     valid = ~torch.isnan(ver.rewards)
@@ -51,7 +48,6 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
     out.update({f"time/{k}_s": v for k, v in times.items()})
     out["time/step_s"] = sum(times.values())
     out["tokens/s"] = float(lengths.sum()) / max(out["time/step_s"], 1e-9)
-    out["memory/peak_mb"] = peak_memory_mb()
     return out
 
 
@@ -62,8 +58,6 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 
 
 def sample_rows(ro, ver, seg, k: int) -> list[dict[str, Any]]:

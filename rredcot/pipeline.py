@@ -200,7 +200,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> Path:
         G = cfg.rollout.group_size
 
         def checkpoint(step: int) -> None:
-            finite = all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in model.parameters())  # own shard
+            own = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())  # FSDP2: this rank's shard
+            finite = all(bool(torch.isfinite(t).all()) for t in own)
             if distributed.any_rank(not finite):
                 raise UserError(f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
                                 "is still good. Lower optim.lr or update.max_grad_norm and resume from it.")

@@ -44,6 +44,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def pad_cat(ts: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
+    """[n_i, T_i] tensors -> [sum n_i, max T_i], each right-padded with `value` (chunks, or ranks' rows)."""
+    width = max(t.shape[1] for t in ts)
+    return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in ts])
+
+
 def row_seed(*key: object) -> int:
     """A 63-bit seed from a key such as (seed, "train", step, global row): sampling keyed by what is sampled,
     not by which process samples it, so 1 and 8 processes draw the same completions."""
@@ -227,10 +233,8 @@ class KVCacheBackend(RolloutBackend):
                                   max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
                                   top_k=sampling.top_k, greedy=sampling.greedy, uniforms=u))
         model.train(was_training)
-        T = max(p[0].shape[1] for p in parts)
         fill = (tok.pad_token_id, 0, 0.0, 0.0)
-        ids, mask, logp, ent = (torch.cat([F.pad(p[i], (0, T - p[i].shape[1]), value=fill[i]) for p in parts])
-                                for i in range(4))
+        ids, mask, logp, ent = (pad_cat([p[i] for p in parts], fill[i]) for i in range(4))
         return Generations(ids, mask, logp, ent, torch.cat([p[4] for p in parts]))
 
 

@@ -5,6 +5,7 @@ Shapes: B rows in a micro-batch, T completion tokens, G completions per prompt.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
@@ -326,14 +327,14 @@ def _optimise(model, rollout, credit, cfg, rows, mask, per_step, accum, old_all,
                         clip_stats(rho.detach(), credit.advantages[r], m, cfg.eps_low, cfg.eps_high))
                 if kl is not None:
                     _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm))  # DeepSpeed: its engine clips
-            finite = bool(torch.isfinite(grad_norm)) or _clips_itself(accelerator)
+            norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            grad_norm = float("nan") if norm is None else float(norm)  # None: DeepSpeed's engine clips (and reports none)
+            finite = math.isfinite(grad_norm) or _clips_itself(accelerator)
             if finite:  # a NaN/inf gradient would poison every weight: skip the step (counted, see pipeline)
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            _append(stats, {"grad_norm": float(grad_norm) if finite else float("nan"), "skipped_nonfinite": float(not finite)})
+            _append(stats, {"grad_norm": grad_norm if finite else float("nan"), "skipped_nonfinite": float(not finite)})
 
 
 def _backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:

@@ -74,7 +74,7 @@ def test_single_process_collectives_are_the_plain_values():
     assert distributed.total(3.0) == 3.0 and distributed.any_rank(False) is False
     x = torch.tensor([1.0, 2.0])
     assert distributed.pooled(x) is x
-    assert distributed.mean_dicts({"b": 2.0, "a": 1.0}) == {"a": 1.0, "b": 2.0}
+    assert distributed.reduce_scalars({"b": 2.0, "a": 1.0}, {"t": 3.0}) == ({"a": 1.0, "b": 2.0}, {"t": 3.0})
 
 
 def _cfg(n=128, g=8, spg=1, micro=64):
