@@ -25,9 +25,9 @@ OVERRIDES = typer.Argument(None, help="Hydra overrides: key=value, group=option,
 @app.command()
 def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Train with RL (the default config trains the built-in task)."""
-    from rredcot.config import load_config
-    from rredcot.pipeline import train as run_train
+    from rredcot.compose import load_config
     from rredcot.runconfig import config_for_resume
+    from rredcot.trainer import train as run_train
 
     overrides = list(overrides or [])
     cfg = load_config(overrides)
@@ -40,19 +40,20 @@ def _ranks(cfg):
     GPU when there is one."""
     import torch
 
-    from rredcot import distributed
+    from rredcot import collectives
 
-    if distributed.env_world_size() > 1:
-        from rredcot.pipeline import quiet_unless
+    if collectives.env_world_size() > 1:
+        from rredcot.sharding import make_accelerator
+        from rredcot.ui import quiet_unless
 
-        device = distributed.make_accelerator(cfg.device).device
-        quiet_unless(distributed.is_main())
-        return distributed.is_main(), device
+        device = make_accelerator(cfg.device).device
+        quiet_unless(collectives.is_main())
+        return collectives.is_main(), device
     return True, torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def _one_process(command: str) -> None:
-    from rredcot.distributed import env_world_size
+    from rredcot.collectives import env_world_size
 
     if env_world_size() > 1:
         raise UserError(f"rredcot {command} runs in one process, but it was launched on {env_world_size()}. Run it as "
@@ -86,8 +87,8 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     samples = task_sets(cfg, tokenizer, prompt_limit(cfg, model))[1][cfg.eval.split]
     startup_notes(cfg, tokenizer)
     funcs = build_reward_funcs(cfg.verify)
-    check_golds({cfg.eval.split: samples}, funcs["accuracy"][0], cfg.task.get("max_bad_fraction", 0.01))
-    from rredcot.pipeline import build_stages
+    check_golds({cfg.eval.split: samples}, funcs.verifier, cfg.task.get("max_bad_fraction", 0.01))
+    from rredcot.assemble import build_stages
 
     result = evaluate(build_stages(cfg).make_backend(model, tokenizer), tokenizer, samples, cfg, funcs)
     result.update(checkpoint=str(ckpt), split=cfg.eval.split, task=cfg.task.name, verifier=cfg.verify.name)
@@ -142,8 +143,8 @@ def compare(
     import time
 
     _one_process("compare")
-    from rredcot.compare import build_report
-    from rredcot.compare_runs import train_pair
+    from rredcot.compare import train_pair
+    from rredcot.compare_report import build_report
 
     if split not in (None, "dev", "test"):
         raise UserError(f"--split {split}: the held-out splits are dev and test (a run reports them when they are its "
@@ -166,7 +167,7 @@ def config_show(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Print the composed, resolved config."""
     from omegaconf import OmegaConf
 
-    from rredcot.config import load_config
+    from rredcot.compose import load_config
 
     console.print(OmegaConf.to_yaml(load_config(overrides, check_entries=False)), markup=False)
 
@@ -177,13 +178,13 @@ def list_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     plugins=[...] and hydra.searchpath=[...], a plug-in's entries and configs too."""
     from rich.table import Table
 
-    from rredcot.config import groups, load_config, normalize_overrides, parse_overrides
+    from rredcot.compose import groups, load_config, normalize_overrides, parse_overrides
     from rredcot.registry import STAGES, names
 
     overrides = normalize_overrides(list(overrides or []))
     if overrides:
         load_config(overrides, check_entries=False)  # imports the plug-ins
-    table = Table(title="registries (choose with <stage>.name=..., update with update.loss_type=...)")
+    table = Table(title="registries (choose with <stage>.name=..., loss with update.loss_type=...)")
     table.add_column("stage")
     table.add_column("names")
     for stage in STAGES:

@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
-from rredcot.config import estimator_spec, load_config, stage_options
+from rredcot.compose import load_config
+from rredcot.sections import stage_options
 from rredcot.correlation import bootstrap_ci, pearson, spearman
+from rredcot.estimator_spec import estimator_spec
 from rredcot.registry import get
 from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
 from rredcot.stages.verify import run_verify
@@ -182,7 +184,7 @@ def segmenter_rows(ro, ver, ctx, cfg, pieces) -> dict[str, Any]:
 
 
 def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) -> dict[str, Any]:
-    from rredcot.pipeline import build_stages, policy_context
+    from rredcot.assemble import build_stages, policy_context
 
     stages = build_stages(cfg)
     torch.manual_seed(cfg.seed)
@@ -210,10 +212,6 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
         result["estimators"] = compare(ro, ver, seg, ctx, cfg, ref)
         if cfg.credit.segmenters:
             result["segmenters"] = segmenter_rows(ro, ver, ctx, cfg, pieces)
-    elif cfg.credit.against is not None:
-        from rredcot.errors import UserError
-
-        raise UserError(f"credit.against={cfg.credit.against!r}: the only reference is mc (or null for none).")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "credit.json").write_text(json.dumps(result, indent=2, default=float))
     title = f"rredcot credit: {cfg.redistribute.name} on {cfg.segment.name} segments"

@@ -6,12 +6,15 @@ import math
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
-from rredcot import distributed
-from rredcot.config import rollout_options
-from rredcot.stages.rollout import as_backend, row_seeds, sample_rollout
+from rredcot import collectives
+from rredcot.sections import rollout_options
+from rredcot.runlog import eval_prefix
+from rredcot.stages.rollout import as_backend, sample_rollout
+from rredcot.stages.sampling import row_seeds
 from rredcot.stages.segment import think_marker
-from rredcot.stages.verify import run_verify
+from rredcot.stages.verify import RewardFuncs, run_verify
 from rredcot.types import Sample
 
 
@@ -48,10 +51,10 @@ def evaluate(backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: 
     changes its training or its numbers."""
     backend = as_backend(backend, tokenizer)
     device = next(backend.model.parameters()).device
-    offset, mine = distributed.shard(samples, strict=False)
+    offset, mine = collectives.shard(samples, strict=False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         records = _records(backend, tokenizer, mine, offset, cfg, reward_funcs, sampled, step) if mine else []
-    return summarize([r for part in distributed.gather(records) for r in part], cfg, sampled)
+    return summarize([r for part in collectives.gather(records) for r in part], cfg, sampled)
 
 
 def _records(backend, tokenizer, samples: list[Sample], offset: int, cfg: Any, reward_funcs: dict, sampled: bool,
@@ -95,3 +98,13 @@ def summarize(recs: list[dict[str, Any]], cfg: Any, sampled: bool) -> dict[str, 
         out["sampled_unclosed_think_frac"] = unclosed([t for r in recs for t in r["s_texts"]], marker)
         out["examples"] = [{k: r[k] for k in ("prompt", "gold", "completion", "correct")} for r in recs[:8]]
     return out
+
+
+def evaluate_all(backend, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: RewardFuncs,
+                 sampled: bool = True, step: int = 0) -> dict[str, dict[str, Any]]:
+    return {split: evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled, step) for split, samples in sets.items()}
+
+
+def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, float]:
+    """{"eval/accuracy": .., "eval_test/accuracy": ..}: the metrics.jsonl keys of each split's results."""
+    return {f"{eval_prefix(split, cfg.eval.split)}/{k}": r[k] for split, r in results.items() for k in keys}

@@ -1,12 +1,13 @@
 """One small registry per stage: configs pick entries by short public names.
 
-    @register("segment", "fixed")
+    @register("segment", "fixed", rules={"size": COUNT})
     def fixed(trace, *, size=16): ...
 
     get("segment", "fixed")      # -> the function
+    entry("segment", "fixed")    # -> Entry: the function and what it declared (rules, needs, ...)
     get("segment", "fixd")       # -> UserError listing the valid names
 
-The pipeline only ever calls `get(stage, cfg.name)`; it never branches on names.
+The trainer only ever calls `get(stage, cfg.name)`; it never branches on names.
 
 Built-in names are listed in `BUILTIN` (stage -> name -> the module that registers it), so `rredcot
 list` and config checks answer without importing torch; `get` imports the module on first use, and a
@@ -21,42 +22,67 @@ import importlib
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from rredcot.errors import UserError
 
-STAGES = ("task", "rollout", "verify", "segment", "redistribute", "update")
+STAGES = ("task", "rollout", "verify", "segment", "redistribute", "loss")
 ENTRY_POINT_GROUP = "rredcot.plugins"
 _S = "rredcot.stages."
 BUILTIN: dict[str, dict[str, str]] = {
-    "task": {"builtin": "rredcot.task.datasets", "hf": "rredcot.task.datasets", "search": "rredcot.task.search"},
+    "task": {"builtin": "rredcot.task.builtin", "hf": "rredcot.task.hub", "search": "rredcot.task.search"},
     "rollout": {"sample": _S + "rollout", "vllm": _S + "vllm_backend"},
     "verify": {n: _S + "verify" for n in ("builtin", "gsm8k", "math", "format")},
     "segment": {n: _S + "segment" for n in ("none", "fixed", "newline", "keyword", "entropy", "hybrid")},
     "redistribute": {n: _S + "redistribute" for n in ("uniform", "rredcot", "verdict", "mc", "attention", "gradient")},
-    "update": {n: _S + "update" for n in ("grpo", "bnpo", "dr_grpo", "dapo")},
+    "loss": {n: "rredcot.losses" for n in ("grpo", "bnpo", "dr_grpo", "dapo")},
 }
-_REGISTRY: dict[str, dict[str, Any]] = {stage: {} for stage in STAGES}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered thing and the contract it declared at registration (nothing is read off the object later).
+
+    Fields a stage does not use keep their defaults."""
+
+    stage: str
+    name: str
+    obj: Any  # the function or class the config selects
+    rules: Mapping[str, Any] = field(default_factory=dict)  # option -> rredcot.ranges.Rule, checked at config time
+    check: Callable[[Any, str], None] | None = None  # (options, key prefix) -> None: checks across several options
+    needs_task_keys: tuple[str, ...] = ()  # task.* keys it reads (e.g. answer forcing: forcing_text)
+    runs_backward: bool = False  # redistribute: a backward pass per trace (not under FSDP2 / ZeRO-3)
+    warmstart: Callable[[Any, Any], list] | None = None  # task: (cfg, tokenizer) -> warm-start samples
+    divide_by_accum: bool = True  # loss: the trainer divides it by the accumulation steps (False: global denominator)
+    label: str | None = None  # the name reports give it (uniform credit is GRPO); default: its name
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {stage: {} for stage in STAGES}
 _loaded_plugins: set[str] = set()
 _entry_points_loaded = False
 
 
-def register(stage: str, name: str, rules: dict | None = None) -> Callable[[Any], Any]:
-    """Decorator: file `obj` under `stage` as `name`. A duplicate name raises at import time.
-
-    `rules`: option name -> rredcot.ranges.Rule, the valid range of each of its config options (checked
-    at config time, before any work). An entry may also carry `check_options(section, prefix)` for
-    checks across several options."""
+def register(stage: str, name: str, rules: Mapping[str, Any] | None = None, **contract: Any) -> Callable[[Any], Any]:
+    """Decorator: file `obj` under `stage` as `name`, with what it declares (the fields of `Entry`:
+    `rules`, option name -> rredcot.ranges.Rule, checked at config time before any work; `check`,
+    needs_task_keys, runs_backward, warmstart, divide_by_accum, label). A duplicate name raises at import
+    time; so does a contract field that Entry does not have."""
     if stage not in _REGISTRY:
         raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    unknown = set(contract) - set(Entry.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"register({stage!r}, {name!r}): unknown contract field(s) {sorted(unknown)}")
 
     def deco(obj: Any) -> Any:
         if name in _REGISTRY[stage] or (name in BUILTIN[stage] and not obj.__module__.startswith("rredcot.")):
             raise KeyError(f"{stage} entry {name!r} is registered twice (a plug-in must choose a new name)")
-        _REGISTRY[stage][name] = obj
-        if rules:
-            obj.option_rules = dict(rules)
+        _REGISTRY[stage][name] = Entry(stage, name, obj, dict(rules or {}), **contract)
         return obj
 
     return deco
@@ -136,12 +162,17 @@ def check(stage: str, name: str, key: str | None = None) -> None:
         )
 
 
-def get(stage: str, name: str, key: str | None = None) -> Any:
-    """The entry `name` of `stage` (imported on first use); an unknown name is a UserError (see `check`)."""
+def entry(stage: str, name: str, key: str | None = None) -> Entry:
+    """The Entry `name` of `stage` (imported on first use); an unknown name is a UserError (see `check`)."""
     check(stage, name, key)
     if name not in _REGISTRY[stage]:
         importlib.import_module(BUILTIN[stage][name])  # runs its @register decorators
     return _REGISTRY[stage][name]
+
+
+def get(stage: str, name: str, key: str | None = None) -> Any:
+    """The function or class registered as `name` of `stage` (see `entry` for its declared contract)."""
+    return entry(stage, name, key).obj
 
 
 def check_options(stage: str, name: str, options: Any, prefix: str, keywords: bool = True) -> None:
@@ -153,16 +184,15 @@ def check_options(stage: str, name: str, options: Any, prefix: str, keywords: bo
 
     from rredcot import ranges
 
-    entry = get(stage, name)
-    if keywords and callable(entry) and not isinstance(entry, type):
-        params = inspect.signature(entry).parameters
+    e = entry(stage, name)
+    if keywords and callable(e.obj) and not isinstance(e.obj, type):
+        params = inspect.signature(e.obj).parameters
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             takes = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty]
             for key in options:
                 if key not in params:
                     raise UserError(f"{prefix}{key} is not an option of {stage} {name!r}; it takes: {', '.join(takes)}. "
                                     f"Remove it, or choose the {stage} that has it.")
-    ranges.check(options, getattr(entry, "option_rules", {}), prefix)
-    extra = getattr(entry, "check_options", None)
-    if extra is not None:
-        extra(options, prefix)
+    ranges.check(options, e.rules, prefix)
+    if e.check is not None:
+        e.check(options, prefix)

@@ -62,7 +62,7 @@ def _checkpoint_arg(overrides: list[str]) -> str | None:
 def _superseded(run_overrides: list[str], mine: list[str]) -> list[str]:
     """The run's overrides minus those under a group that `mine` chooses anew (task=builtin drops the
     run's task.sources... overrides, which the new task does not have)."""
-    from rredcot.config import groups, parse_overrides
+    from rredcot.compose import groups, parse_overrides
 
     parsed = parse_overrides(mine)
     chosen = {o.key_or_group for o in parsed if o.key_or_group in groups(parsed)}
@@ -84,7 +84,7 @@ def _run_config(run: Path, mine: list[str]) -> tuple[DictConfig, dict[str, tuple
     """(the run's saved config with what `mine` changes relative to the run's own command line applied,
     those changes). Keys today's code has and the run's config lacks (an older rredcot) take today's
     defaults for the run's command line."""
-    from rredcot.config import load_config
+    from rredcot.compose import load_config
 
     saved, run_overrides = _read_run(run)
     base = load_config(run_overrides or [], check_entries=False)
@@ -110,7 +110,8 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
     by what `overrides` change relative to the run's own command line (each change said in one line).
     Without a run directory (a bare model directory, or no checkpoint) it is the composed config."""
     from rredcot import registry
-    from rredcot.config import load_config, validate
+    from rredcot.checks import validate
+    from rredcot.compose import load_config
     from rredcot.ui import note
 
     arg = _checkpoint_arg(overrides)
@@ -137,7 +138,8 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
     speed switches that leave its arithmetic alone (RESUMABLE; each said in one line); any other change
     is refused, naming the keys."""
     from rredcot import registry
-    from rredcot.config import load_config, validate
+    from rredcot.checks import validate
+    from rredcot.compose import load_config
     from rredcot.ui import note
 
     asked = load_config(overrides, check_entries=False)
@@ -160,7 +162,7 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
     if "train.steps" in told and (cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio):
         note(f"optim.schedule={cfg.optim.schedule} (warmup_ratio={cfg.optim.warmup_ratio}) is stretched over the new "
              "train.steps from here on: the run is no longer the one a fresh start with these steps would make.")
-    from rredcot.distributed import env_world_size
+    from rredcot.collectives import env_world_size
 
     if cfg.get("world_size") not in (None, env_world_size()):
         note(f"resuming on {env_world_size()} process(es); the run was started on {cfg.world_size}: the same run "

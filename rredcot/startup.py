@@ -8,7 +8,9 @@ from omegaconf import DictConfig
 from rredcot.errors import UserError
 from rredcot.registry import get
 from rredcot.stages.segment import think_marker
-from rredcot.task.datasets import check_disjoint, drop_long_prompts, source_of
+from rredcot.task.hub import source_of
+from rredcot.task.model import is_builtin
+from rredcot.task.splits import check_disjoint, drop_long_prompts
 from rredcot.types import Sample
 from rredcot.ui import note
 
@@ -27,7 +29,7 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
              f"the text; traces that never write it are segmented whole, the correction on their last segment.")
     if cfg.task.get("chat_template") and not getattr(tokenizer, "chat_template", None):
         note("task.chat_template=true, but the model's tokenizer has no chat template: prompts are plain text.")
-    if cfg.model.name != "builtin" and cfg.warmstart.enabled:
+    if not is_builtin(cfg.model.name) and cfg.warmstart.enabled:
         note(f"warmstart.enabled=true applies to the built-in model only: {cfg.model.name} starts from its own weights.")
     carved = cfg.task.get("sources") is not None and source_of(cfg.task, "dev") is None
     if carved and "dev" in [cfg.eval.split, *cfg.eval.extra_splits]:

@@ -6,7 +6,7 @@ P = max prompt length. Every tensor lives on the policy's device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,6 +18,13 @@ class Sample:
     prompt: str
     gold: str
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Score(NamedTuple):
+    """A verifier's verdict on one completion: the reward (None: undefined) and the extraction rule that fired."""
+
+    reward: float | None
+    extractor: str
 
 
 @dataclass

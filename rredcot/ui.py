@@ -44,3 +44,9 @@ def note(text: str) -> None:
     """One start-up line for something a user must know (a default that does not apply, a changed
     setting): said once, never silently."""
     err_console.print(f"[yellow]note:[/yellow] {text}", soft_wrap=True, markup=True, highlight=False)
+
+
+def quiet_unless(main: bool) -> None:
+    """Only rank 0 speaks: notes, progress and tables once, not once per process (errors still reach stderr)."""
+    console.quiet = not main
+    err_console.quiet = not main

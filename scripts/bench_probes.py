@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from rredcot.config import load_config
-from rredcot.pipeline import build_stages
+from rredcot.compose import load_config
 from rredcot.registry import get
 from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprobs_cached, probe_logprobs_reference
 from rredcot.stages.segment import PieceDecoder, run_segment
 from rredcot.stages.values import _encode, trace_ids
 from rredcot.task.warmstart import load_policy
+from rredcot.assemble import build_stages
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from rredcot.compare_runs import train_command
+from rredcot.compare import train_command
 
 
 def main() -> None:

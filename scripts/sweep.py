@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rredcot.compare_runs import train_command
+from rredcot.compare import train_command
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, dict[str, list[str]], list[str]]:

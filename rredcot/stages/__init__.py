@@ -1,1 +1,1 @@
-"""The pipeline stages: rollout -> verify -> segment -> redistribute -> update."""
+"""The stages of a training step: rollout -> verify -> segment -> redistribute -> update (rredcot/trainer.py)."""

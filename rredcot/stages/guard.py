@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from rredcot.types import Sample
+from rredcot.types import Sample, Score
 
 TIMEOUT, OVER_BUDGET = "timeout", "over_budget"
 IN_WORKER = False  # True inside a worker: verifiers may then skip their own (signal-based) timeouts
@@ -82,8 +82,6 @@ class Guarded:
         return value
 
     def __call__(self, completion: str, sample: Sample):
-        from rredcot.stages.verify import Score
-
         return self._run("__call__", (completion, sample), Score(0.0, TIMEOUT))
 
     def extract(self, completion: str) -> tuple[str | None, str]:
@@ -102,8 +100,6 @@ class Guarded:
 def run_guarded(fn: Any, texts: list[str], samples: list[Sample], budget_s: float) -> list[Any]:
     """fn(text, sample) for each pair until `budget_s` seconds have passed (0 = no budget); the rest
     score 0 as OVER_BUDGET."""
-    from rredcot.stages.verify import Score
-
     start, out = time.monotonic(), []
     for text, sample in zip(texts, samples):
         if budget_s and time.monotonic() - start > budget_s:

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from rredcot import distributed
+from rredcot import collectives
+from rredcot.advantages import credit_scale, credit_stats, equal_reward_groups, group_advantages, group_mean
 from rredcot.ranges import COUNT, NATURAL, Rule, list_of, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
-from rredcot.stages.update import group_advantages, group_std
 from rredcot.stages.values import PolicyContext, forced_values, mc_values, verdict_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
@@ -62,27 +62,6 @@ def _spread(per_segment: torch.Tensor, bounds: list[int], length: int, T: int) -
     return out
 
 
-def _group_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] the reward std (Bessel) of each row's group, undefined rewards left out; 1 where it is 0 (credit
-    still carries signal in groups whose rewards are all equal, and dividing by eps would blow it up)."""
-    std = group_std(rewards, group_size)
-    return torch.where(std > 0, std, torch.ones_like(std))
-
-
-def _group_mean(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] the mean reward of each row's group, undefined (NaN) rewards left out (0 if all are)."""
-    return torch.nan_to_num(torch.nanmean(rewards.view(-1, group_size), 1, keepdim=True), nan=0.0).expand(-1, group_size).reshape(-1)
-
-
-def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] bool: the row's group has one reward for every trace (all right or all wrong; undefined left out).
-    Example: G=2, rewards [1, 1, 1, 0, nan, 0] -> [T, T, F, F, T, T]."""
-    r = rewards.view(-1, group_size)
-    hi = torch.nan_to_num(r, nan=-torch.inf).max(1).values
-    lo = torch.nan_to_num(r, nan=torch.inf).min(1).values
-    return ((hi - lo) <= 0).repeat_interleave(group_size)
-
-
 def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.Tensor], *, group_size: int,
                  mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
                  equal_groups: str = "keep", eps: float = 1e-4) -> Credit:
@@ -90,8 +69,6 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
 
     equal_groups="zero": groups whose traces all got the same reward get no credit, as in GRPO (with
     return_to_go an all-right group otherwise gets 1 - V ~ 1 on every token: a push with no baseline)."""
-    if mode not in MODES or scale not in SCALES:
-        raise ValueError(f"redistribute.mode must be one of {MODES} and redistribute.scale one of {SCALES}")
     N, T = ro.completion_ids.shape
     valid = ~torch.isnan(ver.rewards)
     R = torch.nan_to_num(ver.rewards, nan=0.0)
@@ -102,19 +79,19 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
     elif mode == "return_to_go":
         per_seg = [R[i] - v for i, v in enumerate(values)]  # segment k: R - V_(k-1); correction: R - V_K
     elif mode == "anchored":
-        m = _group_mean(ver.rewards, group_size)
+        m = group_mean(ver.rewards, group_size)
         per_seg = [R[i] - (v.clamp(0, 1) + (1 - v.clamp(0, 1)) * m[i]) for i, v in enumerate(values)]
     else:
         grpo = group_advantages(ver.rewards, group_size, scale=scale_rewards)
-        pooled = distributed.pooled(torch.cat(seg_r))  # every rank's segments: one unit for the whole batch
+        pooled = collectives.pooled(torch.cat(seg_r))  # every rank's segments: one unit for the whole batch
         unit = pooled.std() if pooled.numel() > 1 and pooled.std() > 0 else torch.tensor(1.0)
         per_seg = [grpo[i] + alpha * r / unit for i, r in enumerate(seg_r)]
     adv = torch.stack([_spread(p, seg.boundaries[i], lengths[i], T) for i, p in enumerate(per_seg)])  # [N, T]
     if mode != "mixed":
         if scale == "group":
-            adv = adv / (_group_std(ver.rewards, group_size)[:, None] + eps)
+            adv = adv / (credit_scale(ver.rewards, group_size)[:, None] + eps)
         elif scale == "batch":
-            pooled = distributed.pooled(torch.cat(per_seg))
+            pooled = collectives.pooled(torch.cat(per_seg))
             adv = adv / (pooled.std() + eps if pooled.numel() > 1 else 1.0)
     if equal_groups == "zero":
         adv = adv * (~equal_reward_groups(ver.rewards, group_size))[:, None]
@@ -123,26 +100,7 @@ def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.
                   segment_credit=seg_r, values=values)
 
 
-def credit_stats(seg_r: list[torch.Tensor], values: list[torch.Tensor], ver: Verified) -> dict[str, float]:
-    """Credit mean/std over segments (corrections excluded), sign agreement with the outcome, V_0."""
-    inner = [r[:-1] for r in seg_r]
-    pooled = torch.cat(inner) if inner else torch.zeros(0)
-    right = [r for r, ok in zip(inner, ver.correct.tolist()) if ok]
-    wrong = [r for r, ok in zip(inner, ver.correct.tolist()) if not ok]
-    frac = lambda rs, sign: float((torch.cat(rs) * sign > 0).float().mean()) if rs and torch.cat(rs).numel() else 0.0  # noqa: E731
-    return {
-        "credit/mean": float(pooled.mean()) if pooled.numel() else 0.0,
-        "credit/std": float(pooled.std()) if pooled.numel() > 1 else 0.0,
-        "credit/frac_pos_in_wrong": frac(wrong, 1.0),
-        "credit/frac_neg_in_right": frac(right, -1.0),
-        "value/start_mean": float(torch.stack([v[0] for v in values]).mean()) if values else 0.0,
-        "value/end_mean": float(torch.stack([v[-1] for v in values]).mean()) if values else 0.0,
-        # traces whose thinking part gave no segment (e.g. empty): all their credit is the correction
-        "credit/frac_traces_without_segments": sum(len(v) == 1 for v in values) / max(len(values), 1),
-    }
-
-
-@register("redistribute", "uniform", RULES)
+@register("redistribute", "uniform", RULES, label="grpo")
 def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | None = None, *, group_size: int,
             scale_rewards: str = "group") -> Credit:
     """GRPO: A_i on every token of completion i. advantages [N, T] = A [N, 1] * mask [N, T]."""
@@ -151,7 +109,7 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
     return Credit(advantages=adv[:, None] * ro.completion_mask, valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
-@register("redistribute", "rredcot", RULES)
+@register("redistribute", "rredcot", RULES, needs_task_keys=("forcing_text",))
 def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "anchored", scale: str = "group", alpha: float = 1.0,
             scale_rewards: str = "group", equal_groups: str = "keep", include_reference: bool = True,
             self_normalize: bool = False, length_normalize: bool = False, extra_forcings=(), mc_boundaries: int = 0,
@@ -166,8 +124,6 @@ def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "anchored", scale
     credit.stats.update(stats)
     return credit
 
-
-rredcot.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]
 
 
 @register("redistribute", "verdict", RULES)
@@ -212,13 +168,7 @@ def attention(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group
     return _weighted(ro, ver, seg, attention_weights(ro, seg, ctx), group_size, scale_rewards)
 
 
-@register("redistribute", "gradient", RULES)
+@register("redistribute", "gradient", RULES, needs_task_keys=("forcing_text",), runs_backward=True)
 def gradient(ro, ver, seg, ctx, *, group_size: int, scale_rewards: str = "group") -> Credit:
     """The GRPO advantage spread by gradient x input attribution of log p(gold answer)."""
     return _weighted(ro, ver, seg, gradient_weights(ro, seg, ctx), group_size, scale_rewards)
-
-
-gradient.runs_backward = True  # type: ignore[attr-defined]  # a backward pass per trace: not under FSDP2/ZeRO-3
-
-
-gradient.needs_task_keys = ("forcing_text",)  # type: ignore[attr-defined]

@@ -31,10 +31,9 @@ class PolicyContext:
     verifier: Any  # the task's Verifier: extract(completion), judge(answer, sample), (completion, sample) -> Score
     force_text: str | None  # appended at a boundary to ask for the answer (task.forcing_text)
     closing_text: str  # follows the answer (task.closing_text)
-    generate: Callable | None = None  # (prefix id lists, n, budgets) -> texts, for Monte Carlo
+    generate: Callable | None = None  # (prefix id lists, n, budgets) -> texts, for Monte Carlo (keyed by the RL step)
     temperature: float = 1.0  # the sampling temperature: probes score the policy that samples (as the update does)
     max_new_tokens: int = 0  # the rollout's completion budget (Monte Carlo continuations share it)
-    step: int = 0  # the RL step (keys the Monte Carlo continuations' sampling: the same at any world size)
 
 
 def _encode(tok, text: str) -> torch.Tensor:

@@ -16,19 +16,18 @@ import logging
 import math
 import re
 import threading
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from rredcot.errors import UserError
 from rredcot.registry import get, register
+from rredcot.stages import guard
+from rredcot.stages.guard import OVER_BUDGET, TIMEOUT, Guarded, run_guarded
 from rredcot.task.arith import THINK_CLOSE, extract_answer
-from rredcot.types import Sample, Verified
-
-
-class Score(NamedTuple):
-    reward: float | None
-    extractor: str
+from rredcot.types import Sample, Score, Verified
+from rredcot.ui import note
 
 
 class Verifier:
@@ -118,8 +117,6 @@ class GSM8KVerifier(Verifier):
 def _math_timeout() -> int | None:
     # math-verify's own timeouts use SIGALRM, which only works on the main thread; elsewhere they are off.
     # In a guard worker the worker's hard timeout holds instead (stages/guard.py).
-    from rredcot.stages import guard
-
     return 5 if threading.current_thread() is threading.main_thread() and not guard.IN_WORKER else None
 
 
@@ -189,16 +186,30 @@ def build_verifier(name: str, options: Any = None, key: str = "verify.name") -> 
     return verifier
 
 
-def build_reward_funcs(cfg: Any) -> dict[str, tuple[Verifier, float]]:
-    """name -> (verifier, weight). 'accuracy' is the task's own verifier; 'format' is optional. With
-    verify.timeout_s > 0 each runs in a worker process under that hard timeout (stages/guard.py)."""
-    from rredcot.stages.guard import Guarded
+@dataclass(frozen=True)
+class RewardFuncs:
+    """The task's verifier (its reward decides `correct`, its extractor is logged; the value estimators extract
+    and judge with it) and further weighted rewards. Logged as reward/<name>/mean, the verifier's as `accuracy`.
 
-    funcs = {"accuracy": (build_verifier(cfg.name, cfg.options), float(cfg.weight))}
-    if cfg.format_weight:
-        funcs["format"] = (build_verifier("format"), float(cfg.format_weight))
+    Example: RewardFuncs(v, 1.0, {"format": (f, .5)}) scores a right, well-formed completion 1 * 1 + .5 * 1."""
+
+    verifier: Verifier
+    weight: float = 1.0
+    extra: dict[str, tuple[Verifier, float]] = field(default_factory=dict)
+    name: str = "accuracy"  # the metrics name of the verifier's reward
+
+    def items(self) -> list[tuple[str, tuple[Verifier, float]]]:
+        """(name, (function, weight)) of every reward, the verifier's first."""
+        return [(self.name, (self.verifier, self.weight)), *self.extra.items()]
+
+
+def build_reward_funcs(cfg: Any) -> RewardFuncs:
+    """The task's verifier (verify.name) and, with verify.format_weight > 0, a format reward. With
+    verify.timeout_s > 0 each runs in a worker process under that hard timeout (stages/guard.py)."""
     timeout = cfg.get("timeout_s", 0)
-    return {k: (Guarded(v, timeout) if timeout else v, w) for k, (v, w) in funcs.items()}
+    guard_ = (lambda v: Guarded(v, timeout)) if timeout else (lambda v: v)
+    extra = {"format": (guard_(build_verifier("format")), float(cfg.format_weight))} if cfg.format_weight else {}
+    return RewardFuncs(guard_(build_verifier(cfg.name, cfg.options)), float(cfg.weight), extra)
 
 
 _told: set[str] = set()
@@ -206,9 +217,6 @@ _told: set[str] = set()
 
 def _say_timeouts(name: str, scores: list[Score]) -> None:
     """One line per kind, the first time a reward function's call times out or the budget runs out."""
-    from rredcot.stages.guard import OVER_BUDGET, TIMEOUT
-    from rredcot.ui import note
-
     for kind, what in ((TIMEOUT, "ran past verify.timeout_s"), (OVER_BUDGET, "were left unchecked past verify.budget_s")):
         n = sum(sc.extractor == kind for sc in scores)
         if n and kind not in _told:
@@ -217,30 +225,25 @@ def _say_timeouts(name: str, scores: list[Score]) -> None:
                  f"(metrics: extractor/{kind}).")
 
 
-def run_verify(texts: list[str], samples: list[Sample], funcs: dict[str, tuple[Verifier, float]],
-               budget_s: float = 0.0) -> Verified:
-    """Score N completions. The total is the weighted sum; undefined accuracy makes the row NaN.
+def run_verify(texts: list[str], samples: list[Sample], funcs: RewardFuncs, budget_s: float = 0.0) -> Verified:
+    """Score N completions. The total is the weighted sum; an undefined verifier reward makes the row NaN.
     Past `budget_s` seconds per reward function (0 = none), the rest score 0 as "over_budget"."""
-    from rredcot.stages.guard import run_guarded
-
     per_func: dict[str, torch.Tensor] = {}
     extractor: list[str] = []
-    for name, (fn, _) in funcs.items():
+    for i, (name, (fn, _)) in enumerate(funcs.items()):
         scores = run_guarded(fn, texts, samples, budget_s)
         per_func[name] = torch.tensor([math.nan if sc.reward is None else sc.reward for sc in scores])
-        if name == "accuracy":
+        if i == 0:  # the verifier's
             extractor = [sc.extractor for sc in scores]
         _say_timeouts(name, scores)
     total = sum(w * per_func[name] for name, (_, w) in funcs.items())
-    return Verified(rewards=total, per_func=per_func, correct=per_func["accuracy"] == 1.0, extractor=extractor)
+    return Verified(rewards=total, per_func=per_func, correct=per_func[funcs.name] == 1.0, extractor=extractor)
 
 
 def check_golds(sets: dict[str, list[Sample]], verifier: Verifier, max_bad: float, n: int = 200) -> None:
     """The verifier must judge each row's own gold answer right. When it cannot (a gold format it does
     not read, the wrong verifier for the task), every reward is 0 or undefined and a run trains on
     nothing while looking healthy. Checked on the first `n` rows of each split; refused above `max_bad`."""
-    from rredcot.ui import note
-
     if not getattr(verifier, "judges_gold", True):
         return
     for split, samples in sets.items():

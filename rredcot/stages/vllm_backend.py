@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rredcot import distributed
+from rredcot import collectives
 from rredcot.errors import UserError
 from rredcot.lora import base_model
 from rredcot.ranges import COUNT, FRACTION, integer, optional, one_of
@@ -164,7 +164,7 @@ class VLLMBackend(RolloutBackend):
 
 @register("rollout", "vllm", rules={
     "chunk_size": COUNT, "gpu_memory_utilization": FRACTION, "max_model_len": optional(integer(16)),
-    "sleep": one_of(True, False), "enforce_eager": one_of(True, False), "score_batch_size": COUNT})
+    "sleep": one_of(True, False), "enforce_eager": one_of(True, False), "score_batch_size": COUNT}, check=_check)
 def vllm_backend(model, tokenizer, *, chunk_size: int = 256, gpu_memory_utilization: float = 0.3,
                  max_model_len: int | None = None, sleep: bool = True, enforce_eager: bool = False,
                  score_batch_size: int = 8) -> VLLMBackend:
@@ -179,9 +179,7 @@ def vllm_backend(model, tokenizer, *, chunk_size: int = 256, gpu_memory_utilizat
         logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
         seed=int(torch.randint(0, 2**31 - 1, ()).item()),
         # data parallel: one engine per rank on its own GPU, inside the trainer's process group (TRL's colocate mode)
-        **({"distributed_executor_backend": "external_launcher"} if distributed.active() else {}))
+        **({"distributed_executor_backend": "external_launcher"} if collectives.active() else {}))
     return VLLMBackend(model, tokenizer, llm, vllm.SamplingParams, chunk_size=chunk_size, sleep=sleep,
                        score_batch_size=score_batch_size)
 
-
-vllm_backend.check_options = _check

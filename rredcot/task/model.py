@@ -70,9 +70,18 @@ def check_model_dir(name: str) -> None:
                         "the folder that has config.json and the weights.")
 
 
+BUILTIN_MODEL = "builtin"  # model.name of the tiny model this project builds (conf/model/builtin.yaml)
+
+
+def is_builtin(name: str) -> bool:
+    """Whether model.name is the built-in model (built from its config and warm-started), not pretrained weights:
+    the one place that decides it."""
+    return name == BUILTIN_MODEL
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model; left padding, and a pad token (the EOS) where the model has none."""
-    if name_or_path == "builtin":
+    if is_builtin(name_or_path):
         tok = build_char_tokenizer()
     else:
         check_model_dir(name_or_path)

@@ -117,18 +117,15 @@ def _check(cfg: Any, prefix: str) -> None:
                         f"keep candidates <= max_x + 1.")
 
 
-@register("task", "search", {"max_x": integer(1, 999), "max_a": integer(2, 99), "max_b": NATURAL, "candidates": integer(2),
-                             "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL})
-def search_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
-    """`split` is train / dev / test; sizes from cfg.train_size and cfg.eval_size."""
-    return generate(spec_of(cfg), split, cfg.train_size if split == "train" else cfg.eval_size, seed=cfg.seed)
-
-
 def _warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:
     ws = cfg.warmstart
     return generate(spec_of(cfg.task), "train", ws.examples, seed=ws.seed,
                     flaws=Flaws(ws.flaw_rate, ws.misconception_frac, ws.misconception_rate))
 
 
-search_task.warmstart_samples = _warmstart
-search_task.check_options = _check
+@register("task", "search", {"max_x": integer(1, 999), "max_a": integer(2, 99), "max_b": NATURAL, "candidates": integer(2),
+                             "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL},
+          check=_check, warmstart=_warmstart)
+def search_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
+    """`split` is train / dev / test; sizes from cfg.train_size and cfg.eval_size."""
+    return generate(spec_of(cfg), split, cfg.train_size if split == "train" else cfg.eval_size, seed=cfg.seed)

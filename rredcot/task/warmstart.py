@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from rredcot.errors import UserError
-from rredcot.task.model import build_tiny, check_fits, load_pretrained, load_tokenizer
+from rredcot.task.model import build_tiny, check_fits, is_builtin, load_pretrained, load_tokenizer
 
 CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 
@@ -40,18 +40,18 @@ def cache_key(cfg: Any, samples: list | None = None) -> str:
 def warmstart_samples(cfg: Any, tokenizer) -> list:
     """The task's warm-start traces (its own hook, else its training rows with reference traces),
     checked to fit the built-in tokenizer and model."""
-    from rredcot.registry import get
+    from rredcot.registry import entry
 
-    task = get("task", cfg.task.name)
-    hook = getattr(task, "warmstart_samples", None)
-    samples = hook(cfg, tokenizer) if hook else [s for s in task(cfg.task, "train", tokenizer) if s.meta.get("trace")]
+    task = entry("task", cfg.task.name)  # its declared warm-start hook, or its training rows' traces
+    samples = task.warmstart(cfg, tokenizer) if task.warmstart else [
+        s for s in task.obj(cfg.task, "train", tokenizer) if s.meta.get("trace")]
     if not samples:
         raise UserError(f"The task {cfg.task.name!r} has no reference traces to warm-start the built-in model on. Give its "
                         "training rows traces (Sample.meta['trace'] in a plug-in task, task.trace_field for hub/local "
                         "data), or start from a pretrained model (model.name=PATH warmstart.enabled=false).")
     samples = samples[: cfg.warmstart.examples]
     texts = [s.prompt + s.meta["trace"] for s in samples]
-    chars = set("".join(texts)) if cfg.model.name == "builtin" else set()
+    chars = set("".join(texts)) if is_builtin(cfg.model.name) else set()
     unknown = sorted(ch for ch in chars if tokenizer.convert_tokens_to_ids(ch) == tokenizer.unk_token_id)
     if unknown:
         raise UserError(f"The task's text has characters the built-in tokenizer does not know: {''.join(unknown[:20])!r}. "
@@ -111,7 +111,7 @@ def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, samples: list,
 def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy and tokenizer: built-in (warm-started, cached) or a pretrained model."""
     tokenizer = load_tokenizer(cfg.model.name)
-    if cfg.model.name != "builtin":
+    if not is_builtin(cfg.model.name):
         model = load_pretrained(cfg.model.name, cfg.model.dtype)
         check_fits(model, tokenizer, cfg.model.name)
         return model, tokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from rredcot.config import groups
+from rredcot.compose import groups
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "accelerate"
 EXPECT = {  # file: (distributed_type, what decides the sharding)

@@ -2,9 +2,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from rredcot.config import groups, load_config
+from rredcot.compose import groups, load_config
 from rredcot.errors import UserError
-from rredcot.pipeline import build_stages
+from rredcot.assemble import build_stages
 
 GROUP_OPTIONS = [(g, o) for g, opts in groups().items() if g != "exp" for o in opts]
 
@@ -46,7 +46,7 @@ def test_debug_fast_wins_over_every_exp(exp, order):
     # `+exp=gsm8k debug=fast` once composed to 500 steps of 512 tokens (~20 h here): debug must win.
     import yaml
 
-    from rredcot.config import config_dir
+    from rredcot.compose import config_dir
 
     overrides = ["debug=fast", f"+exp={exp}"] if order == "debug first" else [f"+exp={exp}", "debug=fast"]
     cfg = load_config(overrides)

@@ -4,7 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rredcot import ranges, registry
-from rredcot.config import groups, load_config
+from rredcot.compose import groups, load_config
 
 # Keys whose type check is the whole check: booleans, free text, paths, and mappings a user fills.
 FREE = {"run_dir", "checkpoint", "cache_dir", "plugins", "logging.progress", "logging.tensorboard", "logging.wandb",
@@ -32,7 +32,7 @@ def _rule(cfg, key):
     stage = {"update": None}.get(section, section)
     if stage in registry.STAGES and option:
         name = cfg[section]["name"]
-        return getattr(registry.get(stage, name), "option_rules", {}).get(option)
+        return registry.entry(stage, name).rules.get(option)
     return None
 
 

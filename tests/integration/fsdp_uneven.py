@@ -2,7 +2,7 @@
 
 Every forward of a fully_shard-ed model all-gathers its weights, so ranks that run different numbers of
 forwards (rank 0 samples 1 prompt in 1 chunk, rank 1 samples 5 in 5 chunks, with other token budgets)
-wait on each other forever, unless the passes run inside distributed.full_weights. Then: a gradient step
+wait on each other forever, unless the passes run inside sharding.full_weights. Then: a gradient step
 through the sharded model, and the full checkpoint state (weights and optimizer, gathered to rank 0) that
 a resume shards again. argv: [mode: "wrapped" | "naive"].
 """
@@ -17,8 +17,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.fsdp import fully_shard
 
-from rredcot import distributed
-from rredcot.stages.rollout import KVCacheBackend, row_seeds, sample_rollout
+from rredcot import collectives, sharding
+from rredcot.stages.rollout import KVCacheBackend, sample_rollout
+from rredcot.stages.sampling import row_seeds
 from rredcot.task.model import build_tiny, load_tokenizer
 from rredcot.types import Sample
 
@@ -32,11 +33,11 @@ model = build_tiny(OmegaConf.create({"arch": "qwen2", "hidden_size": 32, "interm
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)
-assert distributed.sharded(model)
+assert sharding.sharded(model)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 samples = [Sample(f"a={i}, b=a+1. b=?\n", str(i + 1)) for i in range(1 + 4 * rank)]
-with distributed.full_weights(model) if mode == "wrapped" else nullcontext():
+with sharding.full_weights(model) if mode == "wrapped" else nullcontext():
     ro = sample_rollout(KVCacheBackend(model, tok, chunk_size=2), tok, samples, group_size=2, max_new_tokens=6 + 10 * rank,
                         seeds=row_seeds(0, "test", 1, range(2 * len(samples))))
 print(f"rank {rank}: sampled {tuple(ro.completion_ids.shape)} uneven ok", flush=True)
@@ -44,13 +45,13 @@ print(f"rank {rank}: sampled {tuple(ro.completion_ids.shape)} uneven ok", flush=
 x = torch.arange(2, 14).view(2, 6)  # the same micro-batch on both ranks: equal forward/backward counts
 model(input_ids=x, labels=x).loss.backward()
 optimizer.step()
-weights, optim_state = distributed.full_state(None, model, optimizer)
+weights, optim_state = sharding.full_state(None, model, optimizer)
 if rank == 0:
     assert set(weights) >= {"model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"}, sorted(weights)[:4]
     assert all(not isinstance(v, torch.distributed.tensor.DTensor) for v in weights.values())
-state = distributed.broadcast(optim_state)  # a resume reads the file on every rank
-distributed.load_optimizer(model, optimizer, state)
-again = distributed.full_state(None, model, optimizer)[1]
+state = collectives.broadcast(optim_state)  # a resume reads the file on every rank
+sharding.load_optimizer(model, optimizer, state)
+again = sharding.full_state(None, model, optimizer)[1]
 if rank == 0:
     a, b = state["by_name"]["state"], again["by_name"]["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)

@@ -160,7 +160,7 @@ def test_a_few_stray_rows_are_skipped_with_a_note_not_refused(assets, hub_shaped
     """A 2 MB question (it once tried to allocate 2.8 TB) and a null answer among 300 good rows: skipped, named."""
     rows = (assets / "train.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "few.jsonl").write_text(_row(7000, question="x" * 2_000_000) + _row(7001, answer=None) + "".join(rows))
-    from rredcot.config import load_config
+    from rredcot.compose import load_config
     from rredcot.startup import prompt_limit, task_sets
     from rredcot.task.warmstart import load_policy
 

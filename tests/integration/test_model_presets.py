@@ -93,7 +93,7 @@ def test_preset_trains_end_to_end_with_its_chat_template(preset, tmp_path):
 
 def test_qwen3_without_thinking_gets_the_empty_thinking_block(tmp_path):
     """chat_template_kwargs reach the template: enable_thinking=false pre-fills <think>\\n\\n</think>."""
-    from rredcot.config import load_config
+    from rredcot.compose import load_config
     from rredcot.startup import task_sets
     from rredcot.task.model import load_tokenizer
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rredcot.config import load_config
+from rredcot.compose import load_config
 from rredcot.task.model import load_tokenizer
 from rredcot.task.warmstart import cache_key, warmstart_samples
 

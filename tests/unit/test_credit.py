@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rredcot.stages.redistribute import _weighted, segment_rewards, uniform, value_credit
-from rredcot.stages.update import group_advantages
+from rredcot.advantages import group_advantages
 from rredcot.types import Rollout, Sample, Segmented, Verified
 
 
@@ -71,7 +71,7 @@ def test_group_scale_is_one_when_the_group_is_all_equal():
 def test_equal_groups_zero_gives_all_right_and_all_wrong_groups_no_credit():
     # G=2: group 0 both right (return_to_go would give 1 - V = .7 / .9 on every token), group 1 mixed
     # (kept as is, so it equals the keep run there)
-    from rredcot.stages.redistribute import equal_reward_groups
+    from rredcot.advantages import equal_reward_groups
 
     ro, ver, seg = _batch([1.0, 1.0, 1.0, 0.0], [4, 4, 4, 4], [[0, 2]] * 4)
     values = [torch.tensor([0.3, 0.1])] * 4
@@ -164,7 +164,7 @@ def test_a_trace_without_end_of_thinking_gets_its_correction_on_its_last_segment
 
 
 def test_group_std_leaves_undefined_rewards_out():
-    from rredcot.stages.redistribute import _group_std
+    from rredcot.advantages import credit_scale as _group_std
 
     # group [1, 0, nan]: std of [1, 0] = .7071 (counting NaN as 0 gave std([1, 0, 0]) = .5774)
     got = _group_std(torch.tensor([1.0, 0.0, float("nan"), 1.0, 1.0, 1.0]), 3)

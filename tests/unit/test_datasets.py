@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from rredcot.config import load_config
+from rredcot.compose import load_config
 from rredcot.errors import UserError
 from rredcot.startup import task_sets
-from rredcot.task.datasets import check_disjoint, hf_task, question_hash
+from rredcot.task.hub import hf_task
+from rredcot.task.splits import check_disjoint, question_hash
 from rredcot.task.model import load_tokenizer
 from rredcot.types import Sample
 

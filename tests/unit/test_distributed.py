@@ -5,10 +5,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rredcot import distributed
-from rredcot.config import check_data_parallel
+from rredcot import collectives
+from rredcot.checks import check_data_parallel
 from rredcot.errors import UserError
-from rredcot.stages.rollout import draw, keyed_uniforms, prefix_seeds, row_seed, row_seeds, sample_rollout
+from rredcot.stages.rollout import sample_rollout
+from rredcot.stages.sampling import draw, keyed_uniforms, prefix_seeds, row_seed, row_seeds
 from rredcot.types import Sample
 
 
@@ -59,22 +60,22 @@ def test_a_keyed_completion_does_not_depend_on_its_batch(tiny_model):
 def test_shard_blocks(monkeypatch, n, world, blocks):
     items = list(range(n))
     for r, (offset, length) in enumerate(blocks):
-        monkeypatch.setattr(distributed, "size", lambda: world)
-        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
-        lo, mine = distributed.shard(items, strict=False)
+        monkeypatch.setattr(collectives, "size", lambda: world)
+        monkeypatch.setattr(collectives, "rank", lambda r=r: r)
+        lo, mine = collectives.shard(items, strict=False)
         assert (lo, mine) == (offset, items[offset : offset + length])
     if n % world:
         with pytest.raises(ValueError):
-            distributed.shard(items)
+            collectives.shard(items)
 
 
 def test_single_process_collectives_are_the_plain_values():
-    assert distributed.size() == 1 and distributed.is_main()
-    assert distributed.gather({"a": 1}) == [{"a": 1}]
-    assert distributed.total(3.0) == 3.0 and distributed.any_rank(False) is False
+    assert collectives.size() == 1 and collectives.is_main()
+    assert collectives.gather({"a": 1}) == [{"a": 1}]
+    assert collectives.total(3.0) == 3.0 and collectives.any_rank(False) is False
     x = torch.tensor([1.0, 2.0])
-    assert distributed.pooled(x) is x
-    assert distributed.reduce_scalars({"b": 2.0, "a": 1.0}, {"t": 3.0}) == ({"a": 1.0, "b": 2.0}, {"t": 3.0})
+    assert collectives.pooled(x) is x
+    assert collectives.reduce_scalars({"b": 2.0, "a": 1.0}, {"t": 3.0}) == ({"a": 1.0, "b": 2.0}, {"t": 3.0})
 
 
 def _cfg(n=128, g=8, spg=1, micro=64):
@@ -105,7 +106,7 @@ def test_the_default_batch_fits_the_usual_world_sizes():
                                                 ("rredcot", 5, "critic_lag=5")])
 def test_what_sharded_training_refuses_at_start_up(name, lag, refused):
     import rredcot.stages.redistribute  # noqa: F401  (registers the estimators)
-    from rredcot.pipeline import check_shardable
+    from rredcot.checks import check_shardable
 
     cfg = OmegaConf.create({"train": {"critic_lag": lag}, "redistribute": {"name": name}})
     if refused is None:

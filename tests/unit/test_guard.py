@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from rredcot.stages.guard import OVER_BUDGET, TIMEOUT, Guarded, run_guarded
-from rredcot.stages.verify import BuiltinVerifier, Score, run_verify
+from rredcot.stages.verify import BuiltinVerifier, RewardFuncs, Score, run_verify
 from rredcot.types import Sample
 
 SAMPLE = Sample(prompt="a=1. a=?\n", gold="14")
@@ -66,7 +66,7 @@ def test_the_step_budget_leaves_the_rest_unchecked_and_counted():
 
 def test_run_verify_counts_timeouts_as_reward_zero():
     v = Guarded(Stuck(), timeout_s=0.5)
-    ver = run_verify(["<think>\nhang\n</think>\n14", "<think>\n</think>\n14"], [SAMPLE] * 2, {"accuracy": (v, 1.0)})
+    ver = run_verify(["<think>\nhang\n</think>\n14", "<think>\n</think>\n14"], [SAMPLE] * 2, RewardFuncs(v))
     assert ver.rewards.tolist() == [0.0, 1.0] and ver.extractor == [TIMEOUT, "after_think"]
 
 

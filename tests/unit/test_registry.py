@@ -8,7 +8,7 @@ from rredcot.errors import UserError
 def test_every_stage_has_its_entries():
     assert registry.names("segment") == ["entropy", "fixed", "hybrid", "keyword", "newline", "none"]
     assert registry.names("redistribute") == ["attention", "gradient", "mc", "rredcot", "uniform", "verdict"]
-    assert registry.names("update") == ["bnpo", "dapo", "dr_grpo", "grpo"]
+    assert registry.names("loss") == ["bnpo", "dapo", "dr_grpo", "grpo"]  # chosen by update.loss_type
     assert {"builtin", "gsm8k", "math", "format"} <= set(registry.names("verify"))
     assert registry.names("task") == ["builtin", "hf", "search"]
     assert registry.names("rollout") == ["sample", "vllm"]
@@ -66,7 +66,9 @@ def test_a_plugin_cannot_take_a_builtin_name(tmp_path):
 
 
 def test_credit_estimator_variants_parse_and_bad_options_are_named():
-    from rredcot.config import estimator_spec, load_config, validate
+    from rredcot.checks import validate
+    from rredcot.compose import load_config
+    from rredcot.estimator_spec import estimator_spec
 
     assert estimator_spec("rredcot:self_normalize=true,mode=anchored") == ("rredcot", {"self_normalize": True, "mode": "anchored"})
     assert estimator_spec("uniform") == ("uniform", {})
@@ -80,3 +82,26 @@ def test_credit_estimator_variants_parse_and_bad_options_are_named():
         validate(load_config(["credit.estimators=['rredcot:self_normalise=true']"]))
     with pytest.raises(UserError, match="name:key=value"):
         estimator_spec("rredcot:self_normalize")
+
+
+def test_entries_declare_their_contract_at_registration():
+    # what the trainer and the config checks read comes from the Entry, never from attributes on the function
+    assert registry.entry("redistribute", "gradient").runs_backward
+    assert not registry.entry("redistribute", "rredcot").runs_backward
+    assert registry.entry("redistribute", "rredcot").needs_task_keys == ("forcing_text",)
+    assert registry.entry("redistribute", "uniform").title == "grpo" and registry.entry("redistribute", "mc").title == "mc"
+    assert not registry.entry("loss", "dapo").divide_by_accum and registry.entry("loss", "grpo").divide_by_accum
+    assert registry.entry("task", "builtin").warmstart is not None and registry.entry("task", "hf").warmstart is None
+    assert registry.entry("task", "search").check is not None
+    assert "chunk_size" in registry.entry("rollout", "sample").rules
+    for stage in registry.STAGES:
+        for name in registry.names(stage):
+            obj = registry.get(stage, name)
+            stuck = {"option_rules", "check_options", "needs_task_keys", "runs_backward", "warmstart_samples",
+                     "divide_by_accum"} & set(vars(obj))
+            assert not stuck, f"{stage} {name}: {stuck}"
+
+
+def test_an_unknown_contract_field_is_refused_at_registration():
+    with pytest.raises(TypeError, match="unknown contract field"):
+        registry.register("segment", "halves2", needs_gpu=True)

@@ -6,7 +6,8 @@ import torch
 
 from rredcot.evaluate import pass_at_k
 from rredcot.logprobs import completion_logprobs, selective_log_softmax
-from rredcot.stages.rollout import filter_logits, sample_rollout
+from rredcot.stages.rollout import sample_rollout
+from rredcot.stages.sampling import filter_logits
 from rredcot.types import Sample
 
 

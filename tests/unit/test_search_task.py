@@ -52,7 +52,7 @@ def test_impossible_sizes_are_refused():
 
 
 def test_search_warm_start_traces_fit_the_built_in_model():
-    from rredcot.config import load_config
+    from rredcot.compose import load_config
     from rredcot.task.model import load_tokenizer
     from rredcot.task.warmstart import warmstart_samples
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rredcot.compare import Run, group_runs
+from rredcot.runs import Run, group_runs
 from rredcot.stats import mean_ci, paired_t, t_quantile_975, t_two_sided_p
 
 
@@ -44,7 +44,7 @@ def test_same_estimator_runs_are_told_apart_by_their_settings():
 
 def test_compare_labels_name_the_segmenter_not_its_options():
     # runs differ in segment.name; size/max_tokens differ only because each segmenter has its own options
-    from rredcot.compare import _tells_apart
+    from rredcot.runs import _tells_apart
 
     settings = [{"segment.name": "hybrid", "segment.max_tokens": 64, "segment.size": None},
                 {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 16},

@@ -4,14 +4,8 @@ import math
 import pytest
 import torch
 
-from rredcot.stages.update import (
-    agg_dapo,
-    clip_stats,
-    frac_zero_std,
-    group_advantages,
-    per_token_terms,
-    policy_loss,
-)
+from rredcot.advantages import frac_zero_std, group_advantages
+from rredcot.losses import agg_dapo, clip_stats, per_token_terms, policy_loss
 
 NAN = float("nan")
 
@@ -143,7 +137,8 @@ def test_clip_stats():
 def test_gradient_checkpointing_recomputes_activations_and_gives_the_same_gradients(tiny_model):
     """update.gradient_checkpointing: the same gradients, and the layers really run again in backward."""
     from rredcot.logprobs import completion_logprobs
-    from rredcot.stages.update import _grad_mode, enable_checkpointing
+    from rredcot.optim import enable_checkpointing
+    from rredcot.optim import grad_mode as _grad_mode
 
     model, _ = tiny_model
     ids = torch.randint(3, 20, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -172,7 +167,7 @@ def test_autocast_computes_in_bf16_keeps_fp32_weights_and_fp32_logprobs(tiny_mod
     """update.autocast=bfloat16: the forward runs in bf16 (close to fp32), the weights and their
     gradients stay fp32, and the log-probs come out fp32."""
     from rredcot.logprobs import completion_logprobs
-    from rredcot.stages.update import _grad_mode
+    from rredcot.optim import grad_mode as _grad_mode
 
     model, _ = tiny_model
     ids = torch.randint(3, 20, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -190,7 +185,7 @@ def test_compile_wraps_each_layer_in_place_and_keeps_checkpoint_names(tiny_model
     """update.compile=true: every decoder layer compiled in place (no run here: compiling takes ~30 s on CPU,
     see the slow test); parameter names, hence checkpoints, unchanged; a model without layers is refused."""
     from rredcot.errors import UserError
-    from rredcot.stages.update import compile_layers
+    from rredcot.optim import compile_layers
 
     model, _ = tiny_model
     names = list(model.state_dict())
@@ -205,7 +200,7 @@ def test_compile_wraps_each_layer_in_place_and_keeps_checkpoint_names(tiny_model
 def test_compiled_layers_give_the_eager_log_probs_gradients_and_samples(tiny_model):
     from rredcot.logprobs import completion_logprobs
     from rredcot.stages.rollout import sample_rollout
-    from rredcot.stages.update import compile_layers
+    from rredcot.optim import compile_layers
     from rredcot.types import Sample
 
     model, tok = tiny_model
@@ -228,7 +223,7 @@ def test_compiled_layers_give_the_eager_log_probs_gradients_and_samples(tiny_mod
 
 
 def test_advantage_by_group_splits_the_token_mean_by_group_type():
-    from rredcot.stages.update import advantage_by_group
+    from rredcot.advantages import advantage_by_group
 
     # G=2: group 0 (right, right), group 1 (right, wrong), group 2 (wrong, wrong); 2 active tokens per row
     # except the last row (1 token). Advantages per token: .5 | .25, -.25 | .1 (all-wrong: no baseline pushes it)

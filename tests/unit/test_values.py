@@ -7,7 +7,7 @@ from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_newline
 from rredcot.stages.values import (PolicyContext, anchor_indices, blend_anchors, forced_values, group_answers, mc_values,
                                   verdict_values)
-from rredcot.stages.verify import BuiltinVerifier, GSM8KVerifier, run_verify
+from rredcot.stages.verify import BuiltinVerifier, GSM8KVerifier, RewardFuncs, run_verify
 from rredcot.types import Sample
 
 
@@ -19,7 +19,7 @@ def batch(tiny_model):
     ro = sample_rollout(model, tok, samples, group_size=2, max_new_tokens=16)
     # Give the rollout known texts' answers: the extractor reads ro.texts
     ro.texts = ["<think>\nb=3+4=7\n</think>\n7", "<think>\nb=3+4=8\n</think>\n8", "</think>\n5", "no answer"]
-    ver = run_verify(ro.texts, ro.samples, {"accuracy": (BuiltinVerifier(), 1.0)})
+    ver = run_verify(ro.texts, ro.samples, RewardFuncs(BuiltinVerifier()))
     seg = run_segment(ro, segment_newline, PieceDecoder(tok))
     ctx = PolicyContext(model, tok, BuiltinVerifier(), "</think>\n", "</s>")
     return ro, ver, seg, ctx

@@ -6,8 +6,8 @@ import pytest
 from rredcot.registry import get, names
 from rredcot.errors import UserError
 from rredcot.stages.verify import (BuiltinVerifier, FormatVerifier, GSM8KVerifier, MathVerifier, build_verifier,
-                                   normalize_number, run_verify)
-from rredcot.task.datasets import gold_from
+                                   normalize_number, RewardFuncs, run_verify)
+from rredcot.task.hub import gold_from
 from rredcot.types import Sample
 
 S7 = Sample(prompt="a=3, b=a+4. b=?\n", gold="7")
@@ -100,7 +100,7 @@ def test_format(completion, reward):
 
 
 def test_run_verify_weights_and_undefined_rows():
-    funcs = {"accuracy": (verify_math, 1.0), "format": (verify_format, 0.5)}
+    funcs = RewardFuncs(verify_math, 1.0, {"format": (verify_format, 0.5)})
     samples = [Sample("q", "2"), Sample("q", "")]
     v = run_verify(["<think>\nx\n</think>\n\\boxed{2}", "\\boxed{2}"], samples, funcs)
     assert v.rewards[0].item() == 1.5            # 1 * 1 + .5 * 1

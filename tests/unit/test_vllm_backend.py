@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from rredcot.errors import UserError
 from rredcot.registry import get
 from rredcot.stages.rollout import sample_from_ids, sample_rollout
-from rredcot.stages.update import per_token_terms, sampler_correction
+from rredcot.losses import per_token_terms, sampler_correction
 from rredcot.types import Sample
 
 SAMPLES = [Sample("a=1, b=a+2. b=?\n", "3"), Sample("x=10, y=x*2. y=?\n", "20")]
@@ -123,13 +123,14 @@ def test_a_bf16_engine_mismatch_is_measured_and_capped(fake_vllm, tiny_model):
                             "max_grad_norm": 1.0, "is_cap": 1.001})
     from accelerate import Accelerator
 
-    from rredcot.stages.update import build_optimizer
+    from rredcot.optim import build_optimizer
+    from rredcot.stages.update import Learner
 
     opt, sched = build_optimizer(model, OmegaConf.create({"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0,
                                                          "adam_eps": 1e-8, "warmup_steps": 0, "warmup_ratio": 0.0,
                                                          "schedule": "constant"}), 1)
-    stats = update_policy(model, ro, credit, cfg=cfg, temperature=1.0, max_completion_length=16, optimizer=opt,
-                          scheduler=sched, accelerator=Accelerator(cpu=True))
+    stats = update_policy(Learner(model, opt, sched, Accelerator(cpu=True)), ro, credit, cfg, temperature=1.0,
+                          max_completion_length=16)
     assert stats["sampler/logp_diff_mean"] > 1e-4 and stats["sampler/logp_diff_max"] >= stats["sampler/logp_diff_mean"]
     assert 0 < stats["sampler/is_capped_frac"] < 1  # a cap this close to 1 catches some tokens, not all
 
@@ -162,9 +163,9 @@ def test_a_lora_policy_reaches_the_engine_merged(fake_vllm):
 
 
 def test_under_data_parallel_each_rank_runs_its_engine_in_the_trainers_process_group(fake_vllm, tiny_model, monkeypatch):
-    from rredcot import distributed
+    from rredcot import collectives
 
-    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(collectives, "active", lambda: True)
     model, tok = tiny_model
     _backend(model, tok)
     assert fake_vllm.LLM.instances[0].kwargs["distributed_executor_backend"] == "external_launcher"

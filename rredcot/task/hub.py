@@ -1,73 +1,26 @@
-"""The `task` registry: where problems come from. Every entry is (cfg, split, tokenizer) -> list[Sample],
-for split in train / dev / test; the three must be disjoint (the pipeline refuses overlaps, see
-`check_disjoint`).
-
-- `builtin`: the arithmetic-chain task made from a seed (rredcot.task.arith), split by prompt hash.
-- `hf`: datasets by hub name (`datasets.load_dataset`) or local jsonl/json/parquet/csv files, one
-  *source* per split (task.sources.train / .test / .dev). A source without a `dev` of its own gets a
-  deterministic dev split carved out of the training rows (the `dev_size` rows whose question hashes
-  lowest), and those rows are never trained on.
+"""The `hf` task: datasets by hub name (`datasets.load_dataset`) or local jsonl/json/parquet/csv files, one
+*source* per split (task.sources.train / .test / .dev). A source without a `dev` of its own gets a
+deterministic dev split carved out of the training rows (rredcot.task.splits), never trained on.
+Every task entry is (cfg, split, tokenizer) -> list[Sample], for split in train / dev / test.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rredcot.errors import UserError
 from rredcot import ranges
-from rredcot.ranges import COUNT, FRACTION, NATURAL, Rule, integer, one_of, optional
+from rredcot.errors import UserError
+from rredcot.ranges import COUNT, FRACTION, NATURAL, one_of, optional
 from rredcot.registry import register
-from rredcot.task.arith import ArithSpec, generate
+from rredcot.task.splits import carve_dev
 from rredcot.types import Sample
 from rredcot.ui import note
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _SOURCE_KEYS = ("path", "config_name", "split", "question_field", "answer_field", "answer_format", "trace_field")
-
-
-def arith_spec(cfg: Any) -> ArithSpec:
-    return ArithSpec(steps=cfg.steps, max_value=cfg.max_value, max_operand=cfg.max_operand,
-                     ops=cfg.ops, distractors=cfg.distractors, shuffle=cfg.shuffle)
-
-
-# "+-*" minus what would leave a chain stuck: from 0 only "+" or "*" go on, from max_value only "-" or "*"(0).
-_OPS = Rule(lambda v: isinstance(v, str) and v != "" and set(v) <= set("+-*") and "-" in v and ("+" in v or "*" in v),
-            "operators from '+-*' with '-' and at least one of '+', '*' (else a chain can get stuck at 0 or at max_value)")
-BUILTIN_RULES = {"steps": integer(1, 25), "max_value": COUNT, "max_operand": COUNT, "ops": _OPS, "distractors": NATURAL,
-                 "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL}
-
-
-def _check_builtin(cfg: Any, prefix: str) -> None:
-    names = cfg.steps + 1 + 2 * cfg.distractors  # one letter per variable
-    if names > 26:
-        raise UserError(f"{prefix}steps={cfg.steps} and {prefix}distractors={cfg.distractors} need {names} variable names, "
-                        f"but there are 26 letters: keep steps + 1 + 2 x distractors <= 26.")
-
-
-@register("task", "builtin", BUILTIN_RULES)
-def builtin_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
-    """`split` is train / dev / test; sizes come from cfg.train_size and cfg.eval_size."""
-    n = cfg.train_size if split == "train" else cfg.eval_size
-    return generate(arith_spec(cfg), split, n, seed=cfg.seed)
-
-
-def _builtin_warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:
-    """The built-in task writes its own warm-start traces, some flawed on purpose (see task.warmstart)."""
-    from rredcot.task.arith import Flaws
-
-    ws = cfg.warmstart
-    flaws = Flaws(ws.flaw_rate, ws.misconception_frac, ws.misconception_rate)
-    return generate(arith_spec(cfg.task), "train", ws.examples, seed=ws.seed, flaws=flaws)
-
-
-# A task entry may carry `warmstart_samples(cfg, tokenizer) -> list[Sample]` (each with meta["trace"]);
-# without it, the warm start uses the training rows that have reference traces (task.warmstart).
-builtin_task.warmstart_samples = _builtin_warmstart
-builtin_task.check_options = _check_builtin
 
 
 def gold_from(answer: str, fmt: str) -> str:
@@ -201,10 +154,6 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
     return out
 
 
-def question_hash(text: str) -> str:
-    return hashlib.sha256(text.strip().encode()).hexdigest()
-
-
 def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     src = source_of(cfg, split)
     local = Path(str(src["path"])).expanduser()
@@ -214,22 +163,6 @@ def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
                         "file, or to a hub dataset name.")
     rows = load_rows(str(src["path"]), src["config_name"], str(src["split"] or split))
     return _rows_to_samples(rows, src, cfg, tokenizer, f"task.sources.{split} ({src['path']}, split {src['split']})")
-
-
-def _carve_dev(train: list[Sample], dev_size: int) -> tuple[list[Sample], list[Sample]]:
-    """(train without dev, dev): dev = the dev_size prompts whose hash is lowest, so it is the same for
-    every run and every row order; duplicates of a dev prompt leave training too."""
-    keys = [question_hash(s.prompt) for s in train]
-    ranked = sorted(set(keys))
-    if dev_size > len(ranked) // 2:
-        raise UserError(f"task.dev_size={dev_size} would take {min(dev_size, len(ranked))} of the {len(ranked)} distinct "
-                        f"training prompts for the dev split. Lower it (e.g. task.dev_size={max(len(ranked) // 10, 1)}) "
-                        "or give dev its own data (task.sources.dev.path=FILE).")
-    dev_keys = set(ranked[:dev_size])
-    first = {}  # hash -> the first sample with it (a duplicated dev prompt is evaluated once)
-    for h, s in zip(keys, train):
-        first.setdefault(h, s)
-    return [s for h, s in zip(keys, train) if h not in dev_keys], [first[h] for h in ranked[:dev_size]]
 
 
 HF_RULES = {"answer_format": one_of("gsm8k", "boxed", "plain"), "dev_size": NATURAL, "max_bad_fraction": FRACTION,
@@ -245,61 +178,17 @@ def _check_hf(cfg: Any, prefix: str) -> None:
         ranges.check(sources[split] or {}, {"answer_format": optional(HF_RULES["answer_format"])}, f"{prefix}sources.{split}.")
 
 
-@register("task", "hf", HF_RULES)
+@register("task", "hf", HF_RULES, check=_check_hf)
 def hf_task(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     """Rows of the split's source; dev without its own source is carved out of the training rows."""
     if source_of(cfg, split) is None and split != "dev":
         raise UserError(f"task.sources.{split} is not set, so this task has no {split} split. Give it one "
                         f"(task.sources.{split}.path=FILE or task.sources.{split}.split=NAME), or choose another eval.split.")
     if split == "dev" and source_of(cfg, "dev") is None:
-        samples = _carve_dev(_source_samples(cfg, "train", tokenizer), cfg.dev_size)[1]
+        samples = carve_dev(_source_samples(cfg, "train", tokenizer), cfg.dev_size)[1]
     elif split == "train" and source_of(cfg, "dev") is None:
-        samples = _carve_dev(_source_samples(cfg, "train", tokenizer), cfg.dev_size)[0]
+        samples = carve_dev(_source_samples(cfg, "train", tokenizer), cfg.dev_size)[0]
     else:
         samples = _source_samples(cfg, split, tokenizer)
     limit = cfg.train_size if split == "train" else cfg.eval_size
     return samples[:limit] if limit else samples
-
-
-hf_task.check_options = _check_hf
-
-
-def check_disjoint(train: list[Sample], held_out: dict[str, list[Sample]]) -> list[Sample]:
-    """Refuse held-out splits that share prompts with training (they would measure memorised rows);
-    a stray duplicate or two (<= 1% of the split, as real hub datasets have) leaves training instead.
-    Returns the training set to use."""
-    train_keys = {question_hash(s.prompt) for s in train}
-    dropped: set[str] = set()
-    for split, samples in held_out.items():
-        shared = {question_hash(s.prompt) for s in samples} & train_keys
-        if not shared:
-            continue
-        if len(shared) > max(0.01 * len(samples), 1):
-            example = next(s.prompt for s in samples if question_hash(s.prompt) in shared)
-            raise UserError(f"The {split!r} split shares {len(shared)} of its {len(samples)} prompts with the training "
-                            f"rows (e.g. {example.strip()[:80]!r}), so its numbers would measure memorised rows. Give "
-                            f"{split} its own data (task.sources.{split}.path=FILE or a hub split), or evaluate on dev, "
-                            "which is carved out of the training rows (eval.split=dev).")
-        dropped |= shared
-    if dropped:
-        note(f"{len(dropped)} training prompt(s) also appear in a held-out split; they were left out of training.")
-    return [s for s in train if question_hash(s.prompt) not in dropped] if dropped else train
-
-
-def drop_long_prompts(samples: list[Sample], tokenizer: Any, limit: int, where: str, max_fraction: float) -> list[Sample]:
-    """The samples whose prompt fits in `limit` tokens; the rest are named in a note, and refused when they
-    are more than `max_fraction` of the split (then the limit, not the data, is probably wrong)."""
-    # A token is rarely more than 64 characters: longer prompts are dropped without tokenizing megabytes.
-    short = [i for i, s in enumerate(samples) if len(s.prompt) <= 64 * limit]
-    lengths = dict(zip(short, map(len, tokenizer([samples[i].prompt for i in short], add_special_tokens=False)["input_ids"])))
-    long = [i for i in range(len(samples)) if lengths.get(i, limit + 1) > limit]
-    if not long:
-        return samples
-    rows = [samples[i].meta.get("row", i) for i in long]
-    if len(long) > max_fraction * len(samples):
-        raise UserError(f"{where}: {len(long)} of {len(samples)} prompts are longer than {limit} tokens (rows {rows[:8]}). "
-                        "Raise train.max_prompt_tokens (within the model's context, less rollout.max_new_tokens) "
-                        "or shorten the prompts.")
-    note(f"{where}: skipped {len(long)} prompt(s) longer than {limit} tokens (rows {rows[:8]}).")
-    skip = set(long)
-    return [s for i, s in enumerate(samples) if i not in skip]
