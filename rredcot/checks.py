@@ -2,9 +2,9 @@
 
 Every failure is a UserError naming the key, the problem and the fix (exit status 2). `validate` is
 what the config alone decides (ranges, batch arithmetic, registry names, each entry's own options, at
-the launcher's world size); `check_config` adds what the launch decides (the world size it recorded,
-whether the model is sharded), and is what training calls once at start-up. How the config is
-composed from a command line (unknown keys, types) is rredcot/compose.py.
+the launcher's world size), run once when a config is composed; `check_config` adds what the launch
+decides (the world size it recorded, whether the model is sharded), run once by the trainer before anything
+loads. How the config is composed from a command line (unknown keys, types) is rredcot/compose.py.
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ ENTRY_KEYS = [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment"
               ("redistribute", "redistribute.name"), ("loss", "update.loss_type"), ("task", "task.name")]
 
 
-def check_config(cfg: DictConfig, *, world_size: int, will_shard: bool = False, check_entries: bool = True) -> int:
-    """Everything `validate` checks at the launched `world_size`, plus what the launch decides: world_size=N
-    on the command line must be the launched one, and a sharded model (FSDP2 / ZeRO-3) refuses what it
-    cannot run. Returns the world size (the run records it in config.yaml)."""
+def check_config(cfg: DictConfig, *, world_size: int, will_shard: bool = False) -> int:
+    """What the launch decides, on a config that `validate` already passed when it was composed (load_config,
+    or the run's own config on resume): world_size=N on the command line must be the launched one, the
+    launched ranks must share each step evenly, and a sharded model (FSDP2 / ZeRO-3) refuses what it cannot
+    run. Returns the world size (the run records it in config.yaml)."""
     check_world_size(cfg, world_size)
-    validate(cfg, check_entries, world_size)
+    check_data_parallel(cfg, world_size)
     if will_shard:
         check_shardable(cfg)
     return world_size
