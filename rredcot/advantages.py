@@ -9,6 +9,7 @@ The equal-rewards rule (one for the logs and for training): a group carries no s
 rewards are all equal; fewer than two defined rewards count as equal. Example, G=2: [1, NaN] is equal
 (one defined reward: its GRPO advantages are [0, 0]), [NaN, NaN] is equal, [1, 0] is not.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     NaN rewards (undefined) are left out of the group statistics and get advantage 0.
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be [N] with N a multiple of group_size={group_size}, got {tuple(rewards.shape)}"
+        )
     r = rewards.view(-1, group_size).float()  # [N/G, G]
     valid = ~torch.isnan(r)
     r0 = torch.where(valid, r, torch.zeros_like(r))
@@ -88,7 +91,9 @@ def credit_scale(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.where(std > 0, std, torch.ones_like(std))
 
 
-def advantage_by_group(advantages: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, group_size: int) -> dict[str, float]:
+def advantage_by_group(
+    advantages: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor, group_size: int
+) -> dict[str, float]:
     """Where the credit goes, by group type: all right, mixed, all wrong (issue 11's collapse question).
 
     advantages, mask [N, T], correct [N] bool. `advantage/token_mean` is the mean advantage per active

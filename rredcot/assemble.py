@@ -1,6 +1,7 @@
 """What a run is made of, assembled from its config: the registry entries it chose with their options bound
 (Stages), what the value estimators see at a step (policy_context, with keyed Monte Carlo continuations),
 and the order prompts are drawn in (PromptSampler). The trainer and `rredcot credit` both build from here."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,12 +11,13 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from rredcot.sections import rollout_options, stage_options
 from rredcot.registry import get
-from rredcot.stages.rollout import sample_from_ids, sample_rollout
+from rredcot.sections import rollout_options, stage_options
+from rredcot.stages.context import PolicyContext
+from rredcot.stages.montecarlo import sample_from_ids
+from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.sampling import prefix_seeds
 from rredcot.stages.segment import think_marker
-from rredcot.stages.values import PolicyContext
 from rredcot.stages.verify import RewardFuncs, build_reward_funcs
 
 
@@ -38,8 +40,11 @@ def build_stages(cfg: DictConfig) -> Stages:
         make_backend=partial(get("rollout", cfg.rollout.name), **backend),
         reward_funcs=build_reward_funcs(cfg.verify),
         segment=partial(get("segment", cfg.segment.name), **stage_options(cfg.segment)),
-        redistribute=partial(get("redistribute", cfg.redistribute.name), group_size=cfg.rollout.group_size,
-                             **stage_options(cfg.redistribute)),
+        redistribute=partial(
+            get("redistribute", cfg.redistribute.name),
+            group_size=cfg.rollout.group_size,
+            **stage_options(cfg.redistribute),
+        ),
         marker=think_marker(cfg),
     )
 
@@ -57,18 +62,33 @@ class Continuations:
 
     def __call__(self, prefixes: list[list[int]], n: int, budgets: list[int]) -> list[str]:
         ro = self.rollout
-        return sample_from_ids(self.backend, self.tokenizer, prefixes, n, budgets, temperature=ro.temperature,
-                               top_p=ro.top_p, top_k=ro.top_k, seeds=prefix_seeds(self.seed, self.step, prefixes, n))
+        return sample_from_ids(
+            self.backend,
+            self.tokenizer,
+            prefixes,
+            n,
+            budgets,
+            temperature=ro.temperature,
+            top_p=ro.top_p,
+            top_k=ro.top_k,
+            seeds=prefix_seeds(self.seed, self.step, prefixes, n),
+        )
 
 
 def policy_context(cfg: DictConfig, model, tokenizer, stages: Stages, backend=None, step: int = 0) -> PolicyContext:
     """What the value estimators see at RL step `step`: the live policy (or the critic), the task's verifier and
     forcing texts; Monte Carlo continuations come from the rollout backend (the model's own when none is given)."""
     ro = cfg.rollout
-    return PolicyContext(model=model, tokenizer=tokenizer, verifier=stages.reward_funcs.verifier,
-                         force_text=cfg.task.get("forcing_text"), closing_text=cfg.task.get("closing_text") or "",
-                         generate=Continuations(backend or model, tokenizer, ro, cfg.seed, step),
-                         temperature=ro.temperature, max_new_tokens=ro.max_new_tokens)
+    return PolicyContext(
+        model=model,
+        tokenizer=tokenizer,
+        verifier=stages.reward_funcs.verifier,
+        force_text=cfg.task.get("forcing_text"),
+        closing_text=cfg.task.get("closing_text") or "",
+        generate=Continuations(backend or model, tokenizer, ro, cfg.seed, step),
+        temperature=ro.temperature,
+        max_new_tokens=ro.max_new_tokens,
+    )
 
 
 class PromptSampler:

@@ -6,19 +6,26 @@ the launcher's world size), run once when a config is composed; `check_config` a
 decides (the world size it recorded, whether the model is sharded), run once by the trainer before anything
 loads. How the config is composed from a command line (unknown keys, types) is rredcot/compose.py.
 """
+
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
 from rredcot import ranges, registry
-from rredcot.sections import rollout_options, stage_options
 from rredcot.errors import UserError
 from rredcot.estimator_spec import estimator_spec
+from rredcot.sections import rollout_options, stage_options
 
 # (registry stage, the config key that names its entry). The loss aggregator's stage is "loss"; its key
 # stays update.loss_type (the update section configures the whole update, not only the loss).
-ENTRY_KEYS = [("rollout", "rollout.name"), ("verify", "verify.name"), ("segment", "segment.name"),
-              ("redistribute", "redistribute.name"), ("loss", "update.loss_type"), ("task", "task.name")]
+ENTRY_KEYS = [
+    ("rollout", "rollout.name"),
+    ("verify", "verify.name"),
+    ("segment", "segment.name"),
+    ("redistribute", "redistribute.name"),
+    ("loss", "update.loss_type"),
+    ("task", "task.name"),
+]
 
 
 def check_config(cfg: DictConfig, *, world_size: int, will_shard: bool = False) -> int:
@@ -38,20 +45,28 @@ def validate(cfg: DictConfig, check_entries: bool = True, world_size: int | None
 
     world_size: the processes that will share each step (default: the launcher's WORLD_SIZE)."""
     if cfg.verify.name is None:
-        raise UserError(f"The task {cfg.task.name!r} names no verifier: add `verifier: NAME` to its config (the answer "
-                        "checker that scores it, e.g. builtin, gsm8k, math or a plug-in's), or set verify.name=NAME.")
+        raise UserError(
+            f"The task {cfg.task.name!r} names no verifier: add `verifier: NAME` to its config (the answer "
+            "checker that scores it, e.g. builtin, gsm8k, math or a plug-in's), or set verify.name=NAME."
+        )
     _check_batches(cfg)
     check_data_parallel(cfg, world_size)
     if max(cfg.eval.ks) > cfg.eval.n_samples:
-        raise UserError(f"eval.ks={list(cfg.eval.ks)} asks for pass@{max(cfg.eval.ks)}, but eval.n_samples={cfg.eval.n_samples} "
-                        f"completions are sampled per prompt: set eval.n_samples={max(cfg.eval.ks)} or drop the larger k.")
+        raise UserError(
+            f"eval.ks={list(cfg.eval.ks)} asks for pass@{max(cfg.eval.ks)}, but eval.n_samples={cfg.eval.n_samples} "
+            f"completions are sampled per prompt: set eval.n_samples={max(cfg.eval.ks)} or drop the larger k."
+        )
     if cfg.credit.against not in (None, "mc"):
-        raise UserError(f"credit.against={cfg.credit.against!r}: the only reference is mc (credit.against=mc), or null for none.")
+        raise UserError(
+            f"credit.against={cfg.credit.against!r}: the only reference is mc (credit.against=mc), or null for none."
+        )
     for split in [cfg.eval.split, *cfg.eval.extra_splits]:
         if split not in ("dev", "test"):
-            raise UserError(f"eval.split / eval.extra_splits name {split!r}: held-out splits are dev and test (train is "
-                            "for training). Choose settings with eval.split=dev and keep test for the final numbers, "
-                            "e.g. eval.split=dev eval.extra_splits=[test].")
+            raise UserError(
+                f"eval.split / eval.extra_splits name {split!r}: held-out splits are dev and test (train is "
+                "for training). Choose settings with eval.split=dev and keep test for the final numbers, "
+                "e.g. eval.split=dev eval.extra_splits=[test]."
+            )
     for stage, key in ENTRY_KEYS:
         registry.check(stage, OmegaConf.select(cfg, key), key)
     for entry in cfg.credit.estimators:
@@ -66,17 +81,24 @@ def _check_batches(cfg: DictConfig) -> None:
     """A step's completions are whole groups, split into whole optimizer steps of whole micro-batches."""
     g, n = cfg.rollout.group_size, cfg.train.generation_batch_size
     if g < 2:
-        raise UserError(f"rollout.group_size={g}: GRPO compares completions of one prompt, so a group needs at least 2. "
-                        "Set rollout.group_size=2 or more (8 is typical).")
+        raise UserError(
+            f"rollout.group_size={g}: GRPO compares completions of one prompt, so a group needs at least 2. "
+            "Set rollout.group_size=2 or more (8 is typical)."
+        )
     ranges.check(cfg, ranges.RULES)
     if n % g:
-        raise UserError(f"train.generation_batch_size={n} is not a whole number of groups of rollout.group_size={g}. "
-                        f"Make it a multiple of {g}, e.g. train.generation_batch_size={max(g, n - n % g)}.")
+        raise UserError(
+            f"train.generation_batch_size={n} is not a whole number of groups of rollout.group_size={g}. "
+            f"Make it a multiple of {g}, e.g. train.generation_batch_size={max(g, n - n % g)}."
+        )
     spg, micro = cfg["update"].steps_per_generation, cfg["update"].micro_batch_size
     if spg < 1 or n % spg or (n // spg) % micro:
-        raise UserError(f"Each generation batch of {n} completions is split into update.steps_per_generation={spg} "
-                        f"optimizer steps of micro-batches of update.micro_batch_size={micro}; {n} / {spg} must be a whole "
-                        f"multiple of {micro}. Change update.micro_batch_size (a divisor of {n // max(spg, 1)}) or steps_per_generation.")
+        raise UserError(
+            f"Each generation batch of {n} completions is split into update.steps_per_generation={spg} "
+            f"optimizer steps of micro-batches of update.micro_batch_size={micro}; {n} / {spg} must be a whole "
+            f"multiple of {micro}. Change update.micro_batch_size (a divisor of {n // max(spg, 1)}) "
+            "or steps_per_generation."
+        )
 
 
 def check_data_parallel(cfg: DictConfig, world: int | None = None) -> None:
@@ -92,15 +114,20 @@ def check_data_parallel(cfg: DictConfig, world: int | None = None) -> None:
     prompts = n // g
     if prompts % w:
         fits = [k for k in range(1, prompts + 1) if prompts % k == 0]
-        raise UserError(f"{w} processes share each step's {prompts} prompts (train.generation_batch_size={n} / rollout."
-                        f"group_size={g}), and every process must own whole prompt groups. Make the prompts per step a "
-                        f"multiple of {w} (train.generation_batch_size={g * w * max(1, round(prompts / w))}), or launch a "
-                        f"number of processes that divides {prompts} ({', '.join(map(str, fits))}).")
+        raise UserError(
+            f"{w} processes share each step's {prompts} prompts (train.generation_batch_size={n} / rollout."
+            f"group_size={g}), and every process must own whole prompt groups. Make the prompts per step a "
+            f"multiple of {w} (train.generation_batch_size={g * w * max(1, round(prompts / w))}), or launch a "
+            f"number of processes that divides {prompts} ({', '.join(map(str, fits))})."
+        )
     local = n // w // spg
     if local % micro:
-        raise UserError(f"On {w} processes each one's share of an optimizer step is {n} / {w} / update.steps_per_generation="
-                        f"{spg} = {local} completions, not a whole number of micro-batches of update.micro_batch_size={micro} "
-                        f"(a per-process size). Set update.micro_batch_size to a divisor of {local} (e.g. {_divisor(local, micro)}).")
+        raise UserError(
+            f"On {w} processes each one's share of an optimizer step is {n} / {w} / update.steps_per_generation="
+            f"{spg} = {local} completions, not a whole number of micro-batches of update.micro_batch_size={micro} "
+            f"(a per-process size). Set update.micro_batch_size to a divisor of {local} "
+            f"(e.g. {_divisor(local, micro)})."
+        )
 
 
 def _divisor(n: int, at_most: int) -> int:
@@ -110,9 +137,11 @@ def _divisor(n: int, at_most: int) -> int:
 def check_world_size(cfg: DictConfig, world: int) -> int:
     """The launched world size (recorded in the run's config.yaml); world_size=N on the command line must match it."""
     if cfg.get("world_size") not in (None, world):
-        raise UserError(f"world_size={cfg.world_size} was set, but {world} process(es) were launched. world_size is recorded, "
-                        f"not chosen: launch with torchrun --nproc_per_node {cfg.world_size} (or accelerate launch "
-                        "--num_processes N), and leave world_size unset.")
+        raise UserError(
+            f"world_size={cfg.world_size} was set, but {world} process(es) were launched. world_size is recorded, "
+            f"not chosen: launch with torchrun --nproc_per_node {cfg.world_size} (or accelerate launch "
+            "--num_processes N), and leave world_size unset."
+        )
     return world
 
 
@@ -120,12 +149,16 @@ def check_shardable(cfg: DictConfig) -> None:
     """What FSDP2 / ZeRO-3 cannot run: a second, unsharded copy of the policy (critic_lag), or an estimator whose
     backward passes (a different number per rank) would each be a collective."""
     if cfg.train.get("critic_lag", 0):
-        raise UserError(f"train.critic_lag={cfg.train.critic_lag} keeps a second, frozen copy of the policy, which is not "
-                        "sharded under FSDP or ZeRO-3. Use train.critic_lag=0 with these configs, or DDP (torchrun).")
+        raise UserError(
+            f"train.critic_lag={cfg.train.critic_lag} keeps a second, frozen copy of the policy, which is not "
+            "sharded under FSDP or ZeRO-3. Use train.critic_lag=0 with these configs, or DDP (torchrun)."
+        )
     if registry.entry("redistribute", cfg.redistribute.name).runs_backward:
-        raise UserError(f"redistribute={cfg.redistribute.name} runs a backward pass per trace, and under FSDP or ZeRO-3 "
-                        "each would be a collective that ranks with other trace counts never join. Use it with DDP "
-                        "(torchrun, or conf/accelerate/ddp.yaml), or choose another estimator.")
+        raise UserError(
+            f"redistribute={cfg.redistribute.name} runs a backward pass per trace, and under FSDP or ZeRO-3 "
+            "each would be a collective that ranks with other trace counts never join. Use it with DDP "
+            "(torchrun, or conf/accelerate/ddp.yaml), or choose another estimator."
+        )
 
 
 def _check_entries(cfg: DictConfig) -> None:
@@ -144,12 +177,16 @@ def _check_entries(cfg: DictConfig) -> None:
         name = OmegaConf.select(cfg, key)
         for need in registry.entry(stage, name, key).needs_task_keys:  # e.g. answer forcing needs task.forcing_text
             if cfg.task.get(need) is None:
-                raise UserError(f"{key}={name} needs task.{need}, which this task's config does not set. "
-                                f"Add it to the task config (see conf/task/*.yaml for examples) or pass +task.{need}=..., "
-                                "or choose another estimator (e.g. algo=grpo).")
+                raise UserError(
+                    f"{key}={name} needs task.{need}, which this task's config does not set. "
+                    f"Add it to the task config (see conf/task/*.yaml for examples) or pass +task.{need}=..., "
+                    "or choose another estimator (e.g. algo=grpo)."
+                )
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("device=cuda, but torch sees no CUDA GPU here (a CPU-only torch build, or no driver). "
-                            "Use device=auto (a GPU when there is one) or device=cpu.")
+            raise UserError(
+                "device=cuda, but torch sees no CUDA GPU here (a CPU-only torch build, or no driver). "
+                "Use device=auto (a GPU when there is one) or device=cpu."
+            )

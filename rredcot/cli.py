@@ -2,6 +2,7 @@
 
 Errors a user can fix print as one paragraph and exit with status 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,12 @@ from rich.text import Text
 from rredcot.errors import UserError
 from rredcot.ui import console, err_console, metrics_table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="RL fine-tuning of reasoning models with GRPO and RREDCoT credit assignment.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="RL fine-tuning of reasoning models with GRPO and RREDCoT credit assignment.",
+)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the composed config.")
 app.add_typer(config_app, name="config")
 OVERRIDES = typer.Argument(None, help="Hydra overrides: key=value, group=option, +exp=NAME")
@@ -56,8 +61,10 @@ def _one_process(command: str) -> None:
     from rredcot.collectives import env_world_size
 
     if env_world_size() > 1:
-        raise UserError(f"rredcot {command} runs in one process, but it was launched on {env_world_size()}. Run it as "
-                        f"`rredcot {command} ...`; several processes are for `rredcot train` (and `rredcot eval`).")
+        raise UserError(
+            f"rredcot {command} runs in one process, but it was launched on {env_world_size()}. Run it as "
+            f"`rredcot {command} ...`; several processes are for `rredcot train` (and `rredcot eval`)."
+        )
 
 
 def _load_checkpoint(cfg):
@@ -80,8 +87,10 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     cfg, run = config_for_run(list(overrides or []), "rredcot eval")
     main, device = _ranks(cfg)
     if not cfg.checkpoint:
-        raise UserError("rredcot eval needs checkpoint=PATH: a run directory made by `rredcot train` "
-                        "(its latest checkpoint is used) or a checkpoint directory such as RUN/checkpoints/step_000150.")
+        raise UserError(
+            "rredcot eval needs checkpoint=PATH: a run directory made by `rredcot train` "
+            "(its latest checkpoint is used) or a checkpoint directory such as RUN/checkpoints/step_000150."
+        )
     ckpt, model, tokenizer = _load_checkpoint(cfg)
     model = model.to(device)
     samples = task_sets(cfg, tokenizer, prompt_limit(cfg, model))[1][cfg.eval.split]
@@ -98,8 +107,11 @@ def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     path = unique_path(out_dir / "evals" / f"{ckpt.name}_{cfg.eval.split}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
-    console.print(metrics_table(f"rredcot eval: {ckpt} on {cfg.task.name} {cfg.eval.split} ({len(samples)} prompts)",
-                                {"value": result}))
+    console.print(
+        metrics_table(
+            f"rredcot eval: {ckpt} on {cfg.task.name} {cfg.eval.split} ({len(samples)} prompts)", {"value": result}
+        )
+    )
     console.print(f"wrote {path}")
 
 
@@ -131,13 +143,20 @@ def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 @app.command()
 def compare(
-    args: Optional[List[str]] = typer.Argument(None, help="Hydra overrides for both methods; with --runs, run directories"),
+    args: Optional[List[str]] = typer.Argument(
+        None, help="Hydra overrides for both methods; with --runs, run directories"
+    ),
     baseline: str = typer.Option("grpo", help="algo preset or redistributor to compare against"),
     seeds: int = typer.Option(3, help="seeds per method (0, 1, ...)"),
-    runs: bool = typer.Option(False, "--runs", help="build the report from finished run directories given as arguments"),
+    runs: bool = typer.Option(
+        False, "--runs", help="build the report from finished run directories given as arguments"
+    ),
     out: Optional[Path] = typer.Option(None, help="where the report goes (default runs/compare_<time>)"),
-    split: Optional[str] = typer.Option(None, help="report this held-out split (each run's eval.split or one of its "
-                                        "eval.extra_splits); default: the runs' eval.split"),
+    split: Optional[str] = typer.Option(
+        None,
+        help="report this held-out split (each run's eval.split or one of its "
+        "eval.extra_splits); default: the runs' eval.split",
+    ),
 ) -> None:
     """Train the configured method and a baseline on identical seeds, evaluate both, write a report."""
     import time
@@ -147,8 +166,10 @@ def compare(
     from rredcot.compare_report import build_report
 
     if split not in (None, "dev", "test"):
-        raise UserError(f"--split {split}: the held-out splits are dev and test (a run reports them when they are its "
-                        "eval.split or in its eval.extra_splits). Use --split dev or --split test, or leave it out.")
+        raise UserError(
+            f"--split {split}: the held-out splits are dev and test (a run reports them when they are its "
+            "eval.split or in its eval.extra_splits). Use --split dev or --split test, or leave it out."
+        )
     out = out or Path("runs") / f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
     if runs:
         if not args or len(args) < 2:

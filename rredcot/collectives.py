@@ -11,6 +11,7 @@ prompts, so global row i (prompt slot i // G, completion i % G) is on the same r
 divides P, and sampling keyed by (seed, step, global row) gives the same completions at any W.
 Sharded models (FSDP2, ZeRO) and their checkpoint state: rredcot/sharding.py.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Each run is a `rredcot train` subprocess (its own process, so one run's memory never leaks into the
 next); an overall progress bar shows which method and seed is training.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -21,13 +22,24 @@ def baseline_override(baseline: str) -> str:
         return f"algo={baseline}"
     if baseline in registry.names("redistribute"):
         return f"redistribute={baseline}"
-    raise UserError(f"Unknown baseline {baseline!r}. Use an algorithm preset ({', '.join(groups()['algo'])}) "
-                    f"or a redistributor ({', '.join(registry.names('redistribute'))}).")
+    raise UserError(
+        f"Unknown baseline {baseline!r}. Use an algorithm preset ({', '.join(groups()['algo'])}) "
+        f"or a redistributor ({', '.join(registry.names('redistribute'))})."
+    )
 
 
 def train_command(overrides: list[str], seed: int, run: Path) -> list[str]:
     """`python -m rredcot train` for one seed into `run`, quiet (the caller shows progress)."""
-    return [sys.executable, "-m", "rredcot", "train", *overrides, f"seed={seed}", f"run_dir={run}", "logging.progress=false"]
+    return [
+        sys.executable,
+        "-m",
+        "rredcot",
+        "train",
+        *overrides,
+        f"seed={seed}",
+        f"run_dir={run}",
+        "logging.progress=false",
+    ]
 
 
 def method_label(overrides: list[str]) -> str:
@@ -57,8 +69,11 @@ def train_pair(overrides: list[str], baseline: str, seeds: int, out: Path, conso
                 proc = subprocess.run(train_command(over, seed, run), capture_output=True, text=True)
                 if proc.returncode != 0:
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                    raise UserError(f"Training {label} seed {seed} failed (exit {proc.returncode}); its last lines: "
-                                    + " | ".join(tail) + f" The runs so far are in {out}.")
+                    raise UserError(
+                        f"Training {label} seed {seed} failed (exit {proc.returncode}); its last lines: "
+                        + " | ".join(tail)
+                        + f" The runs so far are in {out}."
+                    )
                 dirs.append(run)
                 progress.advance(bar)
     return dirs

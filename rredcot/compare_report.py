@@ -4,6 +4,7 @@
 report.md, a self-contained report.html, PNG plots and summary.json. Curves are means over seeds with
 95% t-intervals; the verdict is a paired t-test over seeds on final held-out greedy accuracy.
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,15 +14,21 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-
 from rredcot.runs import Run, group_runs, load_run
 from rredcot.stats import mean_ci, paired_t
 
 # The training figure's panels. Truncated share and mean token advantage are the signals that preceded the
-# collapses we saw (README, "why RREDCoT collapsed"): a baseline that is biased shows as a mean far from 0.
-CURVES = [("reward/mean", "reward"), ("entropy", "entropy"), ("completion/mean_length", "completion length"),
-          ("completion/clipped_ratio", "truncated share"), ("advantage/token_mean", "token-advantage mean"),
-          ("advantage/token_std", "token-advantage std"), ("grad_norm", "gradient norm"), ("kl", "KL")]
+# collapses we saw (docs/results.md, "why RREDCoT collapsed"): a baseline that is biased shows as a mean far from 0.
+CURVES = [
+    ("reward/mean", "reward"),
+    ("entropy", "entropy"),
+    ("completion/mean_length", "completion length"),
+    ("completion/clipped_ratio", "truncated share"),
+    ("advantage/token_mean", "token-advantage mean"),
+    ("advantage/token_std", "token-advantage std"),
+    ("grad_norm", "gradient norm"),
+    ("kl", "KL"),
+]
 
 
 def eval_curve(run: Run) -> list[tuple[int, float, float, float]]:
@@ -65,18 +72,33 @@ def summary(groups: dict[str, list[Run]], baseline: str) -> dict[str, Any]:
     for label, runs in groups.items():
         acc, p1 = mean_ci([_final(r, "accuracy") for r in runs]), mean_ci([_final(r, "pass@1") for r in runs])
         step_s = mean(mean(x["time/step_s"] for x in r.metrics if "time/step_s" in x) for r in runs)
-        share = mean(mean(x.get("time/redistribute_s", 0.0) / x["time/step_s"] for x in r.metrics if "time/step_s" in x) for r in runs)
+        share = mean(
+            mean(x.get("time/redistribute_s", 0.0) / x["time/step_s"] for x in r.metrics if "time/step_s" in x)
+            for r in runs
+        )
         curves = [eval_curve(r) for r in runs]
         reach = [next((s for s, _, _, a in c if a >= base_final), None) for c in curves]
         rows[label] = {
-            "seeds": sorted(r.seed for r in runs), "accuracy": acc[0], "accuracy_ci": acc[1], "pass@1": p1[0], "pass@1_ci": p1[1],
-            "steps_to_baseline_final": mean(x for x in reach if x is not None) if any(x is not None for x in reach) else None,
+            "seeds": sorted(r.seed for r in runs),
+            "accuracy": acc[0],
+            "accuracy_ci": acc[1],
+            "pass@1": p1[0],
+            "pass@1_ci": p1[1],
+            "steps_to_baseline_final": mean(x for x in reach if x is not None)
+            if any(x is not None for x in reach)
+            else None,
             "runs_reaching_baseline_final": sum(x is not None for x in reach),
-            "seconds_per_step": step_s, "step_time_ratio": step_s / base_step if base_step else math.nan,
+            "seconds_per_step": step_s,
+            "step_time_ratio": step_s / base_step if base_step else math.nan,
             "redistribution_share": share,
             "peak_memory_mb": max(max((x.get("memory/peak_mb", 0.0) for x in r.metrics), default=0.0) for r in runs),
         }
-    return {"baseline": baseline, "split": base[0].split, "rows": rows, "verdicts": {m: verdict(groups[m], base, m, baseline) for m in groups if m != baseline}}
+    return {
+        "baseline": baseline,
+        "split": base[0].split,
+        "rows": rows,
+        "verdicts": {m: verdict(groups[m], base, m, baseline) for m in groups if m != baseline},
+    }
 
 
 def verdict(runs: list[Run], base: list[Run], name: str, baseline: str) -> dict[str, Any]:
@@ -90,13 +112,17 @@ def verdict(runs: list[Run], base: list[Run], name: str, baseline: str) -> dict[
     if n < 2 or math.isnan(p):
         text = f"{name} vs {baseline}: {diff:+.1f} points on 1 seed; run more seeds for a test."
     elif p < 0.05:
-        text = (f"{name} {'beats' if diff > 0 else 'loses to'} {baseline} by {abs(diff):.1f} points of held-out greedy "
-                f"accuracy (95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test "
-                f"over {n} seeds, p = {p:.3f}).")
+        text = (
+            f"{name} {'beats' if diff > 0 else 'loses to'} {baseline} by {abs(diff):.1f} points of held-out greedy "
+            f"accuracy (95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test "
+            f"over {n} seeds, p = {p:.3f})."
+        )
     else:
-        text = (f"No significant difference: {name} - {baseline} = {diff:+.1f} points of held-out greedy accuracy "
-                f"(95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test over "
-                f"{n} seeds, p = {p:.2f}).")
+        text = (
+            f"No significant difference: {name} - {baseline} = {diff:+.1f} points of held-out greedy accuracy "
+            f"(95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test over "
+            f"{n} seeds, p = {p:.2f})."
+        )
     return {**t, "text": text}
 
 
@@ -143,8 +169,14 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (xs, xlabel) in zip(axes, [(lambda e: e[0], "optimizer steps"), (lambda e: e[1], "generated tokens"),
-                                       (lambda e: e[2], "wall-clock seconds (training only)")]):
+    for ax, (xs, xlabel) in zip(
+        axes,
+        [
+            (lambda e: e[0], "optimizer steps"),
+            (lambda e: e[1], "generated tokens"),
+            (lambda e: e[2], "wall-clock seconds (training only)"),
+        ],
+    ):
         for label, runs in groups.items():
             _band(ax, xs, [eval_curve(r) for r in runs], label)
         ax.set_xlabel(xlabel)
@@ -159,7 +191,9 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
             if steps:
                 _draw(ax, steps, m, h, label)
         if not ax.lines:
-            ax.text(0.5, 0.5, "not logged (e.g. KL needs update.beta > 0)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, "not logged (e.g. KL needs update.beta > 0)", ha="center", va="center", transform=ax.transAxes
+            )
         ax.set_title(title + " (moving average)")
         ax.set_xlabel("step")
     files.append(_finish(fig, list(axes.flat), out / "training.png"))
@@ -175,13 +209,23 @@ def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
     lines = [f"# rredcot compare: {', '.join(m for m in groups if m != s['baseline'])} vs {s['baseline']}", ""]
     lines += [f"**Verdict.** {v['text']}" for v in s["verdicts"].values()] + [""]
     lines += [f"Accuracies are on the task's {s['split']!r} split.", ""]
-    lines += ["| method | seeds | greedy acc (%) | pass@1 (%) | steps to baseline's final acc | s/step | ratio to baseline | "
-              "redistribution share | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| method | seeds | greedy acc (%) | pass@1 (%) | steps to baseline's final acc | s/step | ratio to baseline | "
+        "redistribution share | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for label, r in s["rows"].items():
-        reach = "-" if r["steps_to_baseline_final"] is None else f"{r['steps_to_baseline_final']:.0f} ({r['runs_reaching_baseline_final']}/{len(r['seeds'])} seeds)"
-        lines.append(f"| {label} | {len(r['seeds'])} | {_pm(r['accuracy'], r['accuracy_ci'])} | {_pm(r['pass@1'], r['pass@1_ci'])} | "
-                     f"{reach} | {r['seconds_per_step']:.2f} | {r['step_time_ratio']:.2f} | {100 * r['redistribution_share']:.0f}% | "
-                     f"{r['peak_memory_mb']:.0f} |")
+        reach = (
+            "-"
+            if r["steps_to_baseline_final"] is None
+            else f"{r['steps_to_baseline_final']:.0f} ({r['runs_reaching_baseline_final']}/{len(r['seeds'])} seeds)"
+        )
+        lines.append(
+            f"| {label} | {len(r['seeds'])} | {_pm(r['accuracy'], r['accuracy_ci'])} | "
+            f"{_pm(r['pass@1'], r['pass@1_ci'])} | {reach} | {r['seconds_per_step']:.2f} | "
+            f"{r['step_time_ratio']:.2f} | {100 * r['redistribution_share']:.0f}% | "
+            f"{r['peak_memory_mb']:.0f} |"
+        )
     lines += ["", "Intervals are 95% t-intervals over seeds. Runs:", ""]
     lines += [f"- {label}: " + ", ".join(str(r.path) for r in runs) for label, runs in groups.items()]
     lines += ["", "![accuracy](accuracy.png)", "", "![training curves](training.png)", ""]
@@ -197,7 +241,8 @@ def html_report(md: str, pngs: list[Path]) -> str:
         if line.startswith("!["):
             name = line[line.index("(") + 1 : -1]
             png = next(p for p in pngs if p.name == name)
-            body.append(f'<img style="max-width:100%" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">')
+            data = base64.b64encode(png.read_bytes()).decode()
+            body.append(f'<img style="max-width:100%" src="data:image/png;base64,{data}">')
         elif line.startswith("|") and "---" not in line:
             cells = "".join(f"<td>{h.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
             body.append(f"<tr>{cells}</tr>")
@@ -207,10 +252,13 @@ def html_report(md: str, pngs: list[Path]) -> str:
             body.append(f"<p>{h.escape(line).replace('**', '')}</p>")
     text = "\n".join(body).replace("</p>\n<tr>", "</p>\n<table border=1 cellpadding=4><tr>", 1)
     text = text.replace("</tr>\n<p>", "</tr></table>\n<p>", 1)
-    return f"<!doctype html><meta charset='utf-8'><title>rredcot compare</title><body style='font-family:sans-serif;max-width:70em;margin:2em auto'>{text}</body>"
+    style = "font-family:sans-serif;max-width:70em;margin:2em auto"
+    return f"<!doctype html><meta charset='utf-8'><title>rredcot compare</title><body style='{style}'>{text}</body>"
 
 
-def build_report(run_dirs: list[Path], out: Path, baseline: str | None = None, split: str | None = None) -> dict[str, Any]:
+def build_report(
+    run_dirs: list[Path], out: Path, baseline: str | None = None, split: str | None = None
+) -> dict[str, Any]:
     """Load runs (their eval.split, or `split`), group them by method, write report.md / report.html / PNGs /
     summary.json into `out`."""
     groups = group_runs([load_run(Path(p), split) for p in run_dirs])

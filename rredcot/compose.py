@@ -6,6 +6,7 @@ a new key without `+`, wrong value types (against the defaults' types), unknown 
 the composed values must satisfy (ranges, registry names, batch arithmetic) is rredcot/checks.py,
 which `load_config` runs last.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -39,11 +40,13 @@ def searchpath_dirs(parsed: list[Any] = ()) -> list[Path]:
             for entry in o.value() or []:
                 entry = str(entry)
                 if entry.startswith("pkg://"):
-                    pkg = entry[len("pkg://"):].replace("/", ".")
+                    pkg = entry[len("pkg://") :].replace("/", ".")
                     try:
                         dirs.append(Path(str(resources.files(pkg))))
                     except ModuleNotFoundError:
-                        raise UserError(f"hydra.searchpath names {entry!r}, but package {pkg!r} is not importable.") from None
+                        raise UserError(
+                            f"hydra.searchpath names {entry!r}, but package {pkg!r} is not importable."
+                        ) from None
                 else:
                     dirs.append(Path(entry.removeprefix("file://")).expanduser())
     return dirs
@@ -85,8 +88,10 @@ def parse_overrides(overrides: list[str]) -> list[Any]:
     try:
         return OverridesParser.create().parse_overrides(overrides)
     except Exception as e:
-        raise UserError(f"Could not parse the overrides {overrides}: {str(e).splitlines()[0]} "
-                        "Write them as key=value (e.g. rollout.temperature=0.8), +key=value to add a key.") from None
+        raise UserError(
+            f"Could not parse the overrides {overrides}: {str(e).splitlines()[0]} "
+            "Write them as key=value (e.g. rollout.temperature=0.8), +key=value to add a key."
+        ) from None
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -104,8 +109,10 @@ def _compose(overrides: list[str]) -> DictConfig:
         cause = e.__cause__
         if cause is not None:
             msg += " " + " ".join(str(cause).split())
-        raise UserError(f"The config does not compose: {msg} Run `rredcot config show` to see the valid keys, "
-                        "and `rredcot list` for the config groups and their options.") from None
+        raise UserError(
+            f"The config does not compose: {msg} Run `rredcot config show` to see the valid keys, "
+            "and `rredcot list` for the config groups and their options."
+        ) from None
 
 
 def _check_override_keys(parsed: list[Any], reference: DictConfig) -> None:
@@ -118,14 +125,18 @@ def _check_override_keys(parsed: list[Any], reference: DictConfig) -> None:
             continue
         if key in grp:
             if key not in _defaults_groups():
-                raise UserError(f"'{key}' is a config group that is in no defaults list, so it is added with a plus: "
-                                f"write +{key}={o.value()} (options: {', '.join(grp[key])}).")
+                raise UserError(
+                    f"'{key}' is a config group that is in no defaults list, so it is added with a plus: "
+                    f"write +{key}={o.value()} (options: {', '.join(grp[key])})."
+                )
             continue
         if OmegaConf.select(reference, key, default="__missing__") == "__missing__":
             close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise UserError(f"Unknown config key '{key}'.{hint} If you mean to add a new key, write +{key}=... "
-                            f"(`rredcot config show` prints every valid key).")
+            raise UserError(
+                f"Unknown config key '{key}'.{hint} If you mean to add a new key, write +{key}=... "
+                f"(`rredcot config show` prints every valid key)."
+            )
 
 
 def _kind(v: Any) -> str:
@@ -150,8 +161,11 @@ def _check_types(parsed: list[Any], cfg: DictConfig, reference: DictConfig) -> N
         want, got = _kind(OmegaConf.select(reference, key)), _kind(OmegaConf.select(cfg, key))
         if want in ("null", "str") or got == "null" or want == got or (want, got) == ("number", "int"):
             continue
-        raise UserError(f"{key}={o.value()!s} has the wrong type: expected {want} (the default is "
-                        f"{OmegaConf.select(reference, key)!r}). Give a {want} value, e.g. {key}={OmegaConf.select(reference, key)}.")
+        raise UserError(
+            f"{key}={o.value()!s} has the wrong type: expected {want} (the default is "
+            f"{OmegaConf.select(reference, key)!r}). Give a {want} value, "
+            f"e.g. {key}={OmegaConf.select(reference, key)}."
+        )
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -161,8 +175,10 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     for ov, o in zip(overrides, parse_overrides(overrides)):
         key = o.key_or_group
         if key.startswith("hydra.") and key != "hydra.searchpath":
-            raise UserError(f"{ov}: rredcot reads only hydra.searchpath among Hydra's keys (to add config directories, "
-                            "e.g. 'hydra.searchpath=[file:///path/to/conf]'). Use run_dir=PATH for where a run goes.")
+            raise UserError(
+                f"{ov}: rredcot reads only hydra.searchpath among Hydra's keys (to add config directories, "
+                "e.g. 'hydra.searchpath=[file:///path/to/conf]'). Use run_dir=PATH for where a run goes."
+            )
         if o.is_add() and not o.is_force_add() and key in _defaults_groups():
             ov = ov[1:]
         if key in OPEN_MAPPINGS and not (o.is_add() or o.is_force_add() or o.is_delete()):
@@ -179,8 +195,12 @@ def load_config(overrides: list[str] | None = None, check_entries: bool = True) 
     parsed = parse_overrides(overrides)
     grp = groups(parsed)
     # The reference: the same group choices and search path, no value overrides. It gives valid keys and types.
-    group_only = [ov for ov, o in zip(overrides, parsed) if o.key_or_group == "hydra.searchpath" or
-                  (o.key_or_group in grp and (o.key_or_group in _defaults_groups() or o.is_add()))]
+    group_only = [
+        ov
+        for ov, o in zip(overrides, parsed)
+        if o.key_or_group == "hydra.searchpath"
+        or (o.key_or_group in grp and (o.key_or_group in _defaults_groups() or o.is_add()))
+    ]
     reference = _compose(group_only)
     _check_override_keys(parsed, reference)
     cfg = _compose(overrides)

@@ -1,6 +1,7 @@
 """Rank and linear correlation with the uncertainty the credit report states: a bootstrap interval over
 traces (traces are the independent units; segments of one trace are not), and the split-half reliability
 of a Monte Carlo reference (how well it agrees with itself: an estimator cannot agree with MC better)."""
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ def spearman_brown(r: float) -> float:
 def bootstrap_ci(units: Sequence, stat: Callable[[list], float], reps: int = 200, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of `stat` over `units` resampled with replacement (NaN draws left out)."""
     rng = random.Random(seed)
-    draws = sorted(x for x in (stat([units[rng.randrange(len(units))] for _ in units]) for _ in range(reps))
-                   if not math.isnan(x))
+    draws = sorted(
+        x for x in (stat([units[rng.randrange(len(units))] for _ in units]) for _ in range(reps)) if not math.isnan(x)
+    )
     if len(draws) < 10:
         return math.nan, math.nan
     return draws[int(0.025 * (len(draws) - 1))], draws[int(math.ceil(0.975 * (len(draws) - 1)))]

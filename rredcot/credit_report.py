@@ -6,6 +6,7 @@ standalone HTML page), and with `credit.against=mc` scores each estimator (and e
 segment credits and of boundary values, per trace (averaged) and pooled, plus the cost of each in
 forward tokens, generated tokens and seconds. Writes credit.json and credit.html.
 """
+
 from __future__ import annotations
 
 import html
@@ -23,13 +24,12 @@ from rich.console import Console
 from rich.text import Text
 
 from rredcot.compose import load_config
-from rredcot.sections import stage_options
 from rredcot.correlation import bootstrap_ci, pearson, spearman
 from rredcot.estimator_spec import estimator_spec
 from rredcot.registry import get
+from rredcot.sections import stage_options
 from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
 from rredcot.stages.verify import run_verify
-
 
 # ---- statistics ------------------------------------------------------------------------------------
 
@@ -49,11 +49,14 @@ def agreement(est: list[torch.Tensor], ref: list[torch.Tensor]) -> dict[str, flo
     def pooled(sample: list) -> float:
         return spearman(torch.cat([e for e, _ in sample]), torch.cat([r for _, r in sample]))
 
-    return {"spearman_per_trace": _nanmean([spearman(e, r) for e, r in pairs]),
-            "pearson_per_trace": _nanmean([pearson(e, r) for e, r in pairs]),
-            "spearman_pooled": spearman(pooled_e, pooled_r), "pearson_pooled": pearson(pooled_e, pooled_r),
-            "spearman_pooled_ci95": list(bootstrap_ci(pairs, pooled)),  # traces resampled: they are the units
-            "traces": len(pairs)}
+    return {
+        "spearman_per_trace": _nanmean([spearman(e, r) for e, r in pairs]),
+        "pearson_per_trace": _nanmean([pearson(e, r) for e, r in pairs]),
+        "spearman_pooled": spearman(pooled_e, pooled_r),
+        "pearson_pooled": pearson(pooled_e, pooled_r),
+        "spearman_pooled_ci95": list(bootstrap_ci(pairs, pooled)),  # traces resampled: they are the units
+        "traces": len(pairs),
+    }
 
 
 # ---- measuring one estimator ----------------------------------------------------------------------
@@ -129,7 +132,10 @@ def trace_segments(ro, seg, credit, row: int, pieces) -> list[tuple[str, float |
     ids = ro.completion_ids[row, :n].tolist()
     bounds = seg.boundaries[row] + [n]
     credits = credit.segment_credit[row].tolist()
-    return [("".join(pieces(ids[a:b])), credits[k] if k < len(credits) else None) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return [
+        ("".join(pieces(ids[a:b])), credits[k] if k < len(credits) else None)
+        for k, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
 
 
 def terminal_trace(prompt: str, reward: float, parts, scale: float) -> Text:
@@ -157,13 +163,17 @@ def html_page(title: str, traces: list[dict[str, Any]], table: dict[str, Any] | 
             else:
                 r, g, b, a = _shade(c, scale)
                 spans.append(f'<span title="credit {c:+.3f}" style="background:rgba({r},{g},{b},{a:.2f})">{esc}</span>')
-        body.append(f'<div class="t"><div class="p">{html.escape(t["prompt"])} &nbsp; reward {t["reward"]:.0f}</div>'
-                    f'<div class="c">{"".join(spans)}</div></div>')
+        body.append(
+            f'<div class="t"><div class="p">{html.escape(t["prompt"])} &nbsp; reward {t["reward"]:.0f}</div>'
+            f'<div class="c">{"".join(spans)}</div></div>'
+        )
     tbl = f"<h2>Against Monte Carlo</h2><pre>{html.escape(json.dumps(table, indent=2))}</pre>" if table else ""
-    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif;"
-            f"max-width:60em;margin:2em auto}}.t{{margin:1em 0;padding:.5em;border:1px solid #ddd}}.p{{font-weight:bold}}"
-            f".c{{font-family:monospace;white-space:pre-wrap}}</style><h1>{html.escape(title)}</h1>"
-            f"<p>Green: positive credit, red: negative (hover for the number).</p>{''.join(body)}{tbl}")
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>body{{font-family:sans-serif;"
+        f"max-width:60em;margin:2em auto}}.t{{margin:1em 0;padding:.5em;border:1px solid #ddd}}.p{{font-weight:bold}}"
+        f".c{{font-family:monospace;white-space:pre-wrap}}</style><h1>{html.escape(title)}</h1>"
+        f"<p>Green: positive credit, red: negative (hover for the number).</p>{''.join(body)}{tbl}"
+    )
 
 
 def sample_traces(cfg: DictConfig, backend, tokenizer, stages):
@@ -195,20 +205,36 @@ def credit_command(cfg: DictConfig, model, tokenizer, out_dir: Path, console) ->
     ctx = policy_context(cfg, model, tokenizer, stages, backend)
     credit = stages.redistribute(ro, ver, seg, ctx)
     scale = max((abs(c) for cs in credit.segment_credit for c in cs.tolist()), default=1.0)
-    traces = [{"prompt": ro.samples[i].prompt, "reward": float(ver.rewards[i]), "parts": trace_segments(ro, seg, credit, i, pieces)}
-              for i in range(len(ro.texts))]
+    traces = [
+        {
+            "prompt": ro.samples[i].prompt,
+            "reward": float(ver.rewards[i]),
+            "parts": trace_segments(ro, seg, credit, i, pieces),
+        }
+        for i in range(len(ro.texts))
+    ]
     recorder = Console(record=True, width=110, file=io.StringIO())  # the same view, saved as credit.svg
     for t in traces[: cfg.credit.show]:
         shaded = terminal_trace(t["prompt"], t["reward"], t["parts"], scale)
         console.print(shaded)
         recorder.print(shaded)
-    result: dict[str, Any] = {"redistribute": cfg.redistribute.name, "segment": cfg.segment.name,
-                              "prompts": cfg.credit.prompts, "traces": len(ro.texts), "stats": credit.stats}
+    result: dict[str, Any] = {
+        "redistribute": cfg.redistribute.name,
+        "segment": cfg.segment.name,
+        "prompts": cfg.credit.prompts,
+        "traces": len(ro.texts),
+        "stats": credit.stats,
+    }
     if cfg.credit.against == "mc":
-        ref, ref_cost = run_estimator("mc", ro, ver, seg, ctx, cfg.rollout.group_size, {"samples": cfg.credit.mc_samples})
-        result["mc"] = {"samples": cfg.credit.mc_samples, "cost": ref_cost,
-                        "split_half_reliability": ref.stats.get("credit/mc_split_half"),
-                        "split_half_reliability_credit": ref.stats.get("credit/mc_split_half_credit")}
+        ref, ref_cost = run_estimator(
+            "mc", ro, ver, seg, ctx, cfg.rollout.group_size, {"samples": cfg.credit.mc_samples}
+        )
+        result["mc"] = {
+            "samples": cfg.credit.mc_samples,
+            "cost": ref_cost,
+            "split_half_reliability": ref.stats.get("credit/mc_split_half"),
+            "split_half_reliability_credit": ref.stats.get("credit/mc_split_half_credit"),
+        }
         result["estimators"] = compare(ro, ver, seg, ctx, cfg, ref)
         if cfg.credit.segmenters:
             result["segmenters"] = segmenter_rows(ro, ver, ctx, cfg, pieces)
@@ -230,18 +256,32 @@ def results_table(result: dict[str, Any]):
 
     rel = [result["mc"].get(k) for k in ("split_half_reliability", "split_half_reliability_credit")]
     rel = ["-" if r is None or math.isnan(r) else f"{r:.2f}" for r in rel]
-    table = Table(title=f"estimators against Monte Carlo ({result['mc']['samples']} samples per boundary, "
-                        f"{result['traces']} traces of {result['prompts']} prompts; MC split-half reliability: "
-                        f"values {rel[0]}, credit {rel[1]})")
-    for col in ("estimator", "credit spearman (trace / pooled)", "credit pearson (trace / pooled)",
-                "value spearman (trace / pooled [95% CI])", "forward tokens", "generated tokens", "seconds"):
+    table = Table(
+        title=f"estimators against Monte Carlo ({result['mc']['samples']} samples per boundary, "
+        f"{result['traces']} traces of {result['prompts']} prompts; MC split-half reliability: "
+        f"values {rel[0]}, credit {rel[1]})"
+    )
+    for col in (
+        "estimator",
+        "credit spearman (trace / pooled)",
+        "credit pearson (trace / pooled)",
+        "value spearman (trace / pooled [95% CI])",
+        "forward tokens",
+        "generated tokens",
+        "seconds",
+    ):
         table.add_column(col, justify="right")
     rows = {"mc (reference)": {"cost": result["mc"]["cost"]}, **result["estimators"]}
     for name, row in rows.items():
         c, v, cost = row.get("credit", {}), row.get("values", {}), row["cost"]
         f = lambda d, k: "-" if k not in d or math.isnan(d[k]) else f"{d[k]:.2f}"  # noqa: E731
-        table.add_row(name, f"{f(c, 'spearman_per_trace')} / {f(c, 'spearman_pooled')}",
-                      f"{f(c, 'pearson_per_trace')} / {f(c, 'pearson_pooled')}",
-                      f"{f(v, 'spearman_per_trace')} / {f(v, 'spearman_pooled')}{_ci(v)}",
-                      str(cost["forward_tokens"]), str(cost["generated_tokens"]), f"{cost['seconds']:.2f}")
+        table.add_row(
+            name,
+            f"{f(c, 'spearman_per_trace')} / {f(c, 'spearman_pooled')}",
+            f"{f(c, 'pearson_per_trace')} / {f(c, 'pearson_pooled')}",
+            f"{f(v, 'spearman_per_trace')} / {f(v, 'spearman_pooled')}{_ci(v)}",
+            str(cost["forward_tokens"]),
+            str(cost["generated_tokens"]),
+            f"{cost['seconds']:.2f}",
+        )
     return table

@@ -1,4 +1,5 @@
 """The network the value and attribution estimators read: the live policy, or a lagged frozen copy."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,10 @@ class Critic:
         self.policy, self.lag = policy, lag
         self.model = copy.deepcopy(policy).requires_grad_(False).eval() if lag else policy
         if lag and start_step % lag:
-            note(f"train.critic_lag={lag}: resumed at step {start_step}, the critic restarts from these weights, not "
-                 f"from step {start_step - start_step % lag} as the uninterrupted run's would.")
+            note(
+                f"train.critic_lag={lag}: resumed at step {start_step}, the critic restarts from these weights, not "
+                f"from step {start_step - start_step % lag} as the uninterrupted run's would."
+            )
 
     def after_step(self, step: int) -> None:
         if self.lag and step % self.lag == 0:

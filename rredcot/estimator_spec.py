@@ -4,6 +4,7 @@ A variant is an estimator name and options over its shipped config, written in o
 `rredcot credit` can score several settings of one estimator side by side. Parsing only: whether the
 name and its options are valid is rredcot/checks.py (through the registry).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,13 +23,17 @@ def estimator_spec(entry: str) -> tuple[str, dict[str, Any]]:
     for part in _top_level_split(rest):
         key, eq, value = part.partition("=")
         if not eq:
-            raise UserError(f"credit.estimators entry {entry!r}: write options as name:key=value,key=value "
-                            "(e.g. rredcot:self_normalize=true).")
+            raise UserError(
+                f"credit.estimators entry {entry!r}: write options as name:key=value,key=value "
+                "(e.g. rredcot:self_normalize=true)."
+            )
         try:
             opts[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise UserError(f"credit.estimators entry {entry!r}: the value of {key.strip()} is not valid YAML "
-                            f"({str(e).splitlines()[0]}). Quote strings, e.g. extra_forcings=[['so x=', '\\n']].") from None
+            raise UserError(
+                f"credit.estimators entry {entry!r}: the value of {key.strip()} is not valid YAML "
+                f"({str(e).splitlines()[0]}). Quote strings, e.g. extra_forcings=[['so x=', '\\n']]."
+            ) from None
     return name.strip(), opts
 
 

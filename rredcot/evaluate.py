@@ -1,5 +1,6 @@
 """Held-out evaluation: greedy accuracy, pass@1 (mean over n samples), unbiased pass@k, completion
 length and the truncated fraction."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 
 from rredcot import collectives
-from rredcot.sections import rollout_options
 from rredcot.runlog import eval_prefix
+from rredcot.sections import rollout_options
 from rredcot.stages.rollout import as_backend, sample_rollout
 from rredcot.stages.sampling import row_seeds
 from rredcot.stages.segment import think_marker
@@ -40,8 +41,9 @@ def unclosed(texts: list[str], marker: str | None) -> float | None:
     return sum(marker not in t for t in texts) / max(len(texts), 1) if marker else None
 
 
-def evaluate(backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True,
-             step: int = 0) -> dict[str, Any]:
+def evaluate(
+    backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True, step: int = 0
+) -> dict[str, Any]:
     """Metrics on `samples` from a rollout backend (or a model: the reference backend); with
     sampled=False only the greedy ones (cheap, for periodic evals).
 
@@ -57,14 +59,25 @@ def evaluate(backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: 
     return summarize([r for part in collectives.gather(records) for r in part], cfg, sampled)
 
 
-def _records(backend, tokenizer, samples: list[Sample], offset: int, cfg: Any, reward_funcs: dict, sampled: bool,
-             step: int) -> list[dict[str, Any]]:
+def _records(
+    backend, tokenizer, samples: list[Sample], offset: int, cfg: Any, reward_funcs: dict, sampled: bool, step: int
+) -> list[dict[str, Any]]:
     """One plain record per prompt (what summarize needs): greedy text, correctness, length; sampled ones."""
     greedy = _rollout(backend, tokenizer, samples, cfg, 1, greedy=True)
     v = run_verify(greedy.texts, greedy.samples, reward_funcs, cfg.verify.budget_s)
-    recs = [{"prompt": s.prompt, "gold": s.gold, "completion": t, "correct": bool(ok), "length": int(n), "truncated": bool(tr)}
-            for s, t, ok, n, tr in zip(samples, greedy.texts, v.correct.tolist(), greedy.lengths.tolist(),
-                                       greedy.truncated.tolist())]
+    recs = [
+        {
+            "prompt": s.prompt,
+            "gold": s.gold,
+            "completion": t,
+            "correct": bool(ok),
+            "length": int(n),
+            "truncated": bool(tr),
+        }
+        for s, t, ok, n, tr in zip(
+            samples, greedy.texts, v.correct.tolist(), greedy.lengths.tolist(), greedy.truncated.tolist()
+        )
+    ]
     if sampled:
         n = cfg.eval.n_samples
         seeds = row_seeds(cfg.seed, "eval", step, range(offset * n, (offset + len(samples)) * n))
@@ -72,8 +85,12 @@ def _records(backend, tokenizer, samples: list[Sample], offset: int, cfg: Any, r
         correct = run_verify(ro.texts, ro.samples, reward_funcs, cfg.verify.budget_s).correct.view(len(samples), n)
         lengths, truncated = ro.lengths.view(len(samples), n).tolist(), ro.truncated.view(len(samples), n).tolist()
         for i, rec in enumerate(recs):
-            rec.update(n_correct=int(correct[i].sum()), s_lengths=lengths[i], s_truncated=truncated[i],
-                       s_texts=ro.texts[i * n : (i + 1) * n])
+            rec.update(
+                n_correct=int(correct[i].sum()),
+                s_lengths=lengths[i],
+                s_truncated=truncated[i],
+                s_texts=ro.texts[i * n : (i + 1) * n],
+            )
     return recs
 
 
@@ -100,11 +117,23 @@ def summarize(recs: list[dict[str, Any]], cfg: Any, sampled: bool) -> dict[str, 
     return out
 
 
-def evaluate_all(backend, tokenizer, sets: dict[str, list[Sample]], cfg: DictConfig, reward_funcs: RewardFuncs,
-                 sampled: bool = True, step: int = 0) -> dict[str, dict[str, Any]]:
-    return {split: evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled, step) for split, samples in sets.items()}
+def evaluate_all(
+    backend,
+    tokenizer,
+    sets: dict[str, list[Sample]],
+    cfg: DictConfig,
+    reward_funcs: RewardFuncs,
+    sampled: bool = True,
+    step: int = 0,
+) -> dict[str, dict[str, Any]]:
+    return {
+        split: evaluate(backend, tokenizer, samples, cfg, reward_funcs, sampled, step)
+        for split, samples in sets.items()
+    }
 
 
-def eval_row(cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)) -> dict[str, float]:
+def eval_row(
+    cfg: DictConfig, results: dict[str, dict[str, Any]], keys: tuple[str, ...] = ("accuracy",)
+) -> dict[str, float]:
     """{"eval/accuracy": .., "eval_test/accuracy": ..}: the metrics.jsonl keys of each split's results."""
     return {f"{eval_prefix(split, cfg.eval.split)}/{k}": r[k] for split, r in results.items() for k in keys}

@@ -1,5 +1,6 @@
 """Per-token log-probs of completions under a model: the one forward the update, the old policy and
 the reference model all use (logits divided by the sampling temperature, as TRL does)."""
+
 from __future__ import annotations
 
 import torch
@@ -44,25 +45,40 @@ def completion_logprobs(
     mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [n, P+T]
     T = completion_ids.shape[1]
     # logits_to_keep=T+1: only the positions that predict completion tokens are projected to the vocab.
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=T + 1,
-                   use_cache=False).logits  # no KV cache to build (and none is possible under gradient checkpointing)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=T + 1, use_cache=False
+    ).logits  # no KV cache to build (and none is possible under gradient checkpointing)
     logits = logits[:, :-1].float() / temperature  # [n, T, V]; position t predicts completion token t
     logp = selective_log_softmax(logits, completion_ids)
     ent = entropy_from_logits(logits.detach()) if with_entropy else None
     return logp, ent
 
 
-def no_grad_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                     completion_mask: torch.Tensor, temperature: float, batch: int,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def no_grad_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float,
+    batch: int,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """completion_logprobs without gradients, `batch` rows per forward: ([n, T], [n, T] or None).
     The update's old and reference log-probs and the re-scoring of an external sampler's tokens use it."""
     lps, ents = [], []
     with torch.no_grad():
         for lo in range(0, completion_ids.shape[0], batch):
             sl = slice(lo, lo + batch)
-            lp, ent = completion_logprobs(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl],
-                                          temperature, with_entropy)
+            lp, ent = completion_logprobs(
+                model,
+                prompt_ids[sl],
+                prompt_mask[sl],
+                completion_ids[sl],
+                completion_mask[sl],
+                temperature,
+                with_entropy,
+            )
             lps.append(lp)
             ents.append(ent)
     return torch.cat(lps), (torch.cat(ents) if with_entropy else None)

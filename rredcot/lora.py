@@ -5,6 +5,7 @@ switched off, so no second copy of the model is loaded. A checkpoint holds the m
 transformers model that every loader, `rredcot eval` included, opens as is) and the adapter alone in
 `adapter/` (for peft users, and for resuming the run on its base model).
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,10 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise UserError("model.lora.r > 0 needs peft: pip install 'rredcot[peft]' (or pip install peft), or set "
-                        "model.lora.r=0 to fine-tune every weight.") from None
+        raise UserError(
+            "model.lora.r > 0 needs peft: pip install 'rredcot[peft]' (or pip install peft), or set "
+            "model.lora.r=0 to fine-tune every weight."
+        ) from None
     return peft
 
 
@@ -45,14 +48,21 @@ def wrap(model, cfg: Any, resume_from: Path | None = None):
         if resume_from is not None:
             return peft.PeftModel.from_pretrained(model, str(resume_from / ADAPTER_DIR), is_trainable=True)
         lc = cfg.model.lora
-        config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                 target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+        config = peft.LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=list(lc.target_modules),
+            task_type="CAUSAL_LM",
+        )
         try:
             return peft.get_peft_model(model, config)
         except ValueError as e:  # peft's NoMatchingPeftModuleError is one
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise UserError(f"model.lora.target_modules={list(lc.target_modules)}: {str(e).splitlines()[0]} This model's "
-                            f"linear layers are named: {', '.join(names)}.") from None
+            raise UserError(
+                f"model.lora.target_modules={list(lc.target_modules)}: {str(e).splitlines()[0]} This model's "
+                f"linear layers are named: {', '.join(names)}."
+            ) from None
 
 
 class AdapterOff:

@@ -1,9 +1,10 @@
 """Losses: GRPO's clipped surrogate, the k3 KL, the external sampler's importance weights, and the loss
-aggregations (the `loss` registry, chosen by update.loss_type), at TRL parity (README, "GRPO conventions").
+aggregations (the `loss` registry, chosen by update.loss_type), at TRL parity (docs/training.md, "GRPO conventions").
 
 Shapes: B rows in a micro-batch, T completion tokens. Pure tensor functions; the optimisation loop that
 calls them is rredcot/stages/update.py.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -11,7 +12,6 @@ from typing import Callable
 import torch
 
 from rredcot.registry import get, register
-
 
 # ---- loss aggregations: per-token loss [B, T], mask [B, T] -> scalar --------------------------------
 # Each entry declares `divide_by_accum`: whether the trainer divides it by the accumulation steps (all but dapo,
@@ -31,7 +31,9 @@ def agg_bnpo(loss: torch.Tensor, mask: torch.Tensor, **_: object) -> torch.Tenso
 
 
 @register("loss", "dr_grpo")
-def agg_dr_grpo(loss: torch.Tensor, mask: torch.Tensor, *, max_completion_length: int | None = None, **_: object) -> torch.Tensor:
+def agg_dr_grpo(
+    loss: torch.Tensor, mask: torch.Tensor, *, max_completion_length: int | None = None, **_: object
+) -> torch.Tensor:
     """Sum over tokens / (B * max_completion_length): no length bias."""
     length = max_completion_length or loss.shape[1]
     return (loss * mask).sum() / (loss.shape[0] * length)
@@ -77,8 +79,9 @@ def per_token_terms(
     return loss, rho, kl
 
 
-def sampler_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
-                       cap: float) -> tuple[torch.Tensor | None, dict[str, float]]:
+def sampler_correction(
+    old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Truncated importance weights for tokens another engine sampled (vLLM), and the mismatch stats.
 
     w = min(exp(old_logp - sampler_logp), cap) per token [B, T] (None when cap == 0: no correction).
@@ -87,9 +90,11 @@ def sampler_correction(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     m = mask.bool()
     diff = (old_logp - sampler_logp)[m]
     ratio = torch.exp(old_logp - sampler_logp)
-    stats = {"sampler/logp_diff_mean": float(diff.abs().mean()) if diff.numel() else 0.0,
-             "sampler/logp_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
-             "sampler/is_ratio_mean": float(ratio[m].mean()) if diff.numel() else 1.0}
+    stats = {
+        "sampler/logp_diff_mean": float(diff.abs().mean()) if diff.numel() else 0.0,
+        "sampler/logp_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
+        "sampler/is_ratio_mean": float(ratio[m].mean()) if diff.numel() else 1.0,
+    }
     if cap <= 0:
         return None, stats
     stats["sampler/is_capped_frac"] = float((ratio[m] > cap).float().mean()) if diff.numel() else 0.0
@@ -115,12 +120,16 @@ def policy_loss(
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] or [B, T]. Not divided by the
     gradient-accumulation steps: the trainer does that for the types that declare `divide_by_accum`.
     """
-    loss, _, _ = per_token_terms(logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp)
+    loss, _, _ = per_token_terms(
+        logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp
+    )
     agg: Callable[..., torch.Tensor] = get("loss", loss_type)
     return agg(loss, mask.to(loss.dtype), max_completion_length=max_completion_length, num_items=num_items)
 
 
-def clip_stats(rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float) -> dict[str, float]:
+def clip_stats(
+    rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, eps_low: float, eps_high: float
+) -> dict[str, float]:
     """TRL's clip ratios: tokens clipped below with A < 0, above with A > 0, and either (masked means)."""
     adv = advantages if advantages.ndim == 2 else advantages[:, None].expand_as(rho)
     low = (rho < 1 - eps_low) & (adv < 0)

@@ -1,5 +1,6 @@
 """What one RL step logs: the metrics of the whole generation batch (gathered from every rank: gather_step),
 the update's statistics averaged over ranks and its stage times (the slowest rank's)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,11 +42,13 @@ def step_metrics(ro, ver, seg, credit, upd: dict, times: dict[str, float], group
         "segments/per_trace": float(segment_lengths(seg).mean()),
         "completion/unclosed_think_frac": sum(e is None for e in seg.think_end) / max(len(seg.think_end), 1),
         "advantage/token_std": float(credit.advantages[mask].std()) if mask.sum() > 1 else 0.0,
-        **advantage_by_group(credit.advantages, ro.completion_mask * credit.valid.to(mask.device)[:, None], ver.correct,
-                             group_size),
+        **advantage_by_group(
+            credit.advantages, ro.completion_mask * credit.valid.to(mask.device)[:, None], ver.correct, group_size
+        ),
         **{f"reward/{k}/mean": float(torch.nanmean(v)) for k, v in ver.per_func.items()},
         **{f"extractor/{e}": ver.extractor.count(e) / len(ver.extractor) for e in sorted(set(ver.extractor))},
-        **credit.stats, **upd,
+        **credit.stats,
+        **upd,
     }
     out.update({f"time/{k}_s": v for k, v in times.items()})
     out["time/step_s"] = sum(times.values())
@@ -64,8 +67,10 @@ def peak_memory_mb() -> float:
 
 def sample_rows(ro, ver, seg, k: int) -> list[dict[str, Any]]:
     """The first k completions of the batch as samples/step_N.jsonl rows."""
-    return [{"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r), "segments": b}
-            for s, txt, r, b in list(zip(ro.samples, ro.texts, ver.rewards.tolist(), seg.boundaries))[:k]]
+    return [
+        {"prompt": s.prompt, "gold": s.gold, "completion": txt, "reward": float(r), "segments": b}
+        for s, txt, r, b in list(zip(ro.samples, ro.texts, ver.rewards.tolist(), seg.boundaries))[:k]
+    ]
 
 
 def gather_step(ro, ver, seg, credit):
@@ -76,20 +81,42 @@ def gather_step(ro, ver, seg, credit):
     if not collectives.active():
         return ro, ver, seg, credit
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    mine = ({k: cpu(getattr(ro, k)) for k in ("completion_ids", "completion_mask", "logprobs", "entropies", "truncated")},
-            ro.texts, ro.samples, (cpu(ver.rewards), {k: cpu(v) for k, v in sorted(ver.per_func.items())}, cpu(ver.correct),
-                                   ver.extractor), seg,
-            (cpu(credit.advantages), cpu(credit.valid), dict(sorted(credit.stats.items())), credit.segment_credit, credit.values))
+    mine = (
+        {k: cpu(getattr(ro, k)) for k in ("completion_ids", "completion_mask", "logprobs", "entropies", "truncated")},
+        ro.texts,
+        ro.samples,
+        (cpu(ver.rewards), {k: cpu(v) for k, v in sorted(ver.per_func.items())}, cpu(ver.correct), ver.extractor),
+        seg,
+        (
+            cpu(credit.advantages),
+            cpu(credit.valid),
+            dict(sorted(credit.stats.items())),
+            credit.segment_credit,
+            credit.values,
+        ),
+    )
     parts = collectives.gather(mine)
     t = {k: [p[0][k] for p in parts] for k in mine[0]}
     n = sum(len(p[1]) for p in parts)
-    g_ro = Rollout(torch.zeros(n, 0, dtype=torch.long), torch.zeros(n, 0, dtype=torch.long),
-                   pad_cat(t["completion_ids"]), pad_cat(t["completion_mask"]), pad_cat(t["logprobs"]),
-                   pad_cat(t["entropies"]), torch.cat(t["truncated"]), [x for p in parts for x in p[1]],
-                   [x for p in parts for x in p[2]], ro.group_size)
+    g_ro = Rollout(
+        torch.zeros(n, 0, dtype=torch.long),
+        torch.zeros(n, 0, dtype=torch.long),
+        pad_cat(t["completion_ids"]),
+        pad_cat(t["completion_mask"]),
+        pad_cat(t["logprobs"]),
+        pad_cat(t["entropies"]),
+        torch.cat(t["truncated"]),
+        [x for p in parts for x in p[1]],
+        [x for p in parts for x in p[2]],
+        ro.group_size,
+    )
     vs = [p[3] for p in parts]
-    g_ver = Verified(torch.cat([v[0] for v in vs]), {k: torch.cat([v[1][k] for v in vs]) for k in vs[0][1]},
-                     torch.cat([v[2] for v in vs]), [x for v in vs for x in v[3]])
+    g_ver = Verified(
+        torch.cat([v[0] for v in vs]),
+        {k: torch.cat([v[1][k] for v in vs]) for k in vs[0][1]},
+        torch.cat([v[2] for v in vs]),
+        [x for v in vs for x in v[3]],
+    )
     g_seg = Segmented([b for p in parts for b in p[4].boundaries], [e for p in parts for e in p[4].think_end])
     cs = [p[5] for p in parts]
     stats = {k: sum(c[2][k] for c in cs) / len(cs) for k in cs[0][2]}

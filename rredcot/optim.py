@@ -1,5 +1,6 @@
 """The policy's training setup: AdamW and its schedule, activation checkpointing, regional compilation, and
 the precision / train-mode context of the gradient passes."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -16,7 +17,10 @@ def build_optimizer(model, cfg, total_steps: int):
 
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
+        eps=cfg.adam_eps,
     )
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     kind = {"constant": "constant_with_warmup", "cosine": "cosine"}[cfg.schedule]
@@ -61,8 +65,10 @@ def compile_layers(model) -> int:
     base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
-        raise UserError(f"update.compile=true compiles the decoder layers (model.model.layers), which "
-                        f"{type(base).__name__} does not have. Set update.compile=false.")
+        raise UserError(
+            f"update.compile=true compiles the decoder layers (model.model.layers), which "
+            f"{type(base).__name__} does not have. Set update.compile=false."
+        )
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -6,6 +6,7 @@ train.yaml that the code reads; a registry entry carries the rules of its own op
 (`register(stage, name, rules=...)`), so the keys of a segmenter, an estimator or a plug-in's task
 are checked the same way. A value out of range is a UserError that says the range and an example.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,15 @@ def integer(lo: int, hi: int | None = None) -> Rule:
 def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False) -> Rule:
     """A finite number in the interval; open ends exclude the bound."""
     left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-    text = ("a number > 0" if (lo, lo_open, hi) == (0, True, math.inf) else
-            "a number >= 0" if (lo, lo_open, hi) == (0, False, math.inf) else
-            "a finite number" if (lo, hi) == (-math.inf, math.inf) else f"a number in {left}{lo:g}, {hi:g}{right}")
+    text = (
+        "a number > 0"
+        if (lo, lo_open, hi) == (0, True, math.inf)
+        else "a number >= 0"
+        if (lo, lo_open, hi) == (0, False, math.inf)
+        else "a finite number"
+        if (lo, hi) == (-math.inf, math.inf)
+        else f"a number in {left}{lo:g}, {hi:g}{right}"
+    )
 
     def ok(v: Any) -> bool:
         return _num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
@@ -66,33 +73,77 @@ COUNT, NATURAL = integer(1), integer(0)  # COUNT: at least one; NATURAL: 0 allow
 
 # Keys of conf/train.yaml outside the stage entries' own options. Checked when present.
 RULES: dict[str, Rule] = {
-    "seed": NATURAL, "device": one_of("auto", "cpu", "cuda"), "resume": one_of(True, False),
+    "seed": NATURAL,
+    "device": one_of("auto", "cpu", "cuda"),
+    "resume": one_of(True, False),
     "world_size": optional(COUNT),
-    "rollout.group_size": integer(2), "rollout.max_new_tokens": COUNT, "rollout.temperature": POSITIVE,
-    "rollout.top_p": number(0, 1, lo_open=True), "rollout.top_k": NATURAL, "rollout.chunk_size": COUNT,
-    "verify.weight": number(), "verify.format_weight": NON_NEGATIVE, "verify.timeout_s": NON_NEGATIVE,
+    "rollout.group_size": integer(2),
+    "rollout.max_new_tokens": COUNT,
+    "rollout.temperature": POSITIVE,
+    "rollout.top_p": number(0, 1, lo_open=True),
+    "rollout.top_k": NATURAL,
+    "rollout.chunk_size": COUNT,
+    "verify.weight": number(),
+    "verify.format_weight": NON_NEGATIVE,
+    "verify.timeout_s": NON_NEGATIVE,
     "verify.budget_s": NON_NEGATIVE,
-    "update.eps_low": NON_NEGATIVE, "update.eps_high": NON_NEGATIVE, "update.beta": NON_NEGATIVE,
-    "update.num_iterations": COUNT, "update.steps_per_generation": COUNT, "update.micro_batch_size": COUNT,
-    "update.max_grad_norm": POSITIVE, "update.autocast": optional(one_of("bfloat16", "float16")),
-    "update.is_cap": NON_NEGATIVE, "update.compile": one_of(True, False),
-    "optim.lr": POSITIVE, "optim.beta1": number(0, 1, hi_open=True), "optim.beta2": number(0, 1, hi_open=True),
-    "optim.weight_decay": NON_NEGATIVE, "optim.adam_eps": POSITIVE, "optim.warmup_steps": NATURAL,
-    "optim.warmup_ratio": FRACTION, "optim.schedule": one_of("constant", "cosine"),
-    "train.steps": NATURAL, "train.generation_batch_size": COUNT, "train.log_every": COUNT, "train.eval_every": NATURAL,
-    "train.save_every": NATURAL, "train.save_total_limit": NATURAL, "train.samples_per_log": NATURAL,
-    "train.max_nonfinite_steps": COUNT, "train.max_prompt_tokens": COUNT,
-    "train.collapse_drop": FRACTION, "train.collapse_window": COUNT, "train.collapse_clip": FRACTION, "train.critic_lag": NATURAL,
-    "eval.n_prompts": COUNT, "eval.n_samples": COUNT, "eval.ks": list_of(COUNT, 1), "eval.temperature": POSITIVE,
-    "credit.prompts": COUNT, "credit.show": NATURAL, "credit.mc_samples": COUNT,
+    "update.eps_low": NON_NEGATIVE,
+    "update.eps_high": NON_NEGATIVE,
+    "update.beta": NON_NEGATIVE,
+    "update.num_iterations": COUNT,
+    "update.steps_per_generation": COUNT,
+    "update.micro_batch_size": COUNT,
+    "update.max_grad_norm": POSITIVE,
+    "update.autocast": optional(one_of("bfloat16", "float16")),
+    "update.is_cap": NON_NEGATIVE,
+    "update.compile": one_of(True, False),
+    "optim.lr": POSITIVE,
+    "optim.beta1": number(0, 1, hi_open=True),
+    "optim.beta2": number(0, 1, hi_open=True),
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.adam_eps": POSITIVE,
+    "optim.warmup_steps": NATURAL,
+    "optim.warmup_ratio": FRACTION,
+    "optim.schedule": one_of("constant", "cosine"),
+    "train.steps": NATURAL,
+    "train.generation_batch_size": COUNT,
+    "train.log_every": COUNT,
+    "train.eval_every": NATURAL,
+    "train.save_every": NATURAL,
+    "train.save_total_limit": NATURAL,
+    "train.samples_per_log": NATURAL,
+    "train.max_nonfinite_steps": COUNT,
+    "train.max_prompt_tokens": COUNT,
+    "train.collapse_drop": FRACTION,
+    "train.collapse_window": COUNT,
+    "train.collapse_clip": FRACTION,
+    "train.critic_lag": NATURAL,
+    "eval.n_prompts": COUNT,
+    "eval.n_samples": COUNT,
+    "eval.ks": list_of(COUNT, 1),
+    "eval.temperature": POSITIVE,
+    "credit.prompts": COUNT,
+    "credit.show": NATURAL,
+    "credit.mc_samples": COUNT,
     "credit.estimators": list_of(Rule(lambda v: isinstance(v, str), "a name"), 1),
     "credit.segmenters": list_of(Rule(lambda v: isinstance(v, str), "a name")),
-    "warmstart.examples": COUNT, "warmstart.steps": NATURAL, "warmstart.batch_size": COUNT, "warmstart.lr": POSITIVE,
-    "warmstart.flaw_rate": FRACTION, "warmstart.misconception_frac": FRACTION, "warmstart.misconception_rate": FRACTION,
+    "warmstart.examples": COUNT,
+    "warmstart.steps": NATURAL,
+    "warmstart.batch_size": COUNT,
+    "warmstart.lr": POSITIVE,
+    "warmstart.flaw_rate": FRACTION,
+    "warmstart.misconception_frac": FRACTION,
+    "warmstart.misconception_rate": FRACTION,
     "warmstart.seed": NATURAL,
-    "model.dtype": one_of("float32", "bfloat16", "float16"), "model.arch": one_of("llama", "qwen2"),
-    "model.hidden_size": COUNT, "model.intermediate_size": COUNT, "model.layers": COUNT, "model.heads": COUNT,
-    "model.max_positions": integer(2), "model.lora.r": NATURAL, "model.lora.alpha": POSITIVE,
+    "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "model.arch": one_of("llama", "qwen2"),
+    "model.hidden_size": COUNT,
+    "model.intermediate_size": COUNT,
+    "model.layers": COUNT,
+    "model.heads": COUNT,
+    "model.max_positions": integer(2),
+    "model.lora.r": NATURAL,
+    "model.lora.alpha": POSITIVE,
     "model.lora.dropout": number(0, 1, hi_open=True),
     "model.lora.target_modules": list_of(Rule(lambda v: isinstance(v, str) and v != "", "a module name"), 1),
 }
@@ -107,5 +158,7 @@ def check(values: Mapping[str, Any], rules: Mapping[str, Rule], prefix: str = ""
             v = v.get(part, missing) if hasattr(v, "get") else missing
         if v is missing or rule.ok(v):
             continue
-        raise UserError(f"{prefix}{key}={v!r} is out of range: it must be {rule.text}. Set it on the command line "
-                        f"({prefix}{key}=...) or in your config; `rredcot config show` prints the current values.")
+        raise UserError(
+            f"{prefix}{key}={v!r} is out of range: it must be {rule.text}. Set it on the command line "
+            f"({prefix}{key}=...) or in your config; `rredcot config show` prints the current values."
+        )

@@ -15,6 +15,7 @@ test checks that the modules register exactly these names. Plug-ins add entries 
 package: modules named in the config key `plugins` (`load_plugins`) and installed packages that
 declare the entry-point group `rredcot.plugins`; both are imported before any registry is read.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -93,8 +94,10 @@ def _import_plugin(spec: str) -> None:
     if spec.endswith(".py") or os.sep in spec:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
-            raise UserError(f"Plug-in file {spec!r} does not exist. `plugins` takes module names (importable from "
-                            "the working directory or PYTHONPATH) or paths to .py files.")
+            raise UserError(
+                f"Plug-in file {spec!r} does not exist. `plugins` takes module names (importable from "
+                "the working directory or PYTHONPATH) or paths to .py files."
+            )
         module_spec = importlib.util.spec_from_file_location(f"rredcot_plugin_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
@@ -116,8 +119,10 @@ def load_plugins(specs: Iterable[str]) -> None:
         except UserError:
             raise
         except ModuleNotFoundError as e:
-            raise UserError(f"Plug-in {spec!r} could not be imported: {e}. Put its directory on PYTHONPATH, run from "
-                            "the directory that holds it, or give the path of the .py file.") from None
+            raise UserError(
+                f"Plug-in {spec!r} could not be imported: {e}. Put its directory on PYTHONPATH, run from "
+                "the directory that holds it, or give the path of the .py file."
+            ) from None
         except Exception as e:
             raise UserError(f"Plug-in {spec!r} failed while importing: {type(e).__name__}: {e}") from None
         _loaded_plugins.add(spec)
@@ -135,8 +140,10 @@ def _load_entry_points() -> None:
         try:
             ep.load()
         except Exception as e:
-            raise UserError(f"The installed plug-in {ep.name!r} ({ep.value}, entry point group {ENTRY_POINT_GROUP}) "
-                            f"failed to import: {type(e).__name__}: {e}. Fix or uninstall it.") from None
+            raise UserError(
+                f"The installed plug-in {ep.name!r} ({ep.value}, entry point group {ENTRY_POINT_GROUP}) "
+                f"failed to import: {type(e).__name__}: {e}. Fix or uninstall it."
+            ) from None
 
 
 def names(stage: str) -> list[str]:
@@ -191,8 +198,10 @@ def check_options(stage: str, name: str, options: Any, prefix: str, keywords: bo
             takes = [k for k, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty]
             for key in options:
                 if key not in params:
-                    raise UserError(f"{prefix}{key} is not an option of {stage} {name!r}; it takes: {', '.join(takes)}. "
-                                    f"Remove it, or choose the {stage} that has it.")
+                    raise UserError(
+                        f"{prefix}{key} is not an option of {stage} {name!r}; it takes: {', '.join(takes)}. "
+                        f"Remove it, or choose the {stage} that has it."
+                    )
     ranges.check(options, e.rules, prefix)
     if e.check is not None:
         e.check(options, prefix)

@@ -5,6 +5,7 @@ A later command starts from the saved config; the overrides it is given are appl
 they make to the run's own composition, and every key they change is said in one line at start-up,
 so a GSM8K checkpoint is never quietly scored on the built-in task.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +20,24 @@ OVERRIDES_FILE = "overrides.yaml"
 # Keys that say where and how a command runs, not what the run was: changing them is not worth a note.
 _QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
 # Keys a resume may change: how long a run goes on and how it reports, never what it learns from.
-RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.save_total_limit",
-             "train.samples_per_log", "train.max_nonfinite_steps", "train.collapse_", "logging.", "device", "cache_dir",
-             "resume", "run_dir", "world_size",  # a run is the same at any world size (README, "Scaling up")
-             "update.gradient_checkpointing", "update.compile")  # the last two: memory and speed, the same arithmetic
+RESUMABLE = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.save_total_limit",
+    "train.samples_per_log",
+    "train.max_nonfinite_steps",
+    "train.collapse_",
+    "logging.",
+    "device",
+    "cache_dir",
+    "resume",
+    "run_dir",
+    "world_size",  # a run is the same at any world size (docs/scaling.md)
+    "update.gradient_checkpointing",
+    "update.compile",
+)  # the last two: memory and speed, the same arithmetic
 
 
 def save_overrides(run: Path, overrides: list[str]) -> None:
@@ -66,8 +81,11 @@ def _superseded(run_overrides: list[str], mine: list[str]) -> list[str]:
 
     parsed = parse_overrides(mine)
     chosen = {o.key_or_group for o in parsed if o.key_or_group in groups(parsed)}
-    return [ov for ov, o in zip(run_overrides, parse_overrides(run_overrides))
-            if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".") for g in chosen)]
+    return [
+        ov
+        for ov, o in zip(run_overrides, parse_overrides(run_overrides))
+        if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".") for g in chosen)
+    ]
 
 
 def _read_run(run: Path) -> tuple[DictConfig, list[str] | None]:
@@ -75,8 +93,10 @@ def _read_run(run: Path) -> tuple[DictConfig, list[str] | None]:
         saved = OmegaConf.load(run / "config.yaml")
         run_overrides = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else None
     except Exception as e:
-        raise UserError(f"The run's config {str(run / 'config.yaml')!r} could not be read ({e}). Pass checkpoint= a "
-                        "checkpoint directory and the task's settings on the command line instead.") from None
+        raise UserError(
+            f"The run's config {str(run / 'config.yaml')!r} could not be read ({e}). Pass checkpoint= a "
+            "checkpoint directory and the task's settings on the command line instead."
+        ) from None
     return saved, run_overrides
 
 
@@ -88,7 +108,11 @@ def _run_config(run: Path, mine: list[str]) -> tuple[DictConfig, dict[str, tuple
 
     saved, run_overrides = _read_run(run)
     base = load_config(run_overrides or [], check_entries=False)
-    changed = _changes(base, load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False)) if mine else {}
+    changed = (
+        _changes(base, load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False))
+        if mine
+        else {}
+    )
     OmegaConf.set_struct(base, False)
     cfg = OmegaConf.merge(base, saved)
     for key, (_, new) in changed.items():
@@ -96,8 +120,10 @@ def _run_config(run: Path, mine: list[str]) -> tuple[DictConfig, dict[str, tuple
     if mine and run_overrides is None:
         from rredcot.ui import note
 
-        note(f"{run} has no {OVERRIDES_FILE} (made by an older rredcot): the overrides were applied as changes to "
-             "the default config.")
+        note(
+            f"{run} has no {OVERRIDES_FILE} (made by an older rredcot): the overrides were applied as changes to "
+            "the default config."
+        )
     return cfg, changed
 
 
@@ -119,8 +145,10 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
     if run is None:
         cfg = load_config(overrides)
         if arg:
-            note(f"{arg} is not inside a run directory (no config.yaml): {command} uses the task and settings of the "
-                 f"command line (task={cfg.task.name}, verify.name={cfg.verify.name}).")
+            note(
+                f"{arg} is not inside a run directory (no config.yaml): {command} uses the task and settings of the "
+                f"command line (task={cfg.task.name}, verify.name={cfg.verify.name})."
+            )
         return cfg, None
     cfg, changed = _run_config(run, [o for o in overrides if not o.startswith("checkpoint=")])
     loud = {k: v for k, v in changed.items() if not k.startswith(_QUIET)}
@@ -144,29 +172,39 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
 
     asked = load_config(overrides, check_entries=False)
     if not asked.run_dir:
-        raise UserError("resume=true needs run_dir=PATH, the run directory to continue (e.g. "
-                        "rredcot train resume=true run_dir=runs/20261125_101500).")
+        raise UserError(
+            "resume=true needs run_dir=PATH, the run directory to continue (e.g. "
+            "rredcot train resume=true run_dir=runs/20261125_101500)."
+        )
     run = Path(asked.run_dir).expanduser()
     if not (run / "config.yaml").exists():
-        raise UserError(f"resume=true, but {str(run)!r} holds no run (no config.yaml). Point run_dir at a directory made "
-                        "by `rredcot train`, or drop resume=true to start a new run there.")
+        raise UserError(
+            f"resume=true, but {str(run)!r} holds no run (no config.yaml). Point run_dir at a directory made "
+            "by `rredcot train`, or drop resume=true to start a new run there."
+        )
     cfg, changed = _run_config(run, overrides)
     altering = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
     if altering:
-        raise UserError(f"resume=true continues the run in {str(run)!r} with its own config, and these overrides would "
-                        f"change what it trains: {_said(altering)}. Drop them to resume (only {', '.join(RESUMABLE)} "
-                        "may change), or start a new run with them (another run_dir).")
+        raise UserError(
+            f"resume=true continues the run in {str(run)!r} with its own config, and these overrides would "
+            f"change what it trains: {_said(altering)}. Drop them to resume (only {', '.join(RESUMABLE)} "
+            "may change), or start a new run with them (another run_dir)."
+        )
     told = {k: v for k, v in changed.items() if not k.startswith(("resume", "run_dir"))}
     if told:
         note(f"resuming {run} with: {_said(told)}.")
     if "train.steps" in told and (cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio):
-        note(f"optim.schedule={cfg.optim.schedule} (warmup_ratio={cfg.optim.warmup_ratio}) is stretched over the new "
-             "train.steps from here on: the run is no longer the one a fresh start with these steps would make.")
+        note(
+            f"optim.schedule={cfg.optim.schedule} (warmup_ratio={cfg.optim.warmup_ratio}) is stretched over the new "
+            "train.steps from here on: the run is no longer the one a fresh start with these steps would make."
+        )
     from rredcot.collectives import env_world_size
 
     if cfg.get("world_size") not in (None, env_world_size()):
-        note(f"resuming on {env_world_size()} process(es); the run was started on {cfg.world_size}: the same run "
-             "(sampling is keyed by step and prompt, not by process), config.yaml records the new count.")
+        note(
+            f"resuming on {env_world_size()} process(es); the run was started on {cfg.world_size}: the same run "
+            "(sampling is keyed by step and prompt, not by process), config.yaml records the new count."
+        )
     OmegaConf.update(cfg, "world_size", None, force_add=True)  # recorded, not chosen: the launch decides
     OmegaConf.update(cfg, "resume", True)
     OmegaConf.update(cfg, "run_dir", str(asked.run_dir))

@@ -3,6 +3,7 @@
 Everything is a plain file that standard tools open (YAML, JSON lines, safetensors); tensorboard and
 wandb are optional mirrors of metrics.jsonl.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,24 +32,34 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
     if has_run and not cfg.resume:
         if not checkpoints(run) and not (run / "eval.json").exists():
-            raise UserError(f"Run directory {str(run)!r} holds a run that stopped before its first checkpoint, so there "
-                            f"is nothing to resume. Remove it (rm -r {run}) to start again there, or choose another run_dir=PATH.")
-        raise UserError(f"Run directory {str(run)!r} already holds a run. To continue it, add resume=true; "
-                        "to start a new one, choose another run_dir=PATH (nothing was overwritten).")
+            raise UserError(
+                f"Run directory {str(run)!r} holds a run that stopped before its first checkpoint, so there "
+                f"is nothing to resume. Remove it (rm -r {run}) to start again there, or choose another run_dir=PATH."
+            )
+        raise UserError(
+            f"Run directory {str(run)!r} already holds a run. To continue it, add resume=true; "
+            "to start a new one, choose another run_dir=PATH (nothing was overwritten)."
+        )
     if cfg.resume:
         ckpt = latest_checkpoint(run)
         if ckpt is None:
-            raise UserError(f"resume=true but {str(run)!r} has no intact checkpoint to resume from (the run stopped "
-                            f"before its first one was written). Remove it (rm -r {run}) and start again without "
-                            "resume=true, or point run_dir at another run.")
+            raise UserError(
+                f"resume=true but {str(run)!r} has no intact checkpoint to resume from (the run stopped "
+                f"before its first one was written). Remove it (rm -r {run}) and start again without "
+                "resume=true, or point run_dir at another run."
+            )
         start = _state(ckpt)["step"]
         if start > cfg.train.steps:
-            raise UserError(f"The run in {str(run)!r} is at step {start} already, past train.steps={cfg.train.steps}. "
-                            f"Resume with train.steps={start} or more (a run never goes back; its checkpoints/ keep "
-                            f"the earlier steps that save_total_limit left).")
+            raise UserError(
+                f"The run in {str(run)!r} is at step {start} already, past train.steps={cfg.train.steps}. "
+                f"Resume with train.steps={start} or more (a run never goes back; its checkpoints/ keep "
+                f"the earlier steps that save_total_limit left)."
+            )
         if start == cfg.train.steps and (run / "eval.json").exists():
-            raise UserError(f"The run in {str(run)!r} has finished its {start} steps. To train it further, resume with "
-                            f"more steps (train.steps={start * 2}); to evaluate it, `rredcot eval checkpoint={run}`.")
+            raise UserError(
+                f"The run in {str(run)!r} has finished its {start} steps. To train it further, resume with "
+                f"more steps (train.steps={start * 2}); to evaluate it, `rredcot eval checkpoint={run}`."
+            )
         return run, ckpt
     return run, None
 
@@ -76,14 +87,18 @@ def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = (), ckpt: Pa
     before = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else []
     save_overrides(run, [*before, *kept])
     with (run / "resumes.jsonl").open("a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": ckpt.name if ckpt else None,
-                            "overrides": kept}) + "\n")
+        f.write(
+            json.dumps(
+                {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": ckpt.name if ckpt else None, "overrides": kept}
+            )
+            + "\n"
+        )
 
 
 def checkpoints(run: Path) -> list[Path]:
     """Finished step checkpoints of a run, oldest first (a `step_N.tmp` being written is never one)."""
-    found = [p for p in (run / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    found = [p for p in (run / "checkpoints").glob(f"{CKPT_PREFIX}*") if p.name[len(CKPT_PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
 
 
 def intact(ckpt: Path) -> bool:
@@ -119,13 +134,16 @@ def resolve_checkpoint(path: str) -> Path:
         return p
     ckpt = latest_checkpoint(p)
     if ckpt is None:
-        raise UserError(f"checkpoint={path!r} is neither a model directory (with config.json) nor a run directory "
-                        "with checkpoints/. Pass a run directory made by `rredcot train` or one of its checkpoints/step_N.")
+        raise UserError(
+            f"checkpoint={path!r} is neither a model directory (with config.json) nor a run directory "
+            "with checkpoints/. Pass a run directory made by `rredcot train` or one of its checkpoints/step_N."
+        )
     return ckpt
 
 
-def save_checkpoint(run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int,
-                    state_dict: dict | None = None) -> Path:
+def save_checkpoint(
+    run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int, state_dict: dict | None = None
+) -> Path:
     """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones.
     state_dict: the full weights when the model is sharded over ranks (distributed.full_state)."""
     final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
@@ -160,15 +178,18 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+                raise UserError(
+                    "logging.tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from None
             self.tb = SummaryWriter(str(run / "tensorboard"))
         if cfg.logging.wandb:
             try:
                 import wandb
             except ImportError:
                 raise UserError("logging.wandb=true needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run),
-                                    config=OmegaConf.to_container(cfg, resolve=True))
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, dir=str(run), config=OmegaConf.to_container(cfg, resolve=True)
+            )
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -1,6 +1,7 @@
 """Finished run directories read for a comparison: a Run (config, metrics, eval.json), the view of one held-out
 split, and the grouping of runs into methods (runs that differ in any training setting are told apart,
 never averaged as seeds of one method). The report built from them: rredcot/compare_report.py."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,14 @@ class Run:
 # Settings that do not change what a run learns: those a resume may change (runconfig.RESUMABLE) but the
 # run's length, plus the seed, what is evaluated and where things come from.
 NOT_METHOD = tuple(k for k in RESUMABLE if k != "train.steps") + (
-    "seed", "checkpoint", "plugins", "eval.", "credit.", "verify.timeout_s", "verify.budget_s")
+    "seed",
+    "checkpoint",
+    "plugins",
+    "eval.",
+    "credit.",
+    "verify.timeout_s",
+    "verify.budget_s",
+)
 
 
 def load_run(path: Path, split: str | None = None) -> Run:
@@ -55,17 +63,25 @@ def load_run(path: Path, split: str | None = None) -> Run:
         raise UserError(f"Run directory {str(path)!r} does not exist. Pass directories made by `rredcot train`.")
     missing = [f for f in ("config.yaml", "metrics.jsonl", "eval.json") if not (path / f).exists()]
     if missing:
-        raise UserError(f"Run {str(path)!r} is incomplete (no {', '.join(missing)}): it has not finished. "
-                        "Finish it with `rredcot train resume=true run_dir=...`, or leave it out.")
+        raise UserError(
+            f"Run {str(path)!r} is incomplete (no {', '.join(missing)}): it has not finished. "
+            "Finish it with `rredcot train resume=true run_dir=...`, or leave it out."
+        )
     try:
-        run = Run(path, yaml.safe_load((path / "config.yaml").read_text()), read_metrics(path),
-                  json.loads((path / "eval.json").read_text()))
+        run = Run(
+            path,
+            yaml.safe_load((path / "config.yaml").read_text()),
+            read_metrics(path),
+            json.loads((path / "eval.json").read_text()),
+        )
         run.seed, run.config["eval"]["split"], run.config["redistribute"]["name"]  # noqa: B018 (what reports read)
         float(run.result["final"]["accuracy"])
     except Exception as e:  # a malformed run is a message, never a traceback
         what = f"missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        raise UserError(f"Run {str(path)!r} is malformed ({what}): its config.yaml, metrics.jsonl and eval.json are not "
-                        "what `rredcot train` writes (was eval.json edited or replaced?). Leave it out, or retrain it.") from None
+        raise UserError(
+            f"Run {str(path)!r} is malformed ({what}): its config.yaml, metrics.jsonl and eval.json are not "
+            "what `rredcot train` writes (was eval.json edited or replaced?). Leave it out, or retrain it."
+        ) from None
     return split_view(run, split or run.config["eval"]["split"])
 
 
@@ -78,11 +94,18 @@ def split_view(run: Run, split: str) -> Run:
         return run
     if split not in run.result.get("splits", {}):
         extra = run.config["eval"].get("extra_splits") or []
-        raise UserError(f"Run {str(run.path)!r} was not evaluated on the {split!r} split (its eval.split is {primary!r}, "
-                        f"eval.extra_splits {list(extra)}). Train with eval.extra_splits=[{split}], or leave --split out.")
+        raise UserError(
+            f"Run {str(run.path)!r} was not evaluated on the {split!r} split (its eval.split is {primary!r}, "
+            f"eval.extra_splits {list(extra)}). Train with eval.extra_splits=[{split}], or leave --split out."
+        )
     prefix = eval_prefix(split, primary) + "/"
-    metrics = [{**{k: v for k, v in row.items() if not k.startswith("eval/")},
-                **{"eval/" + k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}} for row in run.metrics]
+    metrics = [
+        {
+            **{k: v for k, v in row.items() if not k.startswith("eval/")},
+            **{"eval/" + k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)},
+        }
+        for row in run.metrics
+    ]
     return Run(run.path, run.config, metrics, {**run.result, **run.result["splits"][split]}, split=split)
 
 
@@ -108,13 +131,17 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     task = runs[0].config["task"]
     for r in runs[1:]:
         if _task_key(r) != _task_key(runs[0]):
-            raise UserError(f"Run {str(r.path)!r} is of a different task than {str(runs[0].path)!r} "
-                            f"({r.config['task'].get('name')} vs {task.get('name')}, or other task settings). "
-                            "Compare runs of one task only.")
+            raise UserError(
+                f"Run {str(r.path)!r} is of a different task than {str(runs[0].path)!r} "
+                f"({r.config['task'].get('name')} vs {task.get('name')}, or other task settings). "
+                "Compare runs of one task only."
+            )
     splits = sorted({r.split for r in runs})
     if len(splits) > 1:
-        raise UserError(f"The runs were evaluated on different splits ({', '.join(splits)}). Choose one with --split "
-                        "(every run must have it as eval.split or in eval.extra_splits).")
+        raise UserError(
+            f"The runs were evaluated on different splits ({', '.join(splits)}). Choose one with --split "
+            "(every run must have it as eval.split or in eval.extra_splits)."
+        )
     by_estimator: dict[str, list[Run]] = {}
     for r in runs:
         by_estimator.setdefault(r.estimator, []).append(r)

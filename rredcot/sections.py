@@ -1,10 +1,10 @@
 """A config section as a registry entry's keyword arguments (pure OmegaConf; every layer may use it)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
 
 SAMPLING_KEYS = ("group_size", "max_new_tokens", "temperature", "top_p", "top_k")  # rollout.*: how, for every backend
 

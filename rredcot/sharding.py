@@ -4,6 +4,7 @@ checkpoint state of a sharded model (what crosses ranks in general: rredcot/coll
 Private names of torch and DeepSpeed used here were checked against torch 2.8-2.13 and DeepSpeed 0.16.4+
 (see each function); issue 22 replaces them with public APIs.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
@@ -27,9 +28,11 @@ def make_accelerator(device: str):
     accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
     launched = env_world_size()
     if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
-        raise UserError(f"The launcher started {launched} processes, but accelerate set up {accelerator.num_processes} "
-                        f"({accelerator.distributed_type}): the ranks would train separately. Launch with torchrun "
-                        "--nproc_per_node N or accelerate launch --num_processes N, and check `accelerate env`.")
+        raise UserError(
+            f"The launcher started {launched} processes, but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): the ranks would train separately. Launch with torchrun "
+            "--nproc_per_node N or accelerate launch --num_processes N, and check `accelerate env`."
+        )
     return accelerator
 
 
@@ -127,15 +130,19 @@ def configure_engine(accelerator, update_cfg) -> None:
     conf = ds.deepspeed_config
     conf["train_micro_batch_size_per_gpu"] = int(update_cfg.micro_batch_size)
     if conf.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
-        raise UserError(f"The DeepSpeed config sets gradient_accumulation_steps={conf['gradient_accumulation_steps']}; "
-                        "rredcot accumulates micro-batches itself (update.micro_batch_size, update.steps_per_generation). "
-                        "Set it to 1 in the accelerate config (conf/accelerate/zero2.yaml and zero3.yaml do).")
+        raise UserError(
+            f"The DeepSpeed config sets gradient_accumulation_steps={conf['gradient_accumulation_steps']}; "
+            "rredcot accumulates micro-batches itself (update.micro_batch_size, update.steps_per_generation). "
+            "Set it to 1 in the accelerate config (conf/accelerate/zero2.yaml and zero3.yaml do)."
+        )
     clip = conf.get("gradient_clipping", "auto")
     if clip == "auto":
         conf["gradient_clipping"] = float(update_cfg.max_grad_norm)
     elif float(clip) != float(update_cfg.max_grad_norm):
-        note(f"DeepSpeed clips gradients at its gradient_clipping={clip}, not update.max_grad_norm="
-             f"{update_cfg.max_grad_norm}: set them equal in the accelerate config to clip where the config says.")
+        note(
+            f"DeepSpeed clips gradients at its gradient_clipping={clip}, not update.max_grad_norm="
+            f"{update_cfg.max_grad_norm}: set them equal in the accelerate config to clip where the config says."
+        )
 
 
 def full_state(accelerator, model, optimizer) -> tuple[dict | None, Any]:
@@ -147,11 +154,17 @@ def full_state(accelerator, model, optimizer) -> tuple[dict | None, Any]:
     if not sharded(model):
         return None, optimizer.state_dict()
     if fsdp2_modules(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
-        return get_model_state_dict(model, options=opts), {"by_name": get_optimizer_state_dict(model, inner, options=opts)}
+        return get_model_state_dict(model, options=opts), {
+            "by_name": get_optimizer_state_dict(model, inner, options=opts)
+        }
     return accelerator.get_state_dict(model), None
 
 
@@ -159,16 +172,24 @@ def load_optimizer(model, optimizer, state: Any) -> None:
     """Restore what full_state saved (after accelerator.prepare: FSDP2 shards the full state over the ranks)."""
 
     if state is None:
-        note("the checkpoint holds no optimizer state (saved under DeepSpeed ZeRO-3): Adam's moments restart from zero.")
+        note(
+            "the checkpoint holds no optimizer state (saved under DeepSpeed ZeRO-3): Adam's moments restart from zero."
+        )
         return
     by_name = isinstance(state, dict) and set(state) == {"by_name"}
     if by_name or fsdp2_modules(model):
         if not by_name:
-            raise UserError("This checkpoint's optimizer state was saved without FSDP2 and cannot be sharded. Resume it "
-                            "with the launch it was made with (one process or DDP), or start a new run under FSDP2.")
+            raise UserError(
+                "This checkpoint's optimizer state was saved without FSDP2 and cannot be sharded. Resume it "
+                "with the launch it was made with (one process or DDP), or start a new run under FSDP2."
+            )
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state["by_name"],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            model,
+            getattr(optimizer, "optimizer", optimizer),
+            state["by_name"],
+            options=StateDictOptions(full_state_dict=True),
+        )
         return
     optimizer.load_state_dict(state)

@@ -1,6 +1,7 @@
 """What training checks and says before the first step: the longest prompt a step can take, the task's
 training and held-out sets (disjoint, long prompts counted), and one line for each default that does not
 apply as a user would assume. `rredcot train`, `eval` and `credit` share these."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -22,19 +23,27 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
     marker = think_marker(cfg)
     ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     if marker is None:
-        note(f"model.think_end is empty: {cfg.model.name} answers without thinking, so every trace is segmented whole, "
-             "the correction on its last segment.")
+        note(
+            f"model.think_end is empty: {cfg.model.name} answers without thinking, so every trace is segmented whole, "
+            "the correction on its last segment."
+        )
     elif len(ids) != 1:
-        note(f"the tokenizer has no {marker} token (it is {len(ids)} tokens here): the end of thinking is found in "
-             f"the text; traces that never write it are segmented whole, the correction on their last segment.")
+        note(
+            f"the tokenizer has no {marker} token (it is {len(ids)} tokens here): the end of thinking is found in "
+            f"the text; traces that never write it are segmented whole, the correction on their last segment."
+        )
     if cfg.task.get("chat_template") and not getattr(tokenizer, "chat_template", None):
         note("task.chat_template=true, but the model's tokenizer has no chat template: prompts are plain text.")
     if not is_builtin(cfg.model.name) and cfg.warmstart.enabled:
-        note(f"warmstart.enabled=true applies to the built-in model only: {cfg.model.name} starts from its own weights.")
+        note(
+            f"warmstart.enabled=true applies to the built-in model only: {cfg.model.name} starts from its own weights."
+        )
     carved = cfg.task.get("sources") is not None and source_of(cfg.task, "dev") is None
     if carved and "dev" in [cfg.eval.split, *cfg.eval.extra_splits]:
-        note(f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
-             "they are never trained on.")
+        note(
+            f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
+            "they are never trained on."
+        )
 
 
 def prompt_limit(cfg: DictConfig, model) -> int:
@@ -42,9 +51,15 @@ def prompt_limit(cfg: DictConfig, model) -> int:
     completion budget."""
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and cfg.rollout.max_new_tokens >= context:
-        raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the model's "
-                        f"context of {context} positions. Lower it (e.g. rollout.max_new_tokens={context // 4}).")
-    return min(cfg.train.max_prompt_tokens, context - cfg.rollout.max_new_tokens) if context else cfg.train.max_prompt_tokens
+        raise UserError(
+            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} positions. Lower it (e.g. rollout.max_new_tokens={context // 4})."
+        )
+    return (
+        min(cfg.train.max_prompt_tokens, context - cfg.rollout.max_new_tokens)
+        if context
+        else cfg.train.max_prompt_tokens
+    )
 
 
 def task_sets(cfg: DictConfig, tokenizer, limit: int | None = None) -> tuple[list[Sample], dict[str, list[Sample]]]:
@@ -62,9 +77,13 @@ def task_sets(cfg: DictConfig, tokenizer, limit: int | None = None) -> tuple[lis
     held_out = {s: load(s)[: cfg.eval.n_prompts] for s in splits}
     for split, samples in held_out.items():
         if len(samples) < cfg.eval.n_prompts:
-            note(f"eval.n_prompts={cfg.eval.n_prompts}, but the {split} split has {len(samples)} prompts: every number "
-                 f"on {split} is over {len(samples)}.")
+            note(
+                f"eval.n_prompts={cfg.eval.n_prompts}, but the {split} split has {len(samples)} prompts: every number "
+                f"on {split} is over {len(samples)}."
+            )
     train = check_disjoint(load("train"), held_out)
     if not train:
-        raise UserError(f"The task {cfg.task.name!r} has no training rows left (check task.sources.train and task.train_size).")
+        raise UserError(
+            f"The task {cfg.task.name!r} has no training rows left (check task.sources.train and task.train_size)."
+        )
     return train, held_out

@@ -2,6 +2,7 @@
 
 No scipy: the Student t distribution comes from the regularised incomplete beta function.
 """
+
 from __future__ import annotations
 
 import math

@@ -8,6 +8,7 @@ last checkpoint stays the one to resume from. The STOP file reaches every rank o
 the shared run directory, without a signal passing through the launcher (torchrun kills workers that
 outlive its own SIGTERM by 30 s): scripts/slurm/ write it when the job's time is nearly up.
 """
+
 from __future__ import annotations
 
 import signal
@@ -43,8 +44,10 @@ class GracefulStop:
         if self.signal:
             raise KeyboardInterrupt(f"second {name}")
         self.signal = name
-        console.print(f"[yellow]{name}: finishing the step in progress, then saving a checkpoint "
-                      "(send it again to stop now without saving).")
+        console.print(
+            f"[yellow]{name}: finishing the step in progress, then saving a checkpoint "
+            "(send it again to stop now without saving)."
+        )
 
     def __enter__(self) -> "GracefulStop":
         for sig in self.SIGNALS:

@@ -11,9 +11,9 @@ Launched on W processes (torchrun, accelerate launch), each rank samples, verifi
 redistributes its own block of the step's prompt groups (rredcot/collectives.py); the update's gradients
 are averaged by DDP (or sharded by FSDP2 / ZeRO: rredcot/sharding.py); rank 0 alone writes the run directory.
 """
+
 from __future__ import annotations
 
-import copy
 import json
 import time
 from contextlib import contextmanager
@@ -22,29 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM
 
-from rredcot import collectives, lora, sharding
-from rredcot.checks import check_config
-from rredcot.assemble import PromptSampler, build_stages, policy_context
-from rredcot.critic import Critic
+from rredcot import collectives, sharding
+from rredcot.assemble import policy_context
 from rredcot.errors import UserError
 from rredcot.evaluate import eval_row, evaluate_all
 from rredcot.metrics import gather_step, global_metrics, sample_rows
-from rredcot.optim import build_optimizer, compile_layers, enable_checkpointing
-from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, init_run_dir, save_checkpoint
+from rredcot.runlog import save_checkpoint
 from rredcot.stages.sampling import row_seeds
-from rredcot.stages.segment import PieceDecoder, run_segment
-from rredcot.stages.update import Learner, update_policy
-from rredcot.stages.verify import check_golds, run_verify
-from rredcot.startup import prompt_limit, startup_notes, task_sets
+from rredcot.stages.segment import run_segment
+from rredcot.stages.update import update_policy
+from rredcot.stages.verify import run_verify
 from rredcot.stopping import STOP_FILE, GracefulStop
-from rredcot.task.warmstart import load_policy
+from rredcot.trainer_setup import Setup
 from rredcot.types import Credit, Rollout, Segmented, Verified
-from rredcot.ui import console, make_progress, note, quiet_unless, summary_table
-from rredcot.watch import CollapseWatch
+from rredcot.ui import console, make_progress, note, summary_table
 
 
 @dataclass
@@ -70,95 +63,13 @@ def timed(times: dict[str, float], name: str):
         times[name] = time.perf_counter() - t
 
 
-class Trainer:
+class Trainer(Setup):
     """One RL run: `Trainer(cfg, overrides).fit()`; or `setup(progress)` then `step(n)` / `after_step(record)`
-    one at a time (tests run a single step in-process this way)."""
+    one at a time (tests run a single step in-process this way). `setup` and what it builds: trainer_setup.py."""
 
     def __init__(self, cfg: DictConfig, overrides: list[str] = ()):
         self.cfg, self.overrides = cfg, list(overrides)
         self.nonfinite = 0  # consecutive steps whose every optimizer step was skipped for a NaN/inf gradient
-
-    # ---- setup: before step 1 -----------------------------------------------------------------------------
-
-    def setup(self, progress) -> None:
-        """Checks, run directory, data, model, optimizer and resume state, in that order: a config, data or
-        model error leaves nothing behind (the run directory is written only once they all loaded)."""
-        self._setup_launch()
-        self.stages = build_stages(self.cfg)
-        self._setup_policy(progress)
-        self._setup_optimizer()
-        self._setup_loop(progress)
-
-    def _setup_launch(self) -> None:
-        cfg = self.cfg
-        self.accelerator = sharding.make_accelerator(cfg.device)
-        self.main = collectives.is_main()
-        quiet_unless(self.main)
-        cfg.world_size = check_config(cfg, world_size=collectives.size(), will_shard=sharding.will_shard(self.accelerator))
-        if not cfg.run_dir:
-            cfg.run_dir = collectives.broadcast(str(default_run_dir()))  # one name, chosen by rank 0
-        self.run, self.ckpt = check_run_dir(cfg)
-        set_seed(cfg.seed)
-
-    def _setup_policy(self, progress) -> None:
-        """The starting policy, the data, the run directory, the resume state and the reference model."""
-        cfg, ckpt = self.cfg, self.ckpt
-        with collectives.main_first():  # rank 0 builds the warm-start cache and the data caches; the others reuse them
-            model, self.tokenizer = load_policy(cfg, progress)
-            set_seed(cfg.seed)  # again: training the warm start (vs loading it cached) must not change the RL run
-            self.train_set, self.eval_sets = task_sets(cfg, self.tokenizer, prompt_limit(cfg, model))
-        check_golds({"train": self.train_set, **self.eval_sets}, self.stages.reward_funcs.verifier,
-                    cfg.task.get("max_bad_fraction", 0.01))
-        startup_notes(cfg, self.tokenizer)
-        if lora.enabled(cfg):  # the base weights stay; the adapter is new, or the checkpoint's
-            model = lora.wrap(model, cfg, resume_from=ckpt)
-        if self.main:
-            init_run_dir(self.run, cfg, self.overrides, ckpt)  # only now: a config, data or model error leaves nothing
-        self.log = MetricsLog(self.run, cfg, enabled=self.main)
-        self.start, self.resume_state = 0, None
-        if ckpt is not None:
-            self.resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-            self.start = self.resume_state["step"]
-            self.log.keep_until(self.start, unfinished=not (self.run / "eval.json").exists())
-        beta = cfg["update"].beta
-        if lora.enabled(cfg):
-            self.ref_model = lora.AdapterOff(model) if beta > 0 else None
-        else:
-            self.ref_model = copy.deepcopy(model).requires_grad_(False).eval() if beta > 0 else None  # the starting policy
-            if ckpt is not None:
-                model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
-        self.model = model
-
-    def _setup_optimizer(self) -> None:
-        """Checkpointing, compilation, AdamW and its schedule, accelerate's prepare, the resumed optimizer state."""
-        cfg, upd = self.cfg, self.cfg["update"]
-        if upd.gradient_checkpointing:  # recompute activations in backward: memory for compute
-            enable_checkpointing(self.model)
-        if upd.get("compile"):  # after LoRA and checkpointing: it compiles the layers as they will run
-            compile_layers(self.model)
-        total_opt_steps = cfg.train.steps * upd.num_iterations * upd.steps_per_generation
-        optimizer, scheduler = build_optimizer(self.model, cfg.optim, max(total_opt_steps, 1))
-        sharding.configure_engine(self.accelerator, upd)
-        self.model, optimizer = self.accelerator.prepare(self.model, optimizer)
-        if self.ref_model is not None and not isinstance(self.ref_model, lora.AdapterOff):
-            self.ref_model = self.ref_model.to(self.accelerator.device)
-        if self.resume_state is not None:
-            sharding.load_optimizer(self.model, optimizer, self.resume_state["optimizer"])
-            scheduler.load_state_dict(self.resume_state["scheduler"])
-            torch.set_rng_state(self.resume_state["rng"])
-        self.learner = Learner(self.model, optimizer, scheduler, self.accelerator, self.ref_model)
-
-    def _setup_loop(self, progress) -> None:
-        cfg, policy = self.cfg, self.accelerator.unwrap_model(self.model)
-        drawn = self.resume_state["drawn"] if self.resume_state is not None else 0
-        self.sampler = PromptSampler(len(self.train_set), cfg.seed, drawn)
-        self.pieces = PieceDecoder(self.tokenizer)
-        self.backend = self.stages.make_backend(policy, self.tokenizer)
-        self.critic = Critic(policy, cfg.train.get("critic_lag", 0), self.start)
-        self.watch = CollapseWatch(cfg.train.get("collapse_drop", 0.2), cfg.train.get("collapse_window", 10),
-                                   cfg.train.get("collapse_clip", 0.05))
-        self.progress = progress
-        self.bar = progress.add_task("RL", total=cfg.train.steps, completed=self.start)
 
     # ---- one RL step ----------------------------------------------------------------------------------------
 
@@ -181,8 +92,14 @@ class Trainer:
                 credit = self.stages.redistribute(ro, ver, seg, ctx)
         with timed(times, "update"):
             self.backend.sleep()  # ... and gives it to the gradient passes
-            upd = update_policy(self.learner, ro, credit, cfg["update"], temperature=cfg.rollout.temperature,
-                                max_completion_length=cfg.rollout.max_new_tokens)
+            upd = update_policy(
+                self.learner,
+                ro,
+                credit,
+                cfg["update"],
+                temperature=cfg.rollout.temperature,
+                max_completion_length=cfg.rollout.max_new_tokens,
+            )
             self.backend.sync(self.accelerator.unwrap_model(self.model))  # the next samples come from the new weights
             self.critic.after_step(step)
         return StepRecord(step, ro, ver, seg, credit, upd, times)
@@ -209,41 +126,63 @@ class Trainer:
         stopping = collectives.any_rank(stop_requested)  # a request that reached one rank stops all
         if stopping or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps):
             self.save(step)
-        self.progress.update(self.bar, advance=1, description=f"RL reward {row['reward/mean']:.2f} acc "
-                             f"{row['accuracy']:.2f} {row['time/step_s']:.2f}s/step")
+        self.progress.update(
+            self.bar,
+            advance=1,
+            description=f"RL reward {row['reward/mean']:.2f} acc {row['accuracy']:.2f} {row['time/step_s']:.2f}s/step",
+        )
         return stopping
 
     def _count_nonfinite(self, upd: dict[str, float]) -> None:
         limit = self.cfg.train.max_nonfinite_steps
         self.nonfinite = self.nonfinite + 1 if upd.get("skipped_nonfinite", 0) == 1 else 0
         if self.nonfinite >= limit:
-            raise UserError(f"{self.nonfinite} steps in a row had non-finite gradients (NaN or inf) and were skipped "
-                            f"(train.max_nonfinite_steps={limit}); the weights are the last finite ones. Lower optim.lr "
-                            "or update.max_grad_norm, and resume from the last checkpoint.")
+            raise UserError(
+                f"{self.nonfinite} steps in a row had non-finite gradients (NaN or inf) and were skipped "
+                f"(train.max_nonfinite_steps={limit}); the weights are the last finite ones. Lower optim.lr "
+                "or update.max_grad_norm, and resume from the last checkpoint."
+            )
 
     # ---- evaluation and checkpoints ------------------------------------------------------------------------
 
     def evaluate(self, step: int, sampled: bool) -> dict[str, dict[str, Any]]:
         """Every held-out split's metrics (greedy; with `sampled`, also pass@k of sampled completions)."""
         with sharding.full_weights(self.model):  # ranks evaluate different prompt counts: no per-forward collectives
-            return evaluate_all(self.backend, self.tokenizer, self.eval_sets, self.cfg, self.stages.reward_funcs,
-                                sampled, step)
+            return evaluate_all(
+                self.backend, self.tokenizer, self.eval_sets, self.cfg, self.stages.reward_funcs, sampled, step
+            )
 
     def save(self, step: int) -> None:
         """A checkpoint of step `step` (every rank takes part: gathering sharded weights is a collective)."""
         learner = self.learner
-        own = (p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters())  # FSDP2: this rank's shard
+        own = (
+            p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()
+        )  # FSDP2: this rank's shard
         finite = all(bool(torch.isfinite(t).all()) for t in own)
         if collectives.any_rank(not finite):
-            raise UserError(f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
-                            "is still good. Lower optim.lr or update.max_grad_norm and resume from it.")
+            raise UserError(
+                f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
+                "is still good. Lower optim.lr or update.max_grad_norm and resume from it."
+            )
         weights, optim_state = sharding.full_state(self.accelerator, self.model, learner.optimizer)
         if self.main:
-            state = {"step": step, "drawn": self.sampler.drawn, "optimizer": optim_state,
-                     "scheduler": learner.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "world_size": collectives.size()}
-            save_checkpoint(self.run, step, self.accelerator.unwrap_model(self.model), self.tokenizer, state,
-                            self.cfg.train.save_total_limit, state_dict=weights)
+            state = {
+                "step": step,
+                "drawn": self.sampler.drawn,
+                "optimizer": optim_state,
+                "scheduler": learner.scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "world_size": collectives.size(),
+            }
+            save_checkpoint(
+                self.run,
+                step,
+                self.accelerator.unwrap_model(self.model),
+                self.tokenizer,
+                state,
+                self.cfg.train.save_total_limit,
+                state_dict=weights,
+            )
         collectives.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
     # ---- the whole run ----------------------------------------------------------------------------------------
@@ -288,8 +227,13 @@ class Trainer:
 
     def _write_result(self, first, final) -> None:
         primary = self.cfg.eval.split
-        result = {"start": first and first[primary], "final": final[primary], "steps": self.cfg.train.steps,
-                  "split": primary, "splits": {s: {"start": first and first[s], "final": final[s]} for s in final}}
+        result = {
+            "start": first and first[primary],
+            "final": final[primary],
+            "steps": self.cfg.train.steps,
+            "split": primary,
+            "splits": {s: {"start": first and first[s], "final": final[s]} for s in final},
+        }
         if self.main:
             (self.run / "eval.json").write_text(json.dumps(result, indent=2))
             console.print(summary_table(self.run, result))

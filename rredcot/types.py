@@ -3,6 +3,7 @@
 Shapes: N = completions in a generation batch (prompts x group_size), T = max completion length,
 P = max prompt length. Every tensor lives on the policy's device.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,4 +1,5 @@
 """Terminal output: the progress bar, the error paragraph, the summary tables (rich)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,16 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def make_progress(enabled: bool = True) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, Any]]) -> Table:

@@ -1,6 +1,6 @@
 """Collapse watch: say early, once, when a run looks like it is collapsing, and show the signals.
 
-A collapse (README, Results) is a run whose training reward falls from where it had climbed to and does
+A collapse (docs/results.md) is a run whose training reward falls from where it had climbed to and does
 not come back. In the collapses we logged (issue 11) the first sign was length: completions grew and
 more of them ran into rollout.max_new_tokens (the truncated fraction went from under 1% to 5% about 10
 steps before the reward fell, then past 50%), unclosed traces scored 0, and the reward followed. The
@@ -11,6 +11,7 @@ watch keeps `window`-step moving averages and warns, once each:
 Each warning names the other signals then and now. It only warns (metrics columns `watch/*`): stopping
 is the user's call, and the checkpoints before the best step are the ones to go back to.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -53,12 +54,17 @@ class CollapseWatch:
         if not new:
             return None
         self.warned.update(new)
-        changes = ", ".join(f"{k} {self.best[2][k]:.3g} -> {v:.3g}" for k, v in avg.items() if k in self.best[2]
-                            and k != "reward/mean")
+        changes = ", ".join(
+            f"{k} {self.best[2][k]:.3g} -> {v:.3g}" for k, v in avg.items() if k in self.best[2] and k != "reward/mean"
+        )
         if "reward" not in new:
-            return (f"step {step}: {clip:.0%} of completions now run into rollout.max_new_tokens ({self.window}-step "
-                    f"average; {self.clip_low:.1%} at its lowest). In the collapses we logged this "
-                    f"came first, about 10 steps before the reward fell ({changes}).")
-        return (f"step {step}: the training reward ({self.window}-step average) fell from {self.best[0]:.2f} at step "
-                f"{self.best[1]} to {reward:.2f}; the run may be collapsing ({changes}). Checkpoints up to step "
-                f"{self.best[1]} are the ones to go back to; see README, Results, for what collapse looks like.")
+            return (
+                f"step {step}: {clip:.0%} of completions now run into rollout.max_new_tokens ({self.window}-step "
+                f"average; {self.clip_low:.1%} at its lowest). In the collapses we logged this "
+                f"came first, about 10 steps before the reward fell ({changes})."
+            )
+        return (
+            f"step {step}: the training reward ({self.window}-step average) fell from {self.best[0]:.2f} at step "
+            f"{self.best[1]} to {reward:.2f}; the run may be collapsing ({changes}). Checkpoints up to step "
+            f"{self.best[1]} are the ones to go back to; see docs/results.md for what collapse looks like."
+        )

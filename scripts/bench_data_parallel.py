@@ -9,6 +9,7 @@ and the largest weight difference between the two final checkpoints (the same ru
 On a CPU machine the processes share its cores: the ratio says what the split costs or saves there,
 not what N GPUs give.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,19 @@ from pathlib import Path
 
 
 def train(procs: int, run: Path, overrides: list[str]) -> None:
-    launch = [sys.executable, "-m", "rredcot"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "rredcot"]
+    launch = (
+        [sys.executable, "-m", "rredcot"]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "rredcot",
+        ]
+    )
     subprocess.run([*launch, "train", f"run_dir={run}", *overrides], check=True, stdout=subprocess.DEVNULL)
 
 
@@ -43,15 +55,24 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
     args, overrides = ap.parse_known_args()
-    overrides = ["logging.progress=false", f"train.steps={args.steps}", "train.eval_every=0", "train.save_every=0",
-                 "eval.n_prompts=16", "update.micro_batch_size=32", *overrides]
+    overrides = [
+        "logging.progress=false",
+        f"train.steps={args.steps}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "eval.n_prompts=16",
+        "update.micro_batch_size=32",
+        *overrides,
+    ]
     out = Path(tempfile.mkdtemp(prefix="bench_dp_"))
     runs = {n: out / f"procs{n}" for n in (1, args.procs)}
     for n, run in runs.items():
         train(n, run, overrides)
     med = {n: statistics.median(step_times(run)) for n, run in runs.items()}
-    print(f"median step time, {args.steps - 1} steps: 1 process {med[1]:.2f} s, {args.procs} processes "
-          f"{med[args.procs]:.2f} s; ratio {med[args.procs] / med[1]:.2f}")
+    print(
+        f"median step time, {args.steps - 1} steps: 1 process {med[1]:.2f} s, {args.procs} processes "
+        f"{med[args.procs]:.2f} s; ratio {med[args.procs] / med[1]:.2f}"
+    )
     print(f"largest weight difference after {args.steps} steps: {max_weight_diff(*runs.values()):.2e}  (runs in {out})")
 
 

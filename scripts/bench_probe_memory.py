@@ -5,9 +5,11 @@
 A tiny random Qwen2 (2 layers, hidden 64) with a 151,936-token vocabulary (Qwen2.5's), CPU, fp32; one
 trace of L tokens with 8 boundaries and 3 answers of 8 tokens after an 8-token forcing text. Each
 (path, length) runs in a fresh process and reports its peak resident memory during the probe pass above
-its resident memory just before it (Linux: the peak is reset through /proc/self/clear_refs), in MiB. The packed path's dense S x S mask makes it quadratic; it is
+its resident memory just before it (Linux: the peak is reset through /proc/self/clear_refs), in MiB. The
+packed path's dense S x S mask makes it quadratic; it is
 skipped where its mask alone would pass --max-packed-gib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +38,8 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the c
 before = status("VmRSS")
 out = probe_logprobs_batch(model, [item])[0] if path == "packed" else probe_logprobs_cached(model, item)
 peak = status("VmHWM")
-print(json.dumps({"L": L, "path": path, "peak_mib": (peak - before) / 1024, "S": item.packed_tokens, "sum": float(out.sum())}))
+row = {"L": L, "path": path, "peak_mib": (peak - before) / 1024, "S": item.packed_tokens, "sum": float(out.sum())}
+print(json.dumps(row))
 """
 
 
@@ -54,11 +57,22 @@ def main() -> None:
             if path == "packed" and S * S * 4 / 2**30 > args.max_packed_gib:
                 row[path] = None
                 continue
-            out = subprocess.run([sys.executable, "-c", CHILD, str(L), path], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(L), path], capture_output=True, text=True, check=True
+            )
             row[path] = json.loads(out.stdout.strip().splitlines()[-1])
-        agree = ("yes" if abs(row["packed"]["sum"] - row["cached"]["sum"]) < 1e-2 * max(1, abs(row["cached"]["sum"]))
-                 else "NO") if row["packed"] else "-"
-        packed = f"{row['packed']['peak_mib']:.0f}" if row["packed"] else f"not run (mask alone {S * S * 4 / 2**30:.0f} GiB)"
+        agree = (
+            (
+                "yes"
+                if abs(row["packed"]["sum"] - row["cached"]["sum"]) < 1e-2 * max(1, abs(row["cached"]["sum"]))
+                else "NO"
+            )
+            if row["packed"]
+            else "-"
+        )
+        packed = (
+            f"{row['packed']['peak_mib']:.0f}" if row["packed"] else f"not run (mask alone {S * S * 4 / 2**30:.0f} GiB)"
+        )
         print(f"| {L} | {packed} | {row['cached']['peak_mib']:.0f} | {agree} |", flush=True)
 
 

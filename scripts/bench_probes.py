@@ -7,6 +7,7 @@ ratio (the number to quote: absolute times on a shared machine are noise). Uses 
 warm-started (cached) and traces it samples from held-out prompts. The memory of the packed and the
 KV-cache paths against trace length is scripts/bench_probe_memory.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,13 @@ import time
 
 import torch
 
+from rredcot.assemble import build_stages
 from rredcot.compose import load_config
 from rredcot.registry import get
+from rredcot.stages.context import _encode, trace_ids
 from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprobs_cached, probe_logprobs_reference
 from rredcot.stages.segment import PieceDecoder, run_segment
-from rredcot.stages.values import _encode, trace_ids
 from rredcot.task.warmstart import load_policy
-from rredcot.assemble import build_stages
 
 
 def main() -> None:
@@ -68,9 +69,12 @@ def main() -> None:
             runs.append(time.perf_counter() - t)
         times[name] = statistics.median(runs)
     print(f"{len(items)} traces, {probes} probes, max |packed - separate| = {diff:.2e}")
-    print(f"median seconds: packed {times['packed']:.3f}, cached {times['cached']:.3f}, separate {times['separate']:.3f}; "
-          f"packed is {times['separate'] / times['packed']:.1f}x faster than separate, "
-          f"{times['cached'] / times['packed']:.1f}x faster than cached")
+    print(
+        f"median seconds: packed {times['packed']:.3f}, cached {times['cached']:.3f}, "
+        f"separate {times['separate']:.3f}; "
+        f"packed is {times['separate'] / times['packed']:.1f}x faster than separate, "
+        f"{times['cached'] / times['packed']:.1f}x faster than cached"
+    )
 
 
 if __name__ == "__main__":

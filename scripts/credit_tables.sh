@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's estimator and segmenter tables ("A fair test of the premise"): every estimator against Monte
+# The estimator and segmenter tables of docs/results.md ("A fair test of the premise"): every estimator against Monte
 # Carlo values on both built-in families (12 dev prompts x 8 traces, MC 8 samples per boundary), then every
 # segmenter. Each report goes to runs/credit_<name>/ (credit.json, credit.html); a finished one is skipped.
 #   bash scripts/credit_tables.sh          (about 30 minutes on 2 CPU cores)

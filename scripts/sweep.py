@@ -10,6 +10,7 @@ stopped. --jobs N trains N runs at once with the CPU threads split between them 
 1-thread runs finish sooner than one 2-thread run after another). The report (OUT/report.md) compares
 every variant against --baseline (a compare label; default grpo).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,40 @@ def train_one(run: Path, overrides: list[str], seed: int, threads: int) -> tuple
 def main() -> None:
     args, variants, shared = parse(sys.argv[1:])
     out = Path(args.out)
-    todo = [(out / name / f"seed{seed}", [*shared, *over], seed) for seed in args.seeds for name, over in variants.items()
-            if not (out / name / f"seed{seed}" / "eval.json").exists()]
+    todo = [
+        (out / name / f"seed{seed}", [*shared, *over], seed)
+        for seed in args.seeds
+        for name, over in variants.items()
+        if not (out / name / f"seed{seed}" / "eval.json").exists()
+    ]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    print(f"{len(todo)} runs to train ({len(variants)} variants x {len(args.seeds)} seeds, finished ones skipped)", flush=True)
+    print(
+        f"{len(todo)} runs to train ({len(variants)} variants x {len(args.seeds)} seeds, finished ones skipped)",
+        flush=True,
+    )
     with ThreadPoolExecutor(args.jobs) as pool:
         for run, wall, rc in pool.map(lambda job: train_one(*job, threads), todo):
-            print(f"{run}: {'done' if rc == 0 else f'FAILED (exit {rc}), see its seed log'} in {wall:.0f} s", flush=True)
-    dirs = [str(out / name / f"seed{s}") for name in variants for s in args.seeds if (out / name / f"seed{s}" / "eval.json").exists()]
-    cmd = [sys.executable, "-m", "rredcot", "compare", "--runs", *dirs, "--out", str(out / "report"),
-           "--baseline", args.baseline]
+            print(
+                f"{run}: {'done' if rc == 0 else f'FAILED (exit {rc}), see its seed log'} in {wall:.0f} s", flush=True
+            )
+    dirs = [
+        str(out / name / f"seed{s}")
+        for name in variants
+        for s in args.seeds
+        if (out / name / f"seed{s}" / "eval.json").exists()
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rredcot",
+        "compare",
+        "--runs",
+        *dirs,
+        "--out",
+        str(out / "report"),
+        "--baseline",
+        args.baseline,
+    ]
     subprocess.run(cmd + (["--split", args.split] if args.split else []), check=False)
 
 

@@ -1,5 +1,6 @@
 """Test tiers: unit/ (hand-sized tensors, string tables, properties), config/ (everything composes),
 integration/ (real CPU runs through the CLI). `slow` and `gpu` tests are skipped by default."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def tiny_model():
     from rredcot.task.model import build_tiny, load_tokenizer
 
     tok = load_tokenizer("builtin")
-    cfg = OmegaConf.create({"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2,
-                            "max_positions": 128})
+    cfg = OmegaConf.create(
+        {"arch": "llama", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_positions": 128}
+    )
     return build_tiny(cfg, len(tok), seed=0).eval(), tok
 
 

@@ -7,6 +7,7 @@ time under the request's seed. Everything around the engine is therefore tested 
 pushes (a missing or misnamed tensor fails as in vLLM), sleep/wake order, seeds, log-probs, and the
 importance correction. What it cannot test is vLLM itself: that is the `gpu` test's job.
 """
+
 from __future__ import annotations
 
 import types
@@ -38,7 +39,8 @@ class LLM:
         self.net = AutoModelForCausalLM.from_pretrained(kwargs["model"], dtype=dtype).eval()
         runner = types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load_weights))
         self.llm_engine = types.SimpleNamespace(
-            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner)))
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))
+        )
         LLM.instances.append(self)
 
     def _load_weights(self, pairs) -> None:
@@ -70,13 +72,24 @@ class LLM:
             with torch.random.fork_rng():
                 torch.manual_seed(sp.seed)
                 toks, mask, lp, _, trunc = generate(
-                    self.net, ids, torch.ones_like(ids), eos_id=sp.stop_token_ids, pad_id=0, max_new_tokens=sp.max_tokens,
-                    temperature=sp.temperature or 1.0, top_p=sp.top_p, top_k=max(sp.top_k, 0), greedy=sp.temperature == 0)
+                    self.net,
+                    ids,
+                    torch.ones_like(ids),
+                    eos_id=sp.stop_token_ids,
+                    pad_id=0,
+                    max_new_tokens=sp.max_tokens,
+                    temperature=sp.temperature or 1.0,
+                    top_p=sp.top_p,
+                    top_k=max(sp.top_k, 0),
+                    greedy=sp.temperature == 0,
+                )
             n = int(mask.sum())
             token_ids = toks[0, :n].tolist()
             completion = types.SimpleNamespace(
-                token_ids=token_ids, logprobs=[{t: Logprob(float(v))} for t, v in zip(token_ids, lp[0, :n])],
-                finish_reason="length" if bool(trunc[0]) else "stop")
+                token_ids=token_ids,
+                logprobs=[{t: Logprob(float(v))} for t, v in zip(token_ids, lp[0, :n])],
+                finish_reason="length" if bool(trunc[0]) else "stop",
+            )
             out.append(types.SimpleNamespace(outputs=[completion]))
         return out
 

@@ -7,11 +7,12 @@ trace's GRPO advantage by them.
 - `gradient_weights`: |gradient x input| of log p(gold answer | trace up to b_K, forcing text), summed
   over each segment's tokens.
 """
+
 from __future__ import annotations
 
 import torch
 
-from rredcot.stages.values import PolicyContext, probe_blocks, trace_ids
+from rredcot.stages.context import PolicyContext, probe_blocks, trace_ids
 from rredcot.types import Rollout, Segmented
 
 
@@ -36,7 +37,9 @@ def attention_weights(ro: Rollout, seg: Segmented, ctx: PolicyContext) -> list[t
             ids, plen = trace_ids(ro, row)
             att = model(input_ids=ids[None].to(model.device), output_attentions=True).attentions[-1][0]  # [H, L, L]
             att = att.float().mean(0).cpu()  # [L, L]
-            queries = slice(plen + bounds[-1], len(ids)) if plen + bounds[-1] < len(ids) else slice(len(ids) - 1, len(ids))
+            queries = (
+                slice(plen + bounds[-1], len(ids)) if plen + bounds[-1] < len(ids) else slice(len(ids) - 1, len(ids))
+            )
             out.append(_segment_mass(att[queries].sum(0), plen, bounds))
     finally:
         model.set_attn_implementation(impl)

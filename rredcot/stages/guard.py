@@ -4,11 +4,13 @@ A verifier is user-facing code run on model output, and model output is adversar
 200-deep nested fraction keeps a symbolic checker busy for minutes, and signal-based timeouts only
 work on the main thread. `Guarded` runs a verifier's `__call__`, `extract` and `judge` in a forked
 worker process; a call that is not back within `timeout_s` kills the worker (a fresh one starts for
-the next call) and scores 0 with the extractor name "timeout" (extract: no answer; judge: 0). `run_guarded` adds a time budget per batch: once it is spent,
+the next call) and scores 0 with the extractor name "timeout" (extract: no answer; judge: 0).
+`run_guarded` adds a time budget per batch: once it is spent,
 the remaining completions score 0 as "over_budget" without being run. Both are counted in the step's
 metrics (extractor/timeout, extractor/over_budget).
 A round trip costs well under a millisecond; a step makes a few hundred.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -58,7 +60,9 @@ class Guarded:
     def _start(self) -> None:
         ctx = mp.get_context("fork")  # the child inherits the verifier, plug-ins included (nothing to pickle)
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(self.verifier, child, self._conn), daemon=True, name="rredcot-verify")
+        self._proc = ctx.Process(
+            target=_serve, args=(self.verifier, child, self._conn), daemon=True, name="rredcot-verify"
+        )
         self._proc.start()
         child.close()
         self._pid = os.getpid()

@@ -17,6 +17,7 @@ Two paths give the same numbers (tests check they agree with one forward per pro
 Only the rows that predict scored tokens go through the LM head (`logits_to_keep`): a 25k-token trace
 with a 150k vocabulary no longer materialises gigabytes of logits to read a few hundred rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class ProbeItem:
     @classmethod
     def from_parts(cls, trace_ids, boundaries, force_ids, answers) -> "ProbeItem":
         """Blocks of separately tokenized forcing text and answers (a character tokenizer, or tests)."""
-        return cls(trace_ids, list(boundaries), [torch.cat([force_ids, a]) for a in answers], [len(force_ids)] * len(answers))
+        return cls(
+            trace_ids, list(boundaries), [torch.cat([force_ids, a]) for a in answers], [len(force_ids)] * len(answers)
+        )
 
     @property
     def probe_tokens(self) -> int:
@@ -94,14 +97,18 @@ def probe_logprobs_batch(model, items: list[ProbeItem], temperature: float = 1.0
     mask = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     keep = torch.unique(torch.cat([torch.cat(lay[4]) for lay in layouts]))  # [P] rows any probe reads
     extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}
-    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), **extra).logits
+    logits = model(
+        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), **extra
+    ).logits
     column = torch.full((S,), -1, dtype=torch.long)
     column[keep] = torch.arange(len(keep))
     out = []
     for i, (x, _, _, targets, predictors) in enumerate(layouts):
         rows = [column[prd] if extra else prd for prd in predictors]
-        scores = [selective_log_softmax(logits[i, r.to(device)].float() / temperature, x[t].to(device)).sum()
-                  for t, r in zip(targets, rows)]
+        scores = [
+            selective_log_softmax(logits[i, r.to(device)].float() / temperature, x[t].to(device)).sum()
+            for t, r in zip(targets, rows)
+        ]
         out.append(torch.stack(scores).view(len(items[i].boundaries), len(items[i].blocks)).cpu())
     return out
 
@@ -128,14 +135,28 @@ def probe_logprobs_cached(model, item: ProbeItem, temperature: float = 1.0) -> t
         for j, (blk, s0) in enumerate(zip(item.blocks, item.scored_from)):
             _crop(cache, b - 1)  # re-feed the prefix's last token: it predicts the first answer token when s0 == 0
             seq = torch.cat([trace[b - 1 : b], blk.to(device)])
-            logits = model(input_ids=seq[None], position_ids=torch.arange(b - 1, b - 1 + len(seq), device=device)[None],
-                           use_cache=True, **{kw: cache}).logits[0].float() / temperature
+            logits = (
+                model(
+                    input_ids=seq[None],
+                    position_ids=torch.arange(b - 1, b - 1 + len(seq), device=device)[None],
+                    use_cache=True,
+                    **{kw: cache},
+                )
+                .logits[0]
+                .float()
+                / temperature
+            )
             out[k, j] = selective_log_softmax(logits[s0 : len(seq) - 1], seq[s0 + 1 :]).sum().cpu()
     return out
 
 
-def score_items(model, items: list[ProbeItem], temperature: float = 1.0, max_batch_tokens: int = 16384,
-                packed_max_tokens: int = 8192):
+def score_items(
+    model,
+    items: list[ProbeItem],
+    temperature: float = 1.0,
+    max_batch_tokens: int = 16384,
+    packed_max_tokens: int = 8192,
+):
     """Yields each item's [K+1, |A|] log-probs in order: items whose packed sequence fits
     `packed_max_tokens` go packed, several per forward up to `max_batch_tokens`; longer ones cached."""
     chunk, size = [], 0
@@ -155,8 +176,14 @@ def score_items(model, items: list[ProbeItem], temperature: float = 1.0, max_bat
         yield from probe_logprobs_batch(model, chunk, temperature)
 
 
-def probe_logprobs(model, trace_ids: torch.Tensor, boundaries: list[int], force_ids: torch.Tensor,
-                   answers: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+def probe_logprobs(
+    model,
+    trace_ids: torch.Tensor,
+    boundaries: list[int],
+    force_ids: torch.Tensor,
+    answers: list[torch.Tensor],
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """[K+1, len(answers)]: summed log-prob of each answer's tokens given trace_ids[:b] + force_ids, for
     every boundary b, computed in one packed forward.
 

@@ -9,7 +9,8 @@ where ctx (a PolicyContext) gives the current policy and the task's forcing text
 - `mc`: the same with Monte Carlo values (the reference for estimator quality; expensive).
 - `attention`, `gradient`: the GRPO advantage spread over segments by attribution weights.
 
-Modes (docs/method.md, "From values to token advantages"), with r_k = V_k - V_(k-1) and the correction r_(K+1) = R - V_K:
+Modes (docs/method.md, "From values to token advantages"), with r_k = V_k - V_(k-1) and the correction
+r_(K+1) = R - V_K:
   immediate     segment k gets r_k                      (RUDDER)
   return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO; biased here, below)
   mixed         the GRPO advantage + alpha * r_k / std(r over the batch)
@@ -21,88 +22,59 @@ Why `anchored`: forced values are a lower bound (the chance that the answer is a
 more variance than GRPO. B_k reads V_k as "settled right with probability V_k, otherwise the prior chance
 m", so B_0 ~ m is GRPO's group mean, and with V = 0 everywhere anchored *is* GRPO (scale=group).
 """
+
 from __future__ import annotations
 
 import torch
 
-from rredcot import collectives
-from rredcot.advantages import credit_scale, credit_stats, equal_reward_groups, group_advantages, group_mean
+from rredcot.advantages import group_advantages
 from rredcot.ranges import COUNT, NATURAL, Rule, list_of, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
-from rredcot.stages.values import PolicyContext, forced_values, mc_values, verdict_values
+from rredcot.stages.context import PolicyContext
+from rredcot.stages.montecarlo import mc_values
+from rredcot.stages.token_credit import _weighted, value_credit
+from rredcot.stages.values import forced_values, verdict_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
 MODES = ("immediate", "return_to_go", "mixed", "anchored")
 SCALES = ("group", "batch", "none")
 # The valid range of every estimator option (checked at config time).
-RULES = {"mode": one_of(*MODES), "scale": one_of(*SCALES), "scale_rewards": one_of(*SCALES), "alpha": number(0),
-         "equal_groups": one_of("keep", "zero"),
-         "samples": COUNT, "max_new_tokens": NATURAL, "max_batch_tokens": COUNT,
-         "packed_max_tokens": COUNT, "mc_boundaries": NATURAL, "mc_samples": COUNT,
-         "extra_forcings": list_of(Rule(lambda v: len(v) == 2 and all(isinstance(t, str) and t for t in v),
-                                        "a [forcing text, closing text] pair of non-empty strings")),
-         **{k: Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string") for k in ("verdict_text", "yes_text", "no_text")}}
-
-
-def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
-    """values [K+1] = V_hat at b_0..b_K -> [K+1]: r_1..r_K, then the correction r_(K+1) = R - V_K.
-
-    They sum to R - V_0 (return-equivalence). Example: V = [.2, .5, .4], R = 1 -> [.3, -.1, .6].
-    """
-    return torch.cat([values[1:] - values[:-1], torch.as_tensor(reward, dtype=values.dtype).view(1) - values[-1:]])
-
-
-def _spread(per_segment: torch.Tensor, bounds: list[int], length: int, T: int) -> torch.Tensor:
-    """[K+1] values (segments, then the correction) -> [T] per token; 0 on padding."""
-    out = torch.zeros(T)
-    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        out[a:b] = per_segment[k]
-    out[bounds[-1] : length] = per_segment[-1]
-    return out
-
-
-def value_credit(ro: Rollout, ver: Verified, seg: Segmented, values: list[torch.Tensor], *, group_size: int,
-                 mode: str = "return_to_go", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
-                 equal_groups: str = "keep", eps: float = 1e-4) -> Credit:
-    """Token advantages [N, T] from boundary values, by `mode` and `scale`, plus the credit statistics.
-
-    equal_groups="zero": groups whose traces all got the same reward get no credit, as in GRPO (with
-    return_to_go an all-right group otherwise gets 1 - V ~ 1 on every token: a push with no baseline)."""
-    N, T = ro.completion_ids.shape
-    valid = ~torch.isnan(ver.rewards)
-    R = torch.nan_to_num(ver.rewards, nan=0.0)
-    lengths = ro.lengths.tolist()
-    seg_r = [segment_rewards(v, R[i]) for i, v in enumerate(values)]  # per trace [K+1]
-    if mode == "immediate":
-        per_seg = seg_r
-    elif mode == "return_to_go":
-        per_seg = [R[i] - v for i, v in enumerate(values)]  # segment k: R - V_(k-1); correction: R - V_K
-    elif mode == "anchored":
-        m = group_mean(ver.rewards, group_size)
-        per_seg = [R[i] - (v.clamp(0, 1) + (1 - v.clamp(0, 1)) * m[i]) for i, v in enumerate(values)]
-    else:
-        grpo = group_advantages(ver.rewards, group_size, scale=scale_rewards)
-        pooled = collectives.pooled(torch.cat(seg_r))  # every rank's segments: one unit for the whole batch
-        unit = pooled.std() if pooled.numel() > 1 and pooled.std() > 0 else torch.tensor(1.0)
-        per_seg = [grpo[i] + alpha * r / unit for i, r in enumerate(seg_r)]
-    adv = torch.stack([_spread(p, seg.boundaries[i], lengths[i], T) for i, p in enumerate(per_seg)])  # [N, T]
-    if mode != "mixed":
-        if scale == "group":
-            adv = adv / (credit_scale(ver.rewards, group_size)[:, None] + eps)
-        elif scale == "batch":
-            pooled = collectives.pooled(torch.cat(per_seg))
-            adv = adv / (pooled.std() + eps if pooled.numel() > 1 else 1.0)
-    if equal_groups == "zero":
-        adv = adv * (~equal_reward_groups(ver.rewards, group_size))[:, None]
-    adv = adv * ro.completion_mask.cpu() * valid[:, None]
-    return Credit(advantages=adv.to(ro.completion_ids.device), valid=valid, stats=credit_stats(seg_r, values, ver),
-                  segment_credit=seg_r, values=values)
+RULES = {
+    "mode": one_of(*MODES),
+    "scale": one_of(*SCALES),
+    "scale_rewards": one_of(*SCALES),
+    "alpha": number(0),
+    "equal_groups": one_of("keep", "zero"),
+    "samples": COUNT,
+    "max_new_tokens": NATURAL,
+    "max_batch_tokens": COUNT,
+    "packed_max_tokens": COUNT,
+    "mc_boundaries": NATURAL,
+    "mc_samples": COUNT,
+    "extra_forcings": list_of(
+        Rule(
+            lambda v: len(v) == 2 and all(isinstance(t, str) and t for t in v),
+            "a [forcing text, closing text] pair of non-empty strings",
+        )
+    ),
+    **{
+        k: Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+        for k in ("verdict_text", "yes_text", "no_text")
+    },
+}
 
 
 @register("redistribute", "uniform", RULES, label="grpo")
-def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | None = None, *, group_size: int,
-            scale_rewards: str = "group") -> Credit:
+def uniform(
+    ro: Rollout,
+    ver: Verified,
+    seg: Segmented,
+    ctx: PolicyContext | None = None,
+    *,
+    group_size: int,
+    scale_rewards: str = "group",
+) -> Credit:
     """GRPO: A_i on every token of completion i. advantages [N, T] = A [N, 1] * mask [N, T]."""
     adv = group_advantages(ver.rewards, group_size, scale=scale_rewards).to(ro.completion_mask.device)  # [N]
     per_seg = [adv[i].cpu().repeat(len(b)) for i, b in enumerate(seg.boundaries)]
@@ -110,56 +82,146 @@ def uniform(ro: Rollout, ver: Verified, seg: Segmented, ctx: PolicyContext | Non
 
 
 @register("redistribute", "rredcot", RULES, needs_task_keys=("forcing_text",))
-def rredcot(ro, ver, seg, ctx, *, group_size: int, mode: str = "anchored", scale: str = "group", alpha: float = 1.0,
-            scale_rewards: str = "group", equal_groups: str = "keep", include_reference: bool = True,
-            self_normalize: bool = False, length_normalize: bool = False, extra_forcings=(), mc_boundaries: int = 0,
-            mc_samples: int = 4, max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> Credit:
+def rredcot(
+    ro,
+    ver,
+    seg,
+    ctx,
+    *,
+    group_size: int,
+    mode: str = "anchored",
+    scale: str = "group",
+    alpha: float = 1.0,
+    scale_rewards: str = "group",
+    equal_groups: str = "keep",
+    include_reference: bool = True,
+    self_normalize: bool = False,
+    length_normalize: bool = False,
+    extra_forcings=(),
+    mc_boundaries: int = 0,
+    mc_samples: int = 4,
+    max_batch_tokens: int = 16384,
+    packed_max_tokens: int = 8192,
+) -> Credit:
     """RREDCoT: values by answer forcing with the policy itself, no extra generation (unless mc_boundaries)."""
-    values, stats = forced_values(ro, ver, seg, ctx, group_size=group_size, include_reference=include_reference,
-                                  self_normalize=self_normalize, length_normalize=length_normalize,
-                                  extra_forcings=extra_forcings, mc_boundaries=mc_boundaries, mc_samples=mc_samples,
-                                  max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens)
-    credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
-                          scale_rewards=scale_rewards, equal_groups=equal_groups)
+    values, stats = forced_values(
+        ro,
+        ver,
+        seg,
+        ctx,
+        group_size=group_size,
+        include_reference=include_reference,
+        self_normalize=self_normalize,
+        length_normalize=length_normalize,
+        extra_forcings=extra_forcings,
+        mc_boundaries=mc_boundaries,
+        mc_samples=mc_samples,
+        max_batch_tokens=max_batch_tokens,
+        packed_max_tokens=packed_max_tokens,
+    )
+    credit = value_credit(
+        ro,
+        ver,
+        seg,
+        values,
+        group_size=group_size,
+        mode=mode,
+        scale=scale,
+        alpha=alpha,
+        scale_rewards=scale_rewards,
+        equal_groups=equal_groups,
+    )
     credit.stats.update(stats)
     return credit
 
 
-
 @register("redistribute", "verdict", RULES)
-def verdict(ro, ver, seg, ctx, *, group_size: int, verdict_text: str, yes_text: str = "yes", no_text: str = "no",
-            mode: str = "anchored", scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group",
-            equal_groups: str = "keep", max_batch_tokens: int = 16384, packed_max_tokens: int = 8192) -> Credit:
+def verdict(
+    ro,
+    ver,
+    seg,
+    ctx,
+    *,
+    group_size: int,
+    verdict_text: str,
+    yes_text: str = "yes",
+    no_text: str = "no",
+    mode: str = "anchored",
+    scale: str = "group",
+    alpha: float = 1.0,
+    scale_rewards: str = "group",
+    equal_groups: str = "keep",
+    max_batch_tokens: int = 16384,
+    packed_max_tokens: int = 8192,
+) -> Credit:
     """Values from the policy's own verdict on the trace so far (stages/values.verdict_values)."""
-    values, stats = verdict_values(ro, ver, seg, ctx, verdict_text=verdict_text, yes_text=yes_text, no_text=no_text,
-                                   max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens)
-    credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
-                          scale_rewards=scale_rewards, equal_groups=equal_groups)
+    values, stats = verdict_values(
+        ro,
+        ver,
+        seg,
+        ctx,
+        verdict_text=verdict_text,
+        yes_text=yes_text,
+        no_text=no_text,
+        max_batch_tokens=max_batch_tokens,
+        packed_max_tokens=packed_max_tokens,
+    )
+    credit = value_credit(
+        ro,
+        ver,
+        seg,
+        values,
+        group_size=group_size,
+        mode=mode,
+        scale=scale,
+        alpha=alpha,
+        scale_rewards=scale_rewards,
+        equal_groups=equal_groups,
+    )
     credit.stats.update(stats)
     return credit
 
 
 @register("redistribute", "mc", RULES)
-def mc(ro, ver, seg, ctx, *, group_size: int, samples: int = 4, max_new_tokens: int = 0, mode: str = "return_to_go",
-       scale: str = "group", alpha: float = 1.0, scale_rewards: str = "group", equal_groups: str = "keep") -> Credit:
+def mc(
+    ro,
+    ver,
+    seg,
+    ctx,
+    *,
+    group_size: int,
+    samples: int = 4,
+    max_new_tokens: int = 0,
+    mode: str = "return_to_go",
+    scale: str = "group",
+    alpha: float = 1.0,
+    scale_rewards: str = "group",
+    equal_groups: str = "keep",
+) -> Credit:
     """Monte Carlo values (VinePPO-style): `samples` continuations from every boundary."""
-    values, stats = mc_values(ro, ver, seg, ctx, group_size=group_size, samples=samples,
-                              max_new_tokens=max_new_tokens or ctx.max_new_tokens or ro.completion_ids.shape[1])
-    credit = value_credit(ro, ver, seg, values, group_size=group_size, mode=mode, scale=scale, alpha=alpha,
-                          scale_rewards=scale_rewards, equal_groups=equal_groups)
+    values, stats = mc_values(
+        ro,
+        ver,
+        seg,
+        ctx,
+        group_size=group_size,
+        samples=samples,
+        max_new_tokens=max_new_tokens or ctx.max_new_tokens or ro.completion_ids.shape[1],
+    )
+    credit = value_credit(
+        ro,
+        ver,
+        seg,
+        values,
+        group_size=group_size,
+        mode=mode,
+        scale=scale,
+        alpha=alpha,
+        scale_rewards=scale_rewards,
+        equal_groups=equal_groups,
+    )
     credit.stats.update(stats)
     return credit
-
-
-def _weighted(ro, ver, seg, weights: list[torch.Tensor], group_size: int, scale_rewards: str) -> Credit:
-    """GRPO advantage A_i spread by segment weights w (sum 1): segment k gets A_i * K * w_k (uniform w
-    gives GRPO back); the tokens after b_K get A_i."""
-    A = group_advantages(ver.rewards, group_size, scale=scale_rewards)
-    N, T = ro.completion_ids.shape
-    lengths = ro.lengths.tolist()
-    per_seg = [torch.cat([A[i] * len(w) * w, A[i].view(1)]) if len(w) else A[i].view(1) for i, w in enumerate(weights)]
-    adv = torch.stack([_spread(p, seg.boundaries[i], lengths[i], T) for i, p in enumerate(per_seg)]) * ro.completion_mask.cpu()
-    return Credit(advantages=adv.to(ro.completion_ids.device), valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
 @register("redistribute", "attention", RULES)

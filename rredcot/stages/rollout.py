@@ -2,13 +2,14 @@
 
 A backend (registry stage `rollout`, chosen by `rollout=NAME`) generates token ids and their
 log-probs: `sample` is the reference, the trainer's model with its KV cache; `vllm`
-(stages/vllm_backend.py) is a colocated vLLM engine. Sampling arithmetic and seeds: stages/sampling.py. `sample_rollout` turns any backend's output
-into the Rollout the other stages read.
+(stages/vllm_backend.py) is a colocated vLLM engine. `sample_rollout` turns any backend's output into the
+Rollout the other stages read. Sampling arithmetic and seeds: stages/sampling.py.
 
 The reference loop keeps, for free, each sampled token's log-prob and the entropy of the distribution
 it was drawn from (the segmenters use the entropies). Log-probs use temperature-scaled logits before
 top-k/top-p filtering, the same distribution the update's log-probs use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -140,8 +141,14 @@ class RolloutBackend:
     chunk_size = 256
     score_batch_size = 8  # rows per trainer forward when an external backend's tokens are re-scored
 
-    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None,
-                 seeds: list[int] | None = None) -> Generations:
+    def generate(
+        self,
+        prompt_ids,
+        prompt_mask,
+        sampling: Sampling,
+        budgets: list[int] | None = None,
+        seeds: list[int] | None = None,
+    ) -> Generations:
         raise NotImplementedError
 
     def sync(self, model) -> None:
@@ -164,8 +171,14 @@ class KVCacheBackend(RolloutBackend):
     def sync(self, model) -> None:
         self.model = model
 
-    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None,
-                 seeds: list[int] | None = None) -> Generations:
+    def generate(
+        self,
+        prompt_ids,
+        prompt_mask,
+        sampling: Sampling,
+        budgets: list[int] | None = None,
+        seeds: list[int] | None = None,
+    ) -> Generations:
         model, tok = self.model, self.tokenizer
         was_training = model.training
         model.eval()
@@ -174,9 +187,21 @@ class KVCacheBackend(RolloutBackend):
             sl = slice(lo, lo + self.chunk_size)
             budget = max(budgets[sl]) if budgets else sampling.max_new_tokens
             u = keyed_uniforms(seeds[sl], budget).to(prompt_ids.device) if seeds and not sampling.greedy else None
-            parts.append(generate(model, prompt_ids[sl], prompt_mask[sl], eos_id=stop_ids(model, tok), pad_id=tok.pad_token_id,
-                                  max_new_tokens=budget, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k, greedy=sampling.greedy, uniforms=u))
+            parts.append(
+                generate(
+                    model,
+                    prompt_ids[sl],
+                    prompt_mask[sl],
+                    eos_id=stop_ids(model, tok),
+                    pad_id=tok.pad_token_id,
+                    max_new_tokens=budget,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    greedy=sampling.greedy,
+                    uniforms=u,
+                )
+            )
         model.train(was_training)
         fill = (tok.pad_token_id, 0, 0.0, 0.0)
         ids, mask, logp, ent = (pad_cat([p[i] for p in parts], fill[i]) for i in range(4))
@@ -191,10 +216,16 @@ def kv_cache_backend(model, tokenizer, *, chunk_size: int = 256) -> KVCacheBacke
 
 def as_backend(model_or_backend, tokenizer) -> RolloutBackend:
     """A backend as is; a model gets the reference backend (tests, scripts, plug-ins calling the stage)."""
-    return model_or_backend if isinstance(model_or_backend, RolloutBackend) else KVCacheBackend(model_or_backend, tokenizer)
+    return (
+        model_or_backend
+        if isinstance(model_or_backend, RolloutBackend)
+        else KVCacheBackend(model_or_backend, tokenizer)
+    )
 
 
-def trainer_scores(model, prompt_ids, prompt_mask, ids, mask, temperature: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def trainer_scores(
+    model, prompt_ids, prompt_mask, ids, mask, temperature: float, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's log-probs and entropies [N, T] of another engine's tokens (eval mode, no gradients)."""
     was = model.training
     model.eval()
@@ -235,35 +266,22 @@ def sample_rollout(
     if backend.external:
         sampler_logp = gen.logprobs
         if score:
-            logp, ent = trainer_scores(backend.model, prompt_ids, prompt_mask, gen.ids, gen.mask, temperature,
-                                       backend.score_batch_size)
+            logp, ent = trainer_scores(
+                backend.model, prompt_ids, prompt_mask, gen.ids, gen.mask, temperature, backend.score_batch_size
+            )
     if ent is None:
         ent = torch.zeros_like(logp)
     texts = tokenizer.batch_decode(gen.ids.masked_fill(gen.mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, gen.ids, gen.mask, logp, ent, gen.truncated, texts, repeated, group_size,
-                   sampler_logprobs=sampler_logp)
-
-
-def sample_from_ids(backend, tokenizer, prefixes: list[list[int]], n: int, budgets: list[int], *, temperature: float = 1.0,
-                    top_p: float = 1.0, top_k: int = 0, seeds: list[int] | None = None) -> list[str]:
-    """`n` sampled continuations of each token prefix (Monte Carlo values); continuation j of prefix i
-    is at index i * n + j and has at most budgets[i] tokens (seeds: one per continuation, prefix_seeds)."""
-    backend = as_backend(backend, tokenizer)
-    rows = [(p, b) for p, b in zip(prefixes, budgets) for _ in range(n)]
-    device = next(backend.model.parameters()).device
-    texts: list[str] = []
-    for lo in range(0, len(rows), backend.chunk_size):
-        chunk = rows[lo : lo + backend.chunk_size]
-        width = max(len(p) for p, _ in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, _) in enumerate(chunk):  # left padding
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        keyed = {"seeds": seeds[lo : lo + backend.chunk_size]} if seeds is not None else {}
-        gen = backend.generate(ids.to(device), mask.to(device), Sampling(max(b for _, b in chunk), temperature, top_p, top_k),
-                               budgets=[b for _, b in chunk], **keyed)
-        for i, (_, budget) in enumerate(chunk):
-            keep = gen.ids[i, :budget][gen.mask[i, :budget].bool()]
-            texts.append(tokenizer.decode(keep.tolist(), skip_special_tokens=True))
-    return texts
+    return Rollout(
+        prompt_ids,
+        prompt_mask,
+        gen.ids,
+        gen.mask,
+        logp,
+        ent,
+        gen.truncated,
+        texts,
+        repeated,
+        group_size,
+        sampler_logprobs=sampler_logp,
+    )

@@ -2,6 +2,7 @@
 them by what is sampled (seed, stream, step, global row; a Monte Carlo prefix's tokens), not by which process
 samples it, so 1 and 8 processes draw the same completions. The backends that use them: stages/rollout.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,11 @@ def row_seeds(seed: int, stream: str, step: int, rows: Iterable[int]) -> list[in
 
 def keyed_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
     """[N, steps] uniforms in [0, 1), row i from its own generator seeded with seeds[i] (CPU, then moved)."""
-    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                        for s in seeds]) if seeds else torch.zeros(0, steps, dtype=torch.float64)
+    return (
+        torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds])
+        if seeds
+        else torch.zeros(0, steps, dtype=torch.float64)
+    )
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

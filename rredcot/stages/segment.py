@@ -5,6 +5,7 @@ part; tokens from b_K on (the end-of-thinking marker and the answer) form the co
 completion without a marker is segmented whole. Segmenters are pure functions of one `Trace` that
 propose cuts; `finalize` applies the shared rules (min_tokens, max_tokens, max_segments).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -19,8 +20,25 @@ from rredcot.registry import register
 from rredcot.task.arith import THINK_CLOSE
 from rredcot.types import Rollout, Segmented
 
-DEFAULT_KEYWORDS = ("Wait", "But", "Alternatively", "Hmm", "However", "So", "Therefore", "Let me", "Now",
-                    "Next", "Actually", "Then", "First", "Finally", "Thus", "Hence", "Check")
+DEFAULT_KEYWORDS = (
+    "Wait",
+    "But",
+    "Alternatively",
+    "Hmm",
+    "However",
+    "So",
+    "Therefore",
+    "Let me",
+    "Now",
+    "Next",
+    "Actually",
+    "Then",
+    "First",
+    "Finally",
+    "Thus",
+    "Hence",
+    "Check",
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +56,9 @@ class Trace:
         return len(self.ids) if self.think_end is None else self.think_end
 
 
-def finalize(cuts: Iterable[int], trace: Trace, min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0) -> list[int]:
+def finalize(
+    cuts: Iterable[int], trace: Trace, min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0
+) -> list[int]:
     """Interior cut candidates -> boundaries [0, ..., end].
 
     1. merge: drop cuts that would close a segment shorter than `min_tokens` (left to right; the last
@@ -114,9 +134,16 @@ def entropy_cuts(trace: Trace, quantile: float = 0.9, threshold: float | None = 
 
 
 # The valid range of every segmenter option (checked at config time).
-RULES = {"size": COUNT, "min_tokens": COUNT, "max_tokens": NATURAL, "max_segments": NATURAL,
-         "quantile": number(0, 1, lo_open=True), "threshold": optional(number()), "min_gap": COUNT,
-         "keywords": list_of(Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string"))}
+RULES = {
+    "size": COUNT,
+    "min_tokens": COUNT,
+    "max_tokens": NATURAL,
+    "max_segments": NATURAL,
+    "quantile": number(0, 1, lo_open=True),
+    "threshold": optional(number()),
+    "min_gap": COUNT,
+    "keywords": list_of(Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string")),
+}
 
 
 @register("segment", "none", RULES)
@@ -126,7 +153,9 @@ def segment_none(trace: Trace) -> list[int]:
 
 
 @register("segment", "fixed", RULES)
-def segment_fixed(trace: Trace, size: int = 16, min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0) -> list[int]:
+def segment_fixed(
+    trace: Trace, size: int = 16, min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0
+) -> list[int]:
     """Every `size` tokens. Example: end 7, size 3 -> [0, 3, 6, 7]."""
     if size < 1:
         raise ValueError(f"segment.size must be >= 1, got {size}")
@@ -140,22 +169,39 @@ def segment_newline(trace: Trace, min_tokens: int = 1, max_tokens: int = 0, max_
 
 
 @register("segment", "keyword", RULES)
-def segment_keyword(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min_tokens: int = 1,
-                    max_tokens: int = 0, max_segments: int = 0) -> list[int]:
+def segment_keyword(
+    trace: Trace,
+    keywords: Sequence[str] = DEFAULT_KEYWORDS,
+    min_tokens: int = 1,
+    max_tokens: int = 0,
+    max_segments: int = 0,
+) -> list[int]:
     """Before discourse markers that open a reasoning move."""
     return finalize(keyword_cuts(trace, keywords), trace, min_tokens, max_tokens, max_segments)
 
 
 @register("segment", "entropy", RULES)
-def segment_entropy(trace: Trace, quantile: float = 0.9, threshold: float | None = None, min_gap: int = 4,
-                    min_tokens: int = 1, max_tokens: int = 0, max_segments: int = 0) -> list[int]:
+def segment_entropy(
+    trace: Trace,
+    quantile: float = 0.9,
+    threshold: float | None = None,
+    min_gap: int = 4,
+    min_tokens: int = 1,
+    max_tokens: int = 0,
+    max_segments: int = 0,
+) -> list[int]:
     """Before high-entropy ('forking') tokens."""
     return finalize(entropy_cuts(trace, quantile, threshold, min_gap), trace, min_tokens, max_tokens, max_segments)
 
 
 @register("segment", "hybrid", RULES)
-def segment_hybrid(trace: Trace, keywords: Sequence[str] = DEFAULT_KEYWORDS, min_tokens: int = 4,
-                   max_tokens: int = 64, max_segments: int = 8) -> list[int]:
+def segment_hybrid(
+    trace: Trace,
+    keywords: Sequence[str] = DEFAULT_KEYWORDS,
+    min_tokens: int = 4,
+    max_tokens: int = 64,
+    max_segments: int = 8,
+) -> list[int]:
     """The paper's: line and keyword candidates, merged below min_tokens, split above max_tokens at the
     highest-entropy token, at most max_segments segments (highest-entropy cuts kept)."""
     return finalize(newline_cuts(trace) + keyword_cuts(trace, keywords), trace, min_tokens, max_tokens, max_segments)
@@ -201,8 +247,12 @@ def without_answer_part(bounds: list[int], trace: Trace) -> list[int]:
     return bounds
 
 
-def run_segment(rollout: Rollout, fn: Callable[[Trace], list[int]], pieces: Callable[[list[int]], list[str]],
-                marker: str | None = THINK_CLOSE) -> Segmented:
+def run_segment(
+    rollout: Rollout,
+    fn: Callable[[Trace], list[int]],
+    pieces: Callable[[list[int]], list[str]],
+    marker: str | None = THINK_CLOSE,
+) -> Segmented:
     """Apply segmenter `fn` to every row of the rollout; `pieces` decodes each token (PieceDecoder)."""
     bounds, ends = [], []
     for row, n in enumerate(rollout.lengths.tolist()):

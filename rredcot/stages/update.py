@@ -2,6 +2,7 @@
 
 Shapes: N completions in the generation batch (this rank's), T completion tokens, B rows per micro-batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ class Plan:
     max_completion_length: int
 
 
-def update_policy(learner: Learner, rollout: Rollout, credit: Credit, cfg, *, temperature: float,
-                  max_completion_length: int) -> dict[str, float]:
+def update_policy(
+    learner: Learner, rollout: Rollout, credit: Credit, cfg, *, temperature: float, max_completion_length: int
+) -> dict[str, float]:
     """num_iterations x steps_per_generation optimizer steps on one generation batch of N completions.
 
     Each optimizer step takes N / steps_per_generation completions (step s: rows s, s + spg, s + 2 spg, ...;
@@ -67,15 +69,27 @@ def update_policy(learner: Learner, rollout: Rollout, credit: Credit, cfg, *, te
     reuse = cfg.num_iterations > 1 or cfg.steps_per_generation > 1
     stats: dict[str, list[float]] = {}
     with grad_mode(learner.model, cfg.get("autocast")):  # old and reference log-probs in the same precision as the new
-        batch = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, temperature,
-                 cfg.micro_batch_size)
+        batch = (
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            temperature,
+            cfg.micro_batch_size,
+        )
         per_step = N // cfg.steps_per_generation
-        plan = Plan(rows=torch.arange(N, device=mask.device).view(-1, cfg.steps_per_generation).T, mask=mask,
-                    per_step=per_step, accum=per_step // cfg.micro_batch_size,
-                    old=no_grad_logprobs(learner.model, *batch)[0] if reuse else None,
-                    ref=no_grad_logprobs(learner.ref_model, *batch)[0] if cfg.beta > 0 else None,
-                    loss=entry("loss", cfg.loss_type), num_items=collectives.total(float(mask.sum())),
-                    temperature=temperature, max_completion_length=max_completion_length)
+        plan = Plan(
+            rows=torch.arange(N, device=mask.device).view(-1, cfg.steps_per_generation).T,
+            mask=mask,
+            per_step=per_step,
+            accum=per_step // cfg.micro_batch_size,
+            old=no_grad_logprobs(learner.model, *batch)[0] if reuse else None,
+            ref=no_grad_logprobs(learner.ref_model, *batch)[0] if cfg.beta > 0 else None,
+            loss=entry("loss", cfg.loss_type),
+            num_items=collectives.total(float(mask.sum())),
+            temperature=temperature,
+            max_completion_length=max_completion_length,
+        )
         for _ in range(cfg.num_iterations):
             for s in range(cfg.steps_per_generation):
                 _optimizer_step(learner, rollout, credit, cfg, plan, s, stats)
@@ -84,8 +98,9 @@ def update_policy(learner: Learner, rollout: Rollout, credit: Credit, cfg, *, te
     return out
 
 
-def _optimizer_step(learner: Learner, rollout: Rollout, credit: Credit, cfg, plan: Plan, s: int,
-                    stats: dict[str, list[float]]) -> None:
+def _optimizer_step(
+    learner: Learner, rollout: Rollout, credit: Credit, cfg, plan: Plan, s: int, stats: dict[str, list[float]]
+) -> None:
     """Optimizer step s: its micro-batches' backward passes, then one clipped step (skipped if not finite)."""
     for lo in range(0, plan.per_step, cfg.micro_batch_size):
         r = plan.rows[s, lo : lo + cfg.micro_batch_size]
@@ -101,18 +116,40 @@ def _optimizer_step(learner: Learner, rollout: Rollout, credit: Credit, cfg, pla
     _append(stats, {"grad_norm": grad_norm if finite else float("nan"), "skipped_nonfinite": float(not finite)})
 
 
-def _micro_batch(learner: Learner, rollout: Rollout, credit: Credit, cfg, plan: Plan, r: torch.Tensor, last: bool,
-                 stats: dict[str, list[float]]) -> None:
+def _micro_batch(
+    learner: Learner,
+    rollout: Rollout,
+    credit: Credit,
+    cfg,
+    plan: Plan,
+    r: torch.Tensor,
+    last: bool,
+    stats: dict[str, list[float]],
+) -> None:
     """Forward, loss and backward of the rows `r` [B] (gradients accumulate until the step's last one)."""
-    logp, _ = completion_logprobs(learner.model, rollout.prompt_ids[r], rollout.prompt_mask[r],
-                                  rollout.completion_ids[r], rollout.completion_mask[r], plan.temperature)  # [B, T]
+    logp, _ = completion_logprobs(
+        learner.model,
+        rollout.prompt_ids[r],
+        rollout.prompt_mask[r],
+        rollout.completion_ids[r],
+        rollout.completion_mask[r],
+        plan.temperature,
+    )  # [B, T]
     old = logp.detach() if plan.old is None else plan.old[r]
     w = None
     if rollout.sampler_logprobs is not None:  # another engine sampled these tokens (rollout=vllm)
         w, mismatch = sampler_correction(old, rollout.sampler_logprobs[r], plan.mask[r], cfg.get("is_cap", 2.0))
         _append(stats, mismatch)
-    tok_loss, rho, kl = per_token_terms(logp, old, credit.advantages[r], eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                        beta=cfg.beta, ref_logp=None if plan.ref is None else plan.ref[r], is_weight=w)
+    tok_loss, rho, kl = per_token_terms(
+        logp,
+        old,
+        credit.advantages[r],
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        beta=cfg.beta,
+        ref_logp=None if plan.ref is None else plan.ref[r],
+        is_weight=w,
+    )
     m = plan.mask[r].to(tok_loss.dtype)
     loss = plan.loss.obj(tok_loss, m, max_completion_length=plan.max_completion_length, num_items=plan.num_items)
     logged = loss.item()

@@ -10,6 +10,7 @@ Answer forcing (RREDCoT's values) scores candidate answers with `judge`, never b
 synthetic completion, so a strict verifier cannot silently turn every utility into 0. A reward of None
 means undefined (the row is skipped, never rewarded). Tested with string tables (tests/unit/test_verify.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -178,11 +179,15 @@ def build_verifier(name: str, options: Any = None, key: str = "verify.name") -> 
     try:
         verifier = cls(**dict(options or {}))
     except TypeError as e:
-        raise UserError(f"verify.options={dict(options or {})} do not fit the {name!r} verifier: {e}. "
-                        "Remove the unknown option (`rredcot list` names the verifiers).") from None
+        raise UserError(
+            f"verify.options={dict(options or {})} do not fit the {name!r} verifier: {e}. "
+            "Remove the unknown option (`rredcot list` names the verifiers)."
+        ) from None
     if not isinstance(verifier, Verifier):
-        raise UserError(f"verify entry {name!r} is not a rredcot.stages.verify.Verifier subclass: a verifier must say "
-                        "how to extract an answer (extract) and how to judge one (judge).")
+        raise UserError(
+            f"verify entry {name!r} is not a rredcot.stages.verify.Verifier subclass: a verifier must say "
+            "how to extract an answer (extract) and how to judge one (judge)."
+        )
     return verifier
 
 
@@ -217,12 +222,17 @@ _told: set[str] = set()
 
 def _say_timeouts(name: str, scores: list[Score]) -> None:
     """One line per kind, the first time a reward function's call times out or the budget runs out."""
-    for kind, what in ((TIMEOUT, "ran past verify.timeout_s"), (OVER_BUDGET, "were left unchecked past verify.budget_s")):
+    for kind, what in (
+        (TIMEOUT, "ran past verify.timeout_s"),
+        (OVER_BUDGET, "were left unchecked past verify.budget_s"),
+    ):
         n = sum(sc.extractor == kind for sc in scores)
         if n and kind not in _told:
             _told.add(kind)
-            note(f"{n} completion(s) {what} in the {name} reward and scored 0; every step counts them "
-                 f"(metrics: extractor/{kind}).")
+            note(
+                f"{n} completion(s) {what} in the {name} reward and scored 0; every step counts them "
+                f"(metrics: extractor/{kind})."
+            )
 
 
 def run_verify(texts: list[str], samples: list[Sample], funcs: RewardFuncs, budget_s: float = 0.0) -> Verified:
@@ -253,9 +263,13 @@ def check_golds(sets: dict[str, list[Sample]], verifier: Verifier, max_bad: floa
             continue
         example = rows[[s.meta.get("row", i) for i, s in enumerate(rows)].index(bad[0])].gold
         if len(bad) > max_bad * len(rows):
-            raise UserError(f"The {split} split's gold answers do not pass the verifier's own check for {len(bad)} of the "
-                            f"first {len(rows)} rows (rows {bad[:8]}; e.g. gold {example[:60]!r}), so their rewards would be "
-                            "0 or undefined. Check that verify.name fits the task and that task.answer_format extracts the "
-                            "answer the verifier reads.")
-        note(f"the {split} split has {len(bad)} row(s) among its first {len(rows)} whose gold the verifier cannot "
-             f"judge (rows {bad[:8]}); they can never be rewarded.")
+            raise UserError(
+                f"The {split} split's gold answers do not pass the verifier's own check for {len(bad)} of the "
+                f"first {len(rows)} rows (rows {bad[:8]}; e.g. gold {example[:60]!r}), so their rewards would be "
+                "0 or undefined. Check that verify.name fits the task and that task.answer_format extracts the "
+                "answer the verifier reads."
+            )
+        note(
+            f"the {split} split has {len(bad)} row(s) among its first {len(rows)} whose gold the verifier cannot "
+            f"judge (rows {bad[:8]}); they can never be rewarded."
+        )

@@ -14,6 +14,7 @@ vLLM is imported only when this backend is chosen; its version must be in SUPPOR
 used here: LLM(enable_sleep_mode, logprobs_mode, skip_tokenizer_init), sleep/wake_up, reset_prefix_cache,
 and the driver worker's model.load_weights, as TRL's colocate mode uses them).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -25,7 +26,7 @@ import torch
 from rredcot import collectives
 from rredcot.errors import UserError
 from rredcot.lora import base_model
-from rredcot.ranges import COUNT, FRACTION, integer, optional, one_of
+from rredcot.ranges import COUNT, FRACTION, integer, one_of, optional
 from rredcot.registry import register
 from rredcot.stages.rollout import Generations, RolloutBackend, Sampling, stop_ids
 from rredcot.ui import note
@@ -41,19 +42,25 @@ def _import_vllm():
     try:
         import vllm
     except ImportError:
-        raise UserError(f"rollout=vllm needs vLLM ({want}), which is not installed here. Install it with "
-                        "pip install 'rredcot[vllm]' (Linux with a CUDA GPU), or use rollout=sample, the built-in "
-                        "sampler that needs nothing more.") from None
+        raise UserError(
+            f"rollout=vllm needs vLLM ({want}), which is not installed here. Install it with "
+            "pip install 'rredcot[vllm]' (Linux with a CUDA GPU), or use rollout=sample, the built-in "
+            "sampler that needs nothing more."
+        ) from None
     if getattr(vllm, "__version__", "0") not in SpecifierSet(want, prereleases=True):
-        raise UserError(f"rollout=vllm supports vLLM {want}; this environment has {vllm.__version__}. Install a "
-                        "supported one with pip install 'rredcot[vllm]', or use rollout=sample.")
+        raise UserError(
+            f"rollout=vllm supports vLLM {want}; this environment has {vllm.__version__}. Install a "
+            "supported one with pip install 'rredcot[vllm]', or use rollout=sample."
+        )
     return vllm
 
 
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
-        raise UserError("rollout=vllm runs on a CUDA GPU, and torch sees none here. Use rollout=sample (the built-in "
-                        "sampler runs on CPU and GPU).")
+        raise UserError(
+            "rollout=vllm runs on a CUDA GPU, and torch sees none here. Use rollout=sample (the built-in "
+            "sampler runs on CPU and GPU)."
+        )
 
 
 def _check(options, prefix: str) -> None:
@@ -98,8 +105,9 @@ class VLLMBackend(RolloutBackend):
 
     external = True
 
-    def __init__(self, model, tokenizer, llm, params_cls, *, chunk_size: int = 256, sleep: bool = True,
-                 score_batch_size: int = 8):
+    def __init__(
+        self, model, tokenizer, llm, params_cls, *, chunk_size: int = 256, sleep: bool = True, score_batch_size: int = 8
+    ):
         self.model, self.tokenizer, self.llm, self.params_cls = model, tokenizer, llm, params_cls
         self.chunk_size, self.sleep_mode, self.score_batch_size = chunk_size, sleep, score_batch_size
         self.stale, self.asleep, self.pushes, self.noted = True, False, 0, False  # stale: the trainer's weights
@@ -126,22 +134,41 @@ class VLLMBackend(RolloutBackend):
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
             self.stale, self.pushes = False, self.pushes + 1
 
-    def generate(self, prompt_ids, prompt_mask, sampling: Sampling, budgets: list[int] | None = None,
-                 seeds: list[int] | None = None) -> Generations:
+    def generate(
+        self,
+        prompt_ids,
+        prompt_mask,
+        sampling: Sampling,
+        budgets: list[int] | None = None,
+        seeds: list[int] | None = None,
+    ) -> Generations:
         """One request per row (rows are already repeated per group), each with its own seed: the keyed one
         (the same completions at any world size) or one drawn from torch's generator."""
         self.wake()
         if not sampling.greedy and (sampling.top_p < 1 or sampling.top_k) and not self.noted:
-            note("rollout=vllm with rollout.top_p < 1 or top_k > 0: the engine's log-probs are taken after that filter, "
-                 "the trainer's before it, so the importance weights (update.is_cap) also carry that difference.")
+            note(
+                "rollout=vllm with rollout.top_p < 1 or top_k > 0: the engine's log-probs are taken after that filter, "
+                "the trainer's before it, so the importance weights (update.is_cap) also carry that difference."
+            )
             self.noted = True
         n = prompt_ids.shape[0]
         budgets = budgets or [sampling.max_new_tokens] * n
         seeds = [s % (2**31 - 1) for s in seeds] if seeds else torch.randint(0, 2**31 - 1, (n,)).tolist()
         stops = stop_ids(self.model, self.tokenizer)
-        params = [self.params_cls(n=1, temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k or -1, max_tokens=b, logprobs=0, stop_token_ids=stops, seed=s,
-                                  detokenize=False) for b, s in zip(budgets, seeds)]
+        params = [
+            self.params_cls(
+                n=1,
+                temperature=0.0 if sampling.greedy else sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or -1,
+                max_tokens=b,
+                logprobs=0,
+                stop_token_ids=stops,
+                seed=s,
+                detokenize=False,
+            )
+            for b, s in zip(budgets, seeds)
+        ]
         prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(prompt_ids, prompt_mask)]
         outs = [o.outputs[0] for o in self.llm.generate(prompts, sampling_params=params, use_tqdm=False)]
         return self._tensors(outs, prompt_ids.device)
@@ -162,24 +189,54 @@ class VLLMBackend(RolloutBackend):
         return Generations(ids.to(device), mask.to(device), logp.to(device), None, truncated.to(device))
 
 
-@register("rollout", "vllm", rules={
-    "chunk_size": COUNT, "gpu_memory_utilization": FRACTION, "max_model_len": optional(integer(16)),
-    "sleep": one_of(True, False), "enforce_eager": one_of(True, False), "score_batch_size": COUNT}, check=_check)
-def vllm_backend(model, tokenizer, *, chunk_size: int = 256, gpu_memory_utilization: float = 0.3,
-                 max_model_len: int | None = None, sleep: bool = True, enforce_eager: bool = False,
-                 score_batch_size: int = 8) -> VLLMBackend:
+@register(
+    "rollout",
+    "vllm",
+    rules={
+        "chunk_size": COUNT,
+        "gpu_memory_utilization": FRACTION,
+        "max_model_len": optional(integer(16)),
+        "sleep": one_of(True, False),
+        "enforce_eager": one_of(True, False),
+        "score_batch_size": COUNT,
+    },
+    check=_check,
+)
+def vllm_backend(
+    model,
+    tokenizer,
+    *,
+    chunk_size: int = 256,
+    gpu_memory_utilization: float = 0.3,
+    max_model_len: int | None = None,
+    sleep: bool = True,
+    enforce_eager: bool = False,
+    score_batch_size: int = 8,
+) -> VLLMBackend:
     """rollout=vllm: builds the engine (see the module docstring)."""
     vllm = _import_vllm()
     _require_cuda()
     scratch = Path(tempfile.mkdtemp(prefix="rredcot_vllm_"))
     llm = vllm.LLM(
-        model=engine_source(model, scratch), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, max_num_seqs=chunk_size,
-        enable_sleep_mode=sleep, enforce_eager=enforce_eager, skip_tokenizer_init=True,  # token ids in and out
+        model=engine_source(model, scratch),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        max_num_seqs=chunk_size,
+        enable_sleep_mode=sleep,
+        enforce_eager=enforce_eager,
+        skip_tokenizer_init=True,  # token ids in and out
         logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
         seed=int(torch.randint(0, 2**31 - 1, ()).item()),
         # data parallel: one engine per rank on its own GPU, inside the trainer's process group (TRL's colocate mode)
-        **({"distributed_executor_backend": "external_launcher"} if collectives.active() else {}))
-    return VLLMBackend(model, tokenizer, llm, vllm.SamplingParams, chunk_size=chunk_size, sleep=sleep,
-                       score_batch_size=score_batch_size)
-
+        **({"distributed_executor_backend": "external_launcher"} if collectives.active() else {}),
+    )
+    return VLLMBackend(
+        model,
+        tokenizer,
+        llm,
+        vllm.SamplingParams,
+        chunk_size=chunk_size,
+        sleep=sleep,
+        score_batch_size=score_batch_size,
+    )

@@ -12,6 +12,7 @@ chain (the model must skip them); `shuffle` lists the definitions out of order.
 
 Splits are disjoint by construction: a problem belongs to the split chosen by a hash of its prompt.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """The built-in task: arithmetic chains made from a seed (rredcot.task.arith), split by prompt hash, with its
 own warm-start traces (some flawed on purpose). Registered as task `builtin`."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,22 +13,40 @@ from rredcot.types import Sample
 
 
 def arith_spec(cfg: Any) -> ArithSpec:
-    return ArithSpec(steps=cfg.steps, max_value=cfg.max_value, max_operand=cfg.max_operand,
-                     ops=cfg.ops, distractors=cfg.distractors, shuffle=cfg.shuffle)
+    return ArithSpec(
+        steps=cfg.steps,
+        max_value=cfg.max_value,
+        max_operand=cfg.max_operand,
+        ops=cfg.ops,
+        distractors=cfg.distractors,
+        shuffle=cfg.shuffle,
+    )
 
 
 # "+-*" minus what would leave a chain stuck: from 0 only "+" or "*" go on, from max_value only "-" or "*"(0).
-_OPS = Rule(lambda v: isinstance(v, str) and v != "" and set(v) <= set("+-*") and "-" in v and ("+" in v or "*" in v),
-            "operators from '+-*' with '-' and at least one of '+', '*' (else a chain can get stuck at 0 or at max_value)")
-BUILTIN_RULES = {"steps": integer(1, 25), "max_value": COUNT, "max_operand": COUNT, "ops": _OPS, "distractors": NATURAL,
-                 "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL}
+_OPS = Rule(
+    lambda v: isinstance(v, str) and v != "" and set(v) <= set("+-*") and "-" in v and ("+" in v or "*" in v),
+    "operators from '+-*' with '-' and at least one of '+', '*' (else a chain can get stuck at 0 or at max_value)",
+)
+BUILTIN_RULES = {
+    "steps": integer(1, 25),
+    "max_value": COUNT,
+    "max_operand": COUNT,
+    "ops": _OPS,
+    "distractors": NATURAL,
+    "train_size": COUNT,
+    "eval_size": COUNT,
+    "seed": NATURAL,
+}
 
 
 def _check_builtin(cfg: Any, prefix: str) -> None:
     names = cfg.steps + 1 + 2 * cfg.distractors  # one letter per variable
     if names > 26:
-        raise UserError(f"{prefix}steps={cfg.steps} and {prefix}distractors={cfg.distractors} need {names} variable names, "
-                        f"but there are 26 letters: keep steps + 1 + 2 x distractors <= 26.")
+        raise UserError(
+            f"{prefix}steps={cfg.steps} and {prefix}distractors={cfg.distractors} need {names} variable names, "
+            f"but there are 26 letters: keep steps + 1 + 2 x distractors <= 26."
+        )
 
 
 def _builtin_warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:

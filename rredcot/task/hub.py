@@ -3,6 +3,7 @@
 deterministic dev split carved out of the training rows (rredcot.task.splits), never trained on.
 Every task entry is (cfg, split, tokenizer) -> list[Sample], for split in train / dev / test.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ def format_prompt(question: str, cfg: Any, tokenizer: Any) -> str:
     """The question plus the task's instruction, through the model's chat template when it has one."""
     text = f"{question}\n{cfg.instruction}".strip() if cfg.instruction else question
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
-                                             **(cfg.get("chat_template_kwargs") or {}))  # e.g. Qwen3's enable_thinking
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            **(cfg.get("chat_template_kwargs") or {}),
+        )  # e.g. Qwen3's enable_thinking
     return text + "\n"
 
 
@@ -66,7 +71,9 @@ def source_of(cfg: Any, split: str) -> dict[str, Any] | None:
     src.update({k: v for k, v in dict(over).items() if v is not None})
     unknown = set(dict(over)) - set(_SOURCE_KEYS)
     if unknown:
-        raise UserError(f"task.sources.{split} has unknown key(s) {sorted(unknown)}; a source takes {', '.join(_SOURCE_KEYS)}.")
+        raise UserError(
+            f"task.sources.{split} has unknown key(s) {sorted(unknown)}; a source takes {', '.join(_SOURCE_KEYS)}."
+        )
     return src
 
 
@@ -81,15 +88,22 @@ def diagnose_file(local: Path) -> str | None:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                return (f"line {n} is not UTF-8 text (byte {e.start}: {raw[max(e.start - 12, 0):e.start + 12]!r}); re-save "
-                        "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)")
+                return (
+                    f"line {n} is not UTF-8 text (byte {e.start}: {raw[max(e.start - 12, 0) : e.start + 12]!r}); "
+                    "re-save "
+                    "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+                )
             if local.suffix == ".jsonl" and line.strip():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    return f"line {n} is not JSON ({e.msg}, column {e.colno}: {line.strip()[:60]!r}); a .jsonl file has one JSON object per line"
+                    return (
+                        f"line {n} is not JSON ({e.msg}, column {e.colno}: {line.strip()[:60]!r}); "
+                        "a .jsonl file has one JSON object per line"
+                    )
                 if not isinstance(row, dict):
-                    return f"line {n} is a JSON {type(row).__name__}, not an object of fields ({{\"question\": ..., \"answer\": ...}})"
+                    kind = type(row).__name__
+                    return f'line {n} is a JSON {kind}, not an object of fields ({{"question": ..., "answer": ...}})'
     return None
 
 
@@ -99,8 +113,10 @@ def _load_error(path: str, split: str, e: Exception) -> UserError:
     if why is None:
         causes = [c for c in (e, e.__cause__, e.__context__) if c is not None and str(c).strip()]
         why = " ".join(str(causes[-1] if causes else e).split())[:300] or type(e).__name__
-    return UserError(f"Could not load dataset {path!r} (split {split!r}): {why}. Set task.path or task.sources.<split>.path "
-                     "to a local file with the same fields, or check the name and split.")
+    return UserError(
+        f"Could not load dataset {path!r} (split {split!r}): {why}. Set task.path or task.sources.<split>.path "
+        "to a local file with the same fields, or check the name and split."
+    )
 
 
 @lru_cache(maxsize=8)
@@ -133,8 +149,10 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
     if why:
         raise UserError(f"{where}: {why}.")
     if missing:
-        raise UserError(f"{where} has no field(s) {missing}; it has {columns}. Set task.question_field and "
-                        "task.answer_field (or task.sources.<split>.question_field / answer_field) to the right names.")
+        raise UserError(
+            f"{where} has no field(s) {missing}; it has {columns}. Set task.question_field and "
+            "task.answer_field (or task.sources.<split>.question_field / answer_field) to the right names."
+        )
     out, bad = [], []
     for i, row in enumerate(rows):
         q, a = row[src["question_field"]], row[src["answer_field"]]
@@ -146,9 +164,11 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
         meta = {"row": i, **({"trace": str(trace)} if trace else {})}
         out.append(Sample(prompt=format_prompt(re.sub(r"\s+$", "", str(q)), cfg, tokenizer), gold=gold, meta=meta))
     if bad and len(bad) > cfg.get("max_bad_fraction", 0.01) * max(len(rows), 1):
-        raise UserError(f"{where}: {len(bad)} of {len(rows)} rows have no question or no gold answer in the "
-                        f"{src['answer_format']!r} format (rows {bad[:8]}{' ...' if len(bad) > 8 else ''}). Check "
-                        "task.answer_format (gsm8k needs '#### <answer>', boxed needs \\boxed{...}) and the field names.")
+        raise UserError(
+            f"{where}: {len(bad)} of {len(rows)} rows have no question or no gold answer in the "
+            f"{src['answer_format']!r} format (rows {bad[:8]}{' ...' if len(bad) > 8 else ''}). Check "
+            "task.answer_format (gsm8k needs '#### <answer>', boxed needs \\boxed{...}) and the field names."
+        )
     if bad:
         note(f"{where}: skipped {len(bad)} row(s) without a question or gold answer (rows {bad[:8]}).")
     return out
@@ -159,14 +179,21 @@ def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     local = Path(str(src["path"])).expanduser()
     if local.suffix in _LOCAL_FORMATS and not local.exists():
         key = "task.path" if cfg.get("sources", {}).get(split, {}).get("path") is None else f"task.sources.{split}.path"
-        raise UserError(f"{key}={src['path']}: there is no such file. Set {key} to an existing jsonl/json/parquet/csv "
-                        "file, or to a hub dataset name.")
+        raise UserError(
+            f"{key}={src['path']}: there is no such file. Set {key} to an existing jsonl/json/parquet/csv "
+            "file, or to a hub dataset name."
+        )
     rows = load_rows(str(src["path"]), src["config_name"], str(src["split"] or split))
     return _rows_to_samples(rows, src, cfg, tokenizer, f"task.sources.{split} ({src['path']}, split {src['split']})")
 
 
-HF_RULES = {"answer_format": one_of("gsm8k", "boxed", "plain"), "dev_size": NATURAL, "max_bad_fraction": FRACTION,
-            "train_size": optional(COUNT), "eval_size": optional(COUNT)}
+HF_RULES = {
+    "answer_format": one_of("gsm8k", "boxed", "plain"),
+    "dev_size": NATURAL,
+    "max_bad_fraction": FRACTION,
+    "train_size": optional(COUNT),
+    "eval_size": optional(COUNT),
+}
 
 
 def _check_hf(cfg: Any, prefix: str) -> None:
@@ -175,15 +202,19 @@ def _check_hf(cfg: Any, prefix: str) -> None:
         if split not in ("train", "dev", "test"):
             raise UserError(f"{prefix}sources.{split}: the splits are train, dev and test; rename or remove it.")
         source_of(cfg, split)  # unknown keys in a source are refused there
-        ranges.check(sources[split] or {}, {"answer_format": optional(HF_RULES["answer_format"])}, f"{prefix}sources.{split}.")
+        ranges.check(
+            sources[split] or {}, {"answer_format": optional(HF_RULES["answer_format"])}, f"{prefix}sources.{split}."
+        )
 
 
 @register("task", "hf", HF_RULES, check=_check_hf)
 def hf_task(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     """Rows of the split's source; dev without its own source is carved out of the training rows."""
     if source_of(cfg, split) is None and split != "dev":
-        raise UserError(f"task.sources.{split} is not set, so this task has no {split} split. Give it one "
-                        f"(task.sources.{split}.path=FILE or task.sources.{split}.split=NAME), or choose another eval.split.")
+        raise UserError(
+            f"task.sources.{split} is not set, so this task has no {split} split. Give it one "
+            f"(task.sources.{split}.path=FILE or task.sources.{split}.split=NAME), or choose another eval.split."
+        )
     if split == "dev" and source_of(cfg, "dev") is None:
         samples = carve_dev(_source_samples(cfg, "train", tokenizer), cfg.dev_size)[1]
     elif split == "train" and source_of(cfg, "dev") is None:

@@ -1,4 +1,5 @@
 """Policy models: the built-in tiny Llama/Qwen2 made from a config, or any causal LM by name or path."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,10 @@ def _local(name: str) -> Path | None:
 
 
 def _hub_hint(name: str) -> str:
-    return ("Is the hub reachable from here? Without it, download the model elsewhere (huggingface-cli download "
-            f"{name} --local-dir DIR) and set model.name=DIR.")
+    return (
+        "Is the hub reachable from here? Without it, download the model elsewhere (huggingface-cli download "
+        f"{name} --local-dir DIR) and set model.name=DIR."
+    )
 
 
 def check_model_dir(name: str) -> None:
@@ -61,13 +64,17 @@ def check_model_dir(name: str) -> None:
     if local is None:
         return
     if not local.is_dir():
-        raise UserError(f"model.name={name!r}: there is no folder {str(local)!r}. Set model.name to a folder saved with "
-                        "save_pretrained (config.json, weights, tokenizer), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, "
-                        "or 'builtin'.")
+        raise UserError(
+            f"model.name={name!r}: there is no folder {str(local)!r}. Set model.name to a folder saved with "
+            "save_pretrained (config.json, weights, tokenizer), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, "
+            "or 'builtin'."
+        )
     if not (local / "config.json").exists():
-        raise UserError(f"model.name={name!r} has no config.json, so it is not a model saved with save_pretrained "
-                        f"(it holds: {', '.join(sorted(p.name for p in local.iterdir())[:8]) or 'nothing'}). Point it at "
-                        "the folder that has config.json and the weights.")
+        raise UserError(
+            f"model.name={name!r} has no config.json, so it is not a model saved with save_pretrained "
+            f"(it holds: {', '.join(sorted(p.name for p in local.iterdir())[:8]) or 'nothing'}). Point it at "
+            "the folder that has config.json and the weights."
+        )
 
 
 BUILTIN_MODEL = "builtin"  # model.name of the tiny model this project builds (conf/model/builtin.yaml)
@@ -87,18 +94,24 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         check_model_dir(name_or_path)
         local = _local(name_or_path)
         if local is not None and not any((local / f).exists() for f in _TOKENIZER_FILES):
-            raise UserError(f"model.name={name_or_path!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}). "
-                            "Save it next to the weights: AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR).")
+            raise UserError(
+                f"model.name={name_or_path!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}). "
+                "Save it next to the weights: AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)."
+            )
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path)
         except Exception as e:
-            raise UserError(f"Could not load the tokenizer of {name_or_path!r}: {_first_line(e)} "
-                            + ("" if local else _hub_hint(name_or_path))) from None
+            raise UserError(
+                f"Could not load the tokenizer of {name_or_path!r}: {_first_line(e)} "
+                + ("" if local else _hub_hint(name_or_path))
+            ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token is None:
-        raise UserError(f"The tokenizer of {name_or_path!r} has no EOS token, so completions could never end. "
-                        "Use the model's own tokenizer (its tokenizer_config.json names eos_token).")
+        raise UserError(
+            f"The tokenizer of {name_or_path!r} has no EOS token, so completions could never end. "
+            "Use the model's own tokenizer (its tokenizer_config.json names eos_token)."
+        )
     tok.padding_side = "left"
     return tok
 
@@ -115,14 +128,18 @@ def _check_causal(name: str) -> None:
     try:
         config = AutoConfig.from_pretrained(name)
     except Exception as e:
-        raise UserError(f"Could not read the config of model {name!r}: {_first_line(e)} "
-                        + ("" if _local(name) else _hub_hint(name))) from None
+        raise UserError(
+            f"Could not read the config of model {name!r}: {_first_line(e)} "
+            + ("" if _local(name) else _hub_hint(name))
+        ) from None
     archs = list(getattr(config, "architectures", None) or [])
     causal = any("CausalLM" in a or "LMHead" in a for a in archs) if archs else True
     if getattr(config, "is_encoder_decoder", False) or not causal:
-        raise UserError(f"model.name={name!r} is a {', '.join(archs) or config.model_type} model, not a causal (decoder-only) "
-                        "language model, so it cannot generate completions. Choose a causal LM (its config.json lists "
-                        "an architecture ending in ForCausalLM), e.g. Qwen/Qwen2.5-0.5B-Instruct.")
+        raise UserError(
+            f"model.name={name!r} is a {', '.join(archs) or config.model_type} model, not a causal (decoder-only) "
+            "language model, so it cannot generate completions. Choose a causal LM (its config.json lists "
+            "an architecture ending in ForCausalLM), e.g. Qwen/Qwen2.5-0.5B-Instruct."
+        )
 
 
 def load_pretrained(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
@@ -134,13 +151,17 @@ def load_pretrained(name_or_path: str, dtype: str = "float32") -> PreTrainedMode
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
     except Exception as e:
-        raise UserError(f"Could not load model {name_or_path!r}: {_first_line(e)} "
-                        + ("Check that its weights are complete." if _local(name_or_path) else _hub_hint(name_or_path))) from None
+        raise UserError(
+            f"Could not load model {name_or_path!r}: {_first_line(e)} "
+            + ("Check that its weights are complete." if _local(name_or_path) else _hub_hint(name_or_path))
+        ) from None
 
 
 def check_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
     """Every token id the tokenizer can produce has a row in the model's embedding table."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise UserError(f"The tokenizer of {name!r} has {len(tokenizer)} tokens, but the model's embedding has {rows} "
-                        "rows: they are not a pair. Save the model's own tokenizer in its folder.")
+        raise UserError(
+            f"The tokenizer of {name!r} has {len(tokenizer)} tokens, but the model's embedding has {rows} "
+            "rows: they are not a pair. Save the model's own tokenizer in its folder."
+        )

@@ -15,6 +15,7 @@ Warm-start flaws make a wrong check ruin the trace: for a hash-chosen `misconcep
 ("=19 yes"), and the trace answers it; `rate` adds a slip to one line's result (usually harmless, or
 a missed answer, and the trace then states the last candidate). Splits are disjoint by prompt hash.
 """
+
 from __future__ import annotations
 
 import random
@@ -66,8 +67,11 @@ def trace_text(p: Problem, flaws: Flaws = Flaws(), rng: random.Random | None = N
     lines, found = [], p.order[-1]
     for i, c in enumerate(p.order):
         y = c * p.a + p.b
-        if c != p.x and misconception(c, f"*{p.a}+", p.b, flaws.misconception_frac) is not None \
-                and rng.random() < flaws.misconception_rate:
+        if (
+            c != p.x
+            and misconception(c, f"*{p.a}+", p.b, flaws.misconception_frac) is not None
+            and rng.random() < flaws.misconception_rate
+        ):
             y = p.target  # the check a flawed fact gets wrong: a wrong x "meets" the target
         elif i == slip:
             y += rng.choice([-2, -1, 1, 2])
@@ -97,11 +101,18 @@ def generate(spec: SearchSpec, split: str, n: int, seed: int, flaws: Flaws = Fla
             continue  # the prompt decides the split, so a problem never crosses splits whatever its order
         seen.add(p.prompt)
         trace = trace_text(p, flaws, rng)
-        out.append(Sample(prompt=p.prompt, gold=str(p.x), meta={"trace": trace, "flawed": not trace.endswith("\n" + str(p.x)),
-                                                                "answer_at": p.order.index(p.x)}))
+        out.append(
+            Sample(
+                prompt=p.prompt,
+                gold=str(p.x),
+                meta={"trace": trace, "flawed": not trace.endswith("\n" + str(p.x)), "answer_at": p.order.index(p.x)},
+            )
+        )
     if len(out) < n:
-        raise ValueError(f"{split}: only {len(out)} distinct problems of {n} with {spec}; raise task.max_x, max_a, max_b "
-                         "or candidates, or lower the sizes")
+        raise ValueError(
+            f"{split}: only {len(out)} distinct problems of {n} with {spec}; raise task.max_x, max_a, max_b "
+            "or candidates, or lower the sizes"
+        )
     return out
 
 
@@ -113,19 +124,38 @@ def _check(cfg: Any, prefix: str) -> None:
     from rredcot.errors import UserError
 
     if cfg.candidates > cfg.max_x + 1:
-        raise UserError(f"{prefix}candidates={cfg.candidates} distinct values do not fit in [0, {prefix}max_x={cfg.max_x}]: "
-                        f"keep candidates <= max_x + 1.")
+        raise UserError(
+            f"{prefix}candidates={cfg.candidates} distinct values do not fit in [0, {prefix}max_x={cfg.max_x}]: "
+            f"keep candidates <= max_x + 1."
+        )
 
 
 def _warmstart(cfg: Any, tokenizer: Any = None) -> list[Sample]:
     ws = cfg.warmstart
-    return generate(spec_of(cfg.task), "train", ws.examples, seed=ws.seed,
-                    flaws=Flaws(ws.flaw_rate, ws.misconception_frac, ws.misconception_rate))
+    return generate(
+        spec_of(cfg.task),
+        "train",
+        ws.examples,
+        seed=ws.seed,
+        flaws=Flaws(ws.flaw_rate, ws.misconception_frac, ws.misconception_rate),
+    )
 
 
-@register("task", "search", {"max_x": integer(1, 999), "max_a": integer(2, 99), "max_b": NATURAL, "candidates": integer(2),
-                             "train_size": COUNT, "eval_size": COUNT, "seed": NATURAL},
-          check=_check, warmstart=_warmstart)
+@register(
+    "task",
+    "search",
+    {
+        "max_x": integer(1, 999),
+        "max_a": integer(2, 99),
+        "max_b": NATURAL,
+        "candidates": integer(2),
+        "train_size": COUNT,
+        "eval_size": COUNT,
+        "seed": NATURAL,
+    },
+    check=_check,
+    warmstart=_warmstart,
+)
 def search_task(cfg: Any, split: str, tokenizer: Any = None) -> list[Sample]:
     """`split` is train / dev / test; sizes from cfg.train_size and cfg.eval_size."""
     return generate(spec_of(cfg), split, cfg.train_size if split == "train" else cfg.eval_size, seed=cfg.seed)

@@ -4,6 +4,7 @@ It covers printable ASCII and newline (so GSM8K-style text also tokenizes), plus
 end-of-thinking markers as single tokens, as they are in real reasoning models' vocabularies.
 Saved with `save_pretrained`, it loads back with `AutoTokenizer.from_pretrained`.
 """
+
 from __future__ import annotations
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers

@@ -6,6 +6,7 @@ its training rows' reference traces (Sample.meta["trace"]: a plug-in task sets i
 task.trace_field), or its entry's own `warmstart_samples(cfg, tokenizer)`. The result is cached under
 `<cache_dir>/warmstart/<key>`, where the key hashes everything that affects it, the traces included.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,28 +44,39 @@ def warmstart_samples(cfg: Any, tokenizer) -> list:
     from rredcot.registry import entry
 
     task = entry("task", cfg.task.name)  # its declared warm-start hook, or its training rows' traces
-    samples = task.warmstart(cfg, tokenizer) if task.warmstart else [
-        s for s in task.obj(cfg.task, "train", tokenizer) if s.meta.get("trace")]
+    samples = (
+        task.warmstart(cfg, tokenizer)
+        if task.warmstart
+        else [s for s in task.obj(cfg.task, "train", tokenizer) if s.meta.get("trace")]
+    )
     if not samples:
-        raise UserError(f"The task {cfg.task.name!r} has no reference traces to warm-start the built-in model on. Give its "
-                        "training rows traces (Sample.meta['trace'] in a plug-in task, task.trace_field for hub/local "
-                        "data), or start from a pretrained model (model.name=PATH warmstart.enabled=false).")
+        raise UserError(
+            f"The task {cfg.task.name!r} has no reference traces to warm-start the built-in model on. Give its "
+            "training rows traces (Sample.meta['trace'] in a plug-in task, task.trace_field for hub/local "
+            "data), or start from a pretrained model (model.name=PATH warmstart.enabled=false)."
+        )
     samples = samples[: cfg.warmstart.examples]
     texts = [s.prompt + s.meta["trace"] for s in samples]
     chars = set("".join(texts)) if is_builtin(cfg.model.name) else set()
     unknown = sorted(ch for ch in chars if tokenizer.convert_tokens_to_ids(ch) == tokenizer.unk_token_id)
     if unknown:
-        raise UserError(f"The task's text has characters the built-in tokenizer does not know: {''.join(unknown[:20])!r}. "
-                        "Keep the task to printable ASCII, or use a pretrained model (model.name=PATH).")
+        raise UserError(
+            f"The task's text has characters the built-in tokenizer does not know: {''.join(unknown[:20])!r}. "
+            "Keep the task to printable ASCII, or use a pretrained model (model.name=PATH)."
+        )
     widest = sorted(texts, key=len)[-64:]  # tokenizing all 20k traces costs seconds; the longest texts suffice
     longest = max(len(ids) for ids in tokenizer(widest, add_special_tokens=False)["input_ids"]) + 1  # + EOS
     if longest > cfg.model.get("max_positions", longest):
-        raise UserError(f"The task's warm-start traces are up to {longest} tokens, longer than the built-in model's "
-                        f"model.max_positions={cfg.model.max_positions}. Raise model.max_positions (e.g. "
-                        f"model.max_positions={2 ** (longest - 1).bit_length()}) or shorten the traces.")
+        raise UserError(
+            f"The task's warm-start traces are up to {longest} tokens, longer than the built-in model's "
+            f"model.max_positions={cfg.model.max_positions}. Raise model.max_positions (e.g. "
+            f"model.max_positions={2 ** (longest - 1).bit_length()}) or shorten the traces."
+        )
     if len(samples) < cfg.warmstart.batch_size:
-        raise UserError(f"The task has {len(samples)} warm-start traces, fewer than warmstart.batch_size="
-                        f"{cfg.warmstart.batch_size}. Lower warmstart.batch_size (e.g. {max(len(samples) // 2, 1)}) or add traces.")
+        raise UserError(
+            f"The task has {len(samples)} warm-start traces, fewer than warmstart.batch_size="
+            f"{cfg.warmstart.batch_size}. Lower warmstart.batch_size (e.g. {max(len(samples) // 2, 1)}) or add traces."
+        )
     return samples
 
 
@@ -77,8 +89,13 @@ def _batches(tokenizer, samples, batch_size: int, rng: random.Random):
         for lo in range(0, len(order) - batch_size + 1, batch_size):
             chunk = [samples[i] for i in order[lo : lo + batch_size]]
             prompts = [len(tokenizer(s.prompt, add_special_tokens=False)["input_ids"]) for s in chunk]
-            enc = tokenizer([s.prompt + s.meta["trace"] + eos for s in chunk], return_tensors="pt",
-                            padding=True, padding_side="right", add_special_tokens=False)
+            enc = tokenizer(
+                [s.prompt + s.meta["trace"] + eos for s in chunk],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                add_special_tokens=False,
+            )
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             for row, p in enumerate(prompts):
                 labels[row, :p] = -100  # learn the completion, not the prompt
@@ -126,8 +143,11 @@ def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTok
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "warmstart.json").write_text(json.dumps({"loss_first": losses[0], "loss_last": losses[-1],
-                                                        "config": OmegaConf.to_container(cfg.warmstart)}))
+        (tmp / "warmstart.json").write_text(
+            json.dumps(
+                {"loss_first": losses[0], "loss_last": losses[-1], "config": OmegaConf.to_container(cfg.warmstart)}
+            )
+        )
         if path.exists():  # a parallel run finished first; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -1,5 +1,6 @@
 """conf/accelerate/: every launcher config loads the way `accelerate launch --config_file` loads it, says what
 it shards, and is not mistaken for a Hydra config group."""
+
 from __future__ import annotations
 
 import re

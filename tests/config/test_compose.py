@@ -1,10 +1,11 @@
 """Every config composes and validates; bad input gives one clear UserError (the CLI's exit status 2)."""
+
 import pytest
 from omegaconf import OmegaConf
 
+from rredcot.assemble import build_stages
 from rredcot.compose import groups, load_config
 from rredcot.errors import UserError
-from rredcot.assemble import build_stages
 
 GROUP_OPTIONS = [(g, o) for g, opts in groups().items() if g != "exp" for o in opts]
 
@@ -91,7 +92,11 @@ def _error(overrides) -> str:
 
 def test_unknown_key_suggests_the_closest():
     msg = _error(["rollout.temprature=0.8"])
-    assert "Unknown config key 'rollout.temprature'" in msg and "rollout.temperature" in msg and "+rollout.temprature" in msg
+    assert (
+        "Unknown config key 'rollout.temprature'" in msg
+        and "rollout.temperature" in msg
+        and "+rollout.temprature" in msg
+    )
 
 
 def test_wrong_type():
@@ -145,7 +150,7 @@ def test_bad_override_syntax():
 def test_an_estimator_that_needs_the_forcing_text_says_so():
     msg = _error(["~task.forcing_text"])
     assert "needs task.forcing_text" in msg and "algo=grpo" in msg
-    load_config(["~task.forcing_text", "algo=grpo"])   # GRPO does not need it
+    load_config(["~task.forcing_text", "algo=grpo"])  # GRPO does not need it
 
 
 def test_held_out_splits_are_dev_or_test():

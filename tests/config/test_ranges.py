@@ -1,5 +1,6 @@
 """Every numeric or choice key of every shipped config has a range rule, and every rule holds for the
 shipped values: a new key cannot slip in unchecked, and the shipped configs are inside their own ranges."""
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -7,13 +8,48 @@ from rredcot import ranges, registry
 from rredcot.compose import groups, load_config
 
 # Keys whose type check is the whole check: booleans, free text, paths, and mappings a user fills.
-FREE = {"run_dir", "checkpoint", "cache_dir", "plugins", "logging.progress", "logging.tensorboard", "logging.wandb",
-        "logging.wandb_project", "update.mask_truncated_completions", "update.gradient_checkpointing", "credit.against", "eval.split", "eval.extra_splits",
-        "model.name", "model.think_end", "model.chat_template_kwargs", "task.chat_template_kwargs", "rollout.name", "verify.name", "verify.options", "segment.name", "redistribute.name",
-        "update.loss_type", "task.name", "task.verifier", "task.instruction", "task.forcing_text", "task.closing_text",
-        "task.shuffle", "task.chat_template", "task.path", "task.config_name", "task.question_field",
-        "task.answer_field", "task.trace_field", "task.sources", "redistribute.include_reference",
-        "redistribute.self_normalize", "redistribute.length_normalize", "warmstart.enabled"}
+FREE = {
+    "run_dir",
+    "checkpoint",
+    "cache_dir",
+    "plugins",
+    "logging.progress",
+    "logging.tensorboard",
+    "logging.wandb",
+    "logging.wandb_project",
+    "update.mask_truncated_completions",
+    "update.gradient_checkpointing",
+    "credit.against",
+    "eval.split",
+    "eval.extra_splits",
+    "model.name",
+    "model.think_end",
+    "model.chat_template_kwargs",
+    "task.chat_template_kwargs",
+    "rollout.name",
+    "verify.name",
+    "verify.options",
+    "segment.name",
+    "redistribute.name",
+    "update.loss_type",
+    "task.name",
+    "task.verifier",
+    "task.instruction",
+    "task.forcing_text",
+    "task.closing_text",
+    "task.shuffle",
+    "task.chat_template",
+    "task.path",
+    "task.config_name",
+    "task.question_field",
+    "task.answer_field",
+    "task.trace_field",
+    "task.sources",
+    "redistribute.include_reference",
+    "redistribute.self_normalize",
+    "redistribute.length_normalize",
+    "warmstart.enabled",
+}
 CONFIGS = [[]] + [[f"{g}={o}"] for g, opts in groups().items() for o in opts if g != "debug"] + [["debug=fast"]]
 
 
@@ -53,14 +89,17 @@ def test_every_key_has_a_rule_and_the_shipped_value_is_in_range(overrides, reque
     assert not unchecked, f"keys without a range rule (add one to rredcot/ranges.py or the entry's rules): {unchecked}"
 
 
-@pytest.mark.parametrize("rule, good, bad", [
-    (ranges.integer(1), [1, 7], [0, -1, 1.5, True, "3", None]),
-    (ranges.integer(1, 25), [1, 25], [26, 0]),
-    (ranges.POSITIVE, [1e-9, 3], [0, -1, float("inf"), float("nan"), False]),
-    (ranges.number(0, 1, hi_open=True), [0, 0.999], [1, -0.1]),
-    (ranges.one_of("constant", "cosine"), ["cosine"], ["linear", None]),
-    (ranges.optional(ranges.COUNT), [None, 3], [0]),
-    (ranges.list_of(ranges.COUNT, 1), [[1, 2]], [[], [0], "12"]),
-])
+@pytest.mark.parametrize(
+    "rule, good, bad",
+    [
+        (ranges.integer(1), [1, 7], [0, -1, 1.5, True, "3", None]),
+        (ranges.integer(1, 25), [1, 25], [26, 0]),
+        (ranges.POSITIVE, [1e-9, 3], [0, -1, float("inf"), float("nan"), False]),
+        (ranges.number(0, 1, hi_open=True), [0, 0.999], [1, -0.1]),
+        (ranges.one_of("constant", "cosine"), ["cosine"], ["linear", None]),
+        (ranges.optional(ranges.COUNT), [None, 3], [0]),
+        (ranges.list_of(ranges.COUNT, 1), [[1, 2]], [[], [0], "12"]),
+    ],
+)
 def test_rules_accept_and_refuse_exactly(rule, good, bad):
     assert all(rule.ok(v) for v in good) and not any(rule.ok(v) for v in bad)

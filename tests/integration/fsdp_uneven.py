@@ -6,6 +6,7 @@ wait on each other forever, unless the passes run inside sharding.full_weights. 
 through the sharded model, and the full checkpoint state (weights and optimizer, gathered to rank 0) that
 a resume shards again. argv: [mode: "wrapped" | "naive"].
 """
+
 from __future__ import annotations
 
 import datetime
@@ -28,8 +29,13 @@ dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20 if mode ==
 rank = dist.get_rank()
 assert dist.get_world_size() == 2
 tok = load_tokenizer("builtin")
-model = build_tiny(OmegaConf.create({"arch": "qwen2", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2,
-                                     "max_positions": 256}), len(tok), seed=0)
+model = build_tiny(
+    OmegaConf.create(
+        {"arch": "qwen2", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_positions": 256}
+    ),
+    len(tok),
+    seed=0,
+)
 for layer in model.model.layers:
     fully_shard(layer)
 fully_shard(model)
@@ -38,8 +44,14 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 samples = [Sample(f"a={i}, b=a+1. b=?\n", str(i + 1)) for i in range(1 + 4 * rank)]
 with sharding.full_weights(model) if mode == "wrapped" else nullcontext():
-    ro = sample_rollout(KVCacheBackend(model, tok, chunk_size=2), tok, samples, group_size=2, max_new_tokens=6 + 10 * rank,
-                        seeds=row_seeds(0, "test", 1, range(2 * len(samples))))
+    ro = sample_rollout(
+        KVCacheBackend(model, tok, chunk_size=2),
+        tok,
+        samples,
+        group_size=2,
+        max_new_tokens=6 + 10 * rank,
+        seeds=row_seeds(0, "test", 1, range(2 * len(samples))),
+    )
 print(f"rank {rank}: sampled {tuple(ro.completion_ids.shape)} uneven ok", flush=True)
 
 x = torch.arange(2, 14).view(2, 6)  # the same micro-batch on both ranks: equal forward/backward counts

@@ -5,11 +5,11 @@ Each row is what a user typed; `needle` is what the message must say. Rows run i
 `rredcot.cli.main` (the real entry point, minus the interpreter start: ~0.3 s a row); a few run as real
 processes at the end, to show the same holds for `python -m rredcot`.
 """
+
 from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,9 +87,15 @@ DATA = [
     (HF + "task.sources.train.path={A}/no_hash.jsonl", "have no question or no gold answer in the 'gsm8k' format"),
     (HF + "task.sources.train.path={A}/nulls.jsonl", "rows [0, 2, 4"),
     (HF + "task.sources.train.path={A}/long.jsonl train.max_prompt_tokens=40", "prompts are longer than 40 tokens"),
-    (HF + "task.sources.train.path={A}/test.jsonl task.dev_size=4 eval.n_prompts=16", "split shares 15 of its 16 prompts"),
+    (
+        HF + "task.sources.train.path={A}/test.jsonl task.dev_size=4 eval.n_prompts=16",
+        "split shares 15 of its 16 prompts",
+    ),
     (HF + "task.sources.train.path={A}/train.jsonl task.answer_format=boxed", "'boxed' format"),
-    (HF + "task.sources.train.path={A}/train.jsonl task.answer_format=plain task.dev_size=20", "do not pass the verifier's own check"),
+    (
+        HF + "task.sources.train.path={A}/train.jsonl task.answer_format=plain task.dev_size=20",
+        "do not pass the verifier's own check",
+    ),
     (HF + "task.sources.train.path={A}/train.jsonl task.question_field=prompt", "has no field(s) ['prompt']"),
     (HF + "task.sources.train.path={A}/train.jsonl +task.sources.valid.path=x", "the splits are train, dev and test"),
     (HF + "task.sources.train.path={A}/train.jsonl task.dev_size=400", "task.dev_size=400 would take"),
@@ -97,7 +103,9 @@ DATA = [
 
 
 def _row(i: int, **kw) -> str:
-    return json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i} #### {2 * i}", **kw}) + "\n"
+    return (
+        json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i} #### {2 * i}", **kw}) + "\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +122,11 @@ def assets(tmp_path_factory, hub_shaped_model) -> Path:
         for f in hub_shaped_model.iterdir():
             if not f.name.startswith(drop):
                 (a / name / f.name).write_bytes(f.read_bytes())
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(a / "bert")
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    ).save_pretrained(a / "bert")
     tok.save_pretrained(a / "bert")
     (a / "train.jsonl").write_text("".join(_row(i) for i in range(300)))
     (a / "test.jsonl").write_text("".join(_row(i) for i in range(1000, 1040)))
@@ -123,7 +134,9 @@ def assets(tmp_path_factory, hub_shaped_model) -> Path:
     (a / "latin1.jsonl").write_bytes(_row(1).encode() + _row(2).replace("plus", "pl\u00fcs").encode("latin-1"))
     (a / "not_json.jsonl").write_text(_row(1) + _row(2) + "question: 3 plus 3?\n")
     (a / "array.jsonl").write_text(json.dumps(["What is 1 plus 1?", "#### 2"]) + "\n")
-    (a / "no_hash.jsonl").write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(300)))
+    (a / "no_hash.jsonl").write_text(
+        "".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(300))
+    )
     (a / "nulls.jsonl").write_text("".join(_row(i, question=None) if i % 2 == 0 else _row(i) for i in range(300)))
     (a / "long.jsonl").write_text("".join(_row(i, question=f"{'very ' * 20}long question {i}?") for i in range(300)))
     return a
@@ -164,21 +177,35 @@ def test_a_few_stray_rows_are_skipped_with_a_note_not_refused(assets, hub_shaped
     from rredcot.startup import prompt_limit, task_sets
     from rredcot.task.warmstart import load_policy
 
-    cfg = load_config(shlex.split((HF + "task.sources.train.path={T}/few.jsonl task.dev_size=20").format(
-        A=assets, M=hub_shaped_model, T=tmp_path))[1:] )
+    cfg = load_config(
+        shlex.split(
+            (HF + "task.sources.train.path={T}/few.jsonl task.dev_size=20").format(
+                A=assets, M=hub_shaped_model, T=tmp_path
+            )
+        )[1:]
+    )
     model, tok = load_policy(cfg)
     train, held_out = task_sets(cfg, tok, prompt_limit(cfg, model))
     assert len(train) == 300 - 20 and all(len(s.prompt) < 1000 for s in train)
 
 
-@pytest.mark.parametrize("line,needle", [
-    ("train +exp=gsm8k", "Is the hub reachable from here?"),     # the README's own command, offline
-    ("train optim.schedule=linear", "it must be one of constant, cosine"),
-    (HF + "task.sources.train.path={A}/latin1.jsonl", "line 2 is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ("train +exp=gsm8k", "Is the hub reachable from here?"),  # the README's own command, offline
+        ("train optim.schedule=linear", "it must be one of constant, cosine"),
+        (HF + "task.sources.train.path={A}/latin1.jsonl", "line 2 is not UTF-8 text"),
+    ],
+)
 def test_real_processes_exit_2_without_a_traceback(line, needle, assets, hub_shaped_model, tmp_path):
     run = tmp_path / "run"
-    proc = cli(*shlex.split(line.format(A=assets, M=hub_shaped_model)), "debug=fast", f"run_dir={run}", check=False,
-               env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = cli(
+        *shlex.split(line.format(A=assets, M=hub_shaped_model)),
+        "debug=fast",
+        f"run_dir={run}",
+        check=False,
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 2 and needle in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr
     assert not run.exists()

@@ -1,4 +1,5 @@
 """`rredcot compare` through the CLI: a tiny two-seed comparison, and reports from finished runs."""
+
 import json
 import shutil
 
@@ -10,9 +11,20 @@ from .conftest import cli
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "report"
-    proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(out), "debug=fast", "train.steps=2",
-               "eval.n_samples=1", "eval.ks=[1]",
-               "eval.extra_splits=[dev]")
+    proc = cli(
+        "compare",
+        "--baseline",
+        "grpo",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "debug=fast",
+        "train.steps=2",
+        "eval.n_samples=1",
+        "eval.ks=[1]",
+        "eval.extra_splits=[dev]",
+    )
     return out, proc
 
 
@@ -44,8 +56,12 @@ def test_report_on_an_extra_split(tiny_compare, tmp_path):
     runs = [str(out / m / f"seed{s}") for m in ("rredcot", "grpo") for s in (0, 1)]
     cli("compare", "--runs", *runs, "--out", str(tmp_path / "dev"), "--split", "dev")
     summary = json.loads((tmp_path / "dev" / "summary.json").read_text())
-    finals = [json.loads((out / "grpo" / f"seed{s}" / "eval.json").read_text())["splits"]["dev"]["final"] for s in (0, 1)]
-    assert summary["split"] == "dev" and summary["rows"]["grpo"]["accuracy"] == pytest.approx(sum(f["accuracy"] for f in finals) / 2)
+    finals = [
+        json.loads((out / "grpo" / f"seed{s}" / "eval.json").read_text())["splits"]["dev"]["final"] for s in (0, 1)
+    ]
+    assert summary["split"] == "dev" and summary["rows"]["grpo"]["accuracy"] == pytest.approx(
+        sum(f["accuracy"] for f in finals) / 2
+    )
     assert "'dev' split" in (tmp_path / "dev" / "report.md").read_text()
     proc = cli("compare", "--runs", *runs, "--out", str(tmp_path / "train"), "--split", "train", check=False)
     assert proc.returncode == 2 and "the held-out splits are dev and test" in proc.stderr

@@ -1,4 +1,5 @@
 """RREDCoT through the CLI: training with each credit estimator, and `rredcot credit`."""
+
 import json
 
 import pytest
@@ -14,7 +15,13 @@ def test_train_with_each_estimator(algo, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
     assert len(rows) == 2 and rows[0]["segments/per_trace"] >= 1
     if algo in ("rredcot", "mc"):
-        for key in ("credit/mean", "credit/std", "credit/frac_pos_in_wrong", "credit/frac_neg_in_right", "value/start_mean"):
+        for key in (
+            "credit/mean",
+            "credit/std",
+            "credit/frac_pos_in_wrong",
+            "credit/frac_neg_in_right",
+            "value/start_mean",
+        ):
             assert key in rows[0], key
     if algo == "rredcot":
         assert rows[0]["credit/probe_tokens_per_trace"] > 0
@@ -27,12 +34,23 @@ def test_default_algorithm_is_rredcot():
 
 def test_credit_command_against_mc(fast_run, tmp_path):
     out = tmp_path / "credit"
-    proc = cli("credit", f"checkpoint={fast_run}", "debug=fast", "credit.against=mc", "credit.prompts=2",
-               "credit.mc_samples=2", "credit.segmenters=[fixed,newline]", f"run_dir={out}")
+    proc = cli(
+        "credit",
+        f"checkpoint={fast_run}",
+        "debug=fast",
+        "credit.against=mc",
+        "credit.prompts=2",
+        "credit.mc_samples=2",
+        "credit.segmenters=[fixed,newline]",
+        f"run_dir={out}",
+    )
     result = json.loads((out / "credit.json").read_text())
     assert set(result["estimators"]) == {"rredcot", "attention", "gradient", "uniform"}
     assert {"seconds", "forward_tokens", "generated_tokens"} <= set(result["estimators"]["rredcot"]["cost"])
-    assert result["mc"]["cost"]["generated_tokens"] > 0 and result["estimators"]["rredcot"]["cost"]["generated_tokens"] == 0
+    assert (
+        result["mc"]["cost"]["generated_tokens"] > 0
+        and result["estimators"]["rredcot"]["cost"]["generated_tokens"] == 0
+    )
     assert set(result["segmenters"]) == {"fixed", "newline"}
     page = (out / "credit.html").read_text()
     assert page.startswith("<!doctype html>") and "credit" in page and "background:rgba" in page
@@ -41,5 +59,7 @@ def test_credit_command_against_mc(fast_run, tmp_path):
 
 
 def test_credit_rejects_an_unknown_reference(fast_run, tmp_path):
-    proc = cli("credit", f"checkpoint={fast_run}", "debug=fast", "credit.against=oracle", f"run_dir={tmp_path}", check=False)
+    proc = cli(
+        "credit", f"checkpoint={fast_run}", "debug=fast", "credit.against=oracle", f"run_dir={tmp_path}", check=False
+    )
     assert proc.returncode == 2 and "only reference is mc" in proc.stderr

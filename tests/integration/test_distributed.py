@@ -3,6 +3,7 @@
 `accelerate launch --cpu --num_processes 2` starts a single process, so these use torchrun; each test
 asserts from the run's own record (config.yaml world_size, taken from the process group) that two ranks ran.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,29 @@ import yaml
 from tests.integration.conftest import REPO, cli
 
 # 2 steps of 4 prompts x 4 completions; every completion logged; an odd eval set (ranks get 3 and 2 prompts)
-SHORT = ["debug=fast", "logging.progress=false", "train.steps=2", "train.log_every=1", "train.samples_per_log=16",
-         "train.eval_every=0", "train.save_every=0", "eval.n_prompts=5"]
+SHORT = [
+    "debug=fast",
+    "logging.progress=false",
+    "train.steps=2",
+    "train.log_every=1",
+    "train.samples_per_log=16",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "eval.n_prompts=5",
+]
 CASES = {
     # RREDCoT's default: forced values (uneven probe chunks per rank), dapo (global token denominator, x W)
     "rredcot": ["algo=rredcot"],
     # GRPO with per-row loss, batch-scaled rewards (a global std), 2 optimizer steps of 2 micro-batches per rank;
     # a format reward, so that groups differ (the debug model answers nothing right: GRPO would learn nothing)
-    "grpo": ["algo=grpo", "update.loss_type=grpo", "redistribute.scale_rewards=batch", "update.steps_per_generation=2",
-             "update.micro_batch_size=2", "verify.format_weight=0.5"],
+    "grpo": [
+        "algo=grpo",
+        "update.loss_type=grpo",
+        "redistribute.scale_rewards=batch",
+        "update.steps_per_generation=2",
+        "update.micro_batch_size=2",
+        "verify.format_weight=0.5",
+    ],
 }
 WEIGHT_TOL = 1e-5  # float32 sums in another order (DDP's average vs one process's accumulation); measured ~3e-7
 
@@ -33,11 +48,27 @@ WEIGHT_TOL = 1e-5  # float32 sums in another order (DDP's average vs one process
 def torchrun(n: int, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node n -m rredcot ARGS`, as a user launches it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-                           "rredcot", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "rredcot",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun rredcot {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"torchrun rredcot {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

@@ -1,5 +1,6 @@
 """FSDP2 on CPU (raw fully_shard over two gloo ranks: accelerate gives no FSDP without a GPU): the no-grad
 passes whose counts differ per rank do not hang inside distributed.full_weights, and do without it."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,14 @@ SCRIPT = REPO / "tests" / "integration" / "fsdp_uneven.py"
 def launch(mode: str, timeout: int) -> tuple[int | None, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     try:
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-                            mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT), mode],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         return p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         return None, str(e.stdout or "")

@@ -2,6 +2,7 @@
 the real architectures and chat templates (no hub needed: GPU machines here reach nothing outside), through
 the CLI as a user runs them: bf16 weights, autocast, activation checkpointing, LoRA, and rollout=vllm when
 vLLM is installed. Run them with `pytest -m gpu` on a machine with a GPU."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,20 @@ PRESET = "qwen2.5-1.5b-instruct"  # model.dtype: bfloat16, ChatML template
 
 def _train(tmp_path, *extra: str):
     model_dir, run = _model_dir(tmp_path, PRESET), tmp_path / "run"
-    proc = cli("train", "debug=fast", "task=gsm8k", f"model={PRESET}", f"model.name={model_dir}", "warmstart.enabled=false",
-               "device=cuda", *GSM8K, "rollout.max_new_tokens=32", f"run_dir={run}", "logging.progress=false", *extra)
+    proc = cli(
+        "train",
+        "debug=fast",
+        "task=gsm8k",
+        f"model={PRESET}",
+        f"model.name={model_dir}",
+        "warmstart.enabled=false",
+        "device=cuda",
+        *GSM8K,
+        "rollout.max_new_tokens=32",
+        f"run_dir={run}",
+        "logging.progress=false",
+        *extra,
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return run, [r for r in rows if "reward/mean" in r], proc
 
@@ -33,8 +46,9 @@ def test_bf16_training_and_eval_on_cuda(tmp_path):
 
 def test_lora_autocast_and_checkpointing_on_cuda(tmp_path):
     pytest.importorskip("peft")
-    run, steps, _ = _train(tmp_path, "model.lora.r=8", "update.autocast=bfloat16", "update.gradient_checkpointing=true",
-                           "update.beta=0.04")
+    run, steps, _ = _train(
+        tmp_path, "model.lora.r=8", "update.autocast=bfloat16", "update.gradient_checkpointing=true", "update.beta=0.04"
+    )
     assert len(steps) == 4 and all("kl" in r for r in steps)
     assert (run / "checkpoints").exists()
 

@@ -2,6 +2,7 @@
 on every GPU the machine has (one is enough to run each engine's code paths: sharding, the full-weight
 no-grad passes, checkpoints of sharded state, a resume). Not run on the CPU machine (accelerate gives no FSDP
 there and DeepSpeed needs CUDA); the CPU tests are test_distributed.py and test_distributed_fsdp.py."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,39 @@ import torch
 from .conftest import REPO
 
 pytestmark = pytest.mark.gpu
-ARGS = ["debug=fast", "logging.progress=false", "train.steps=4", "train.save_every=2", "eval.n_prompts=5", "device=cuda"]
+ARGS = [
+    "debug=fast",
+    "logging.progress=false",
+    "train.steps=4",
+    "train.save_every=2",
+    "eval.n_prompts=5",
+    "device=cuda",
+]
 
 
 def accelerate(config: str, *args: str) -> subprocess.CompletedProcess:
     n = torch.cuda.device_count()
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"conf/accelerate/{config}",
-                           "--num_processes", str(n), "-m", "rredcot", "train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"conf/accelerate/{config}",
+            "--num_processes",
+            str(n),
+            "-m",
+            "rredcot",
+            "train",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

@@ -5,6 +5,7 @@ do not touch the RNG, so the reference is still the same run) so that kills ofte
 A kill before the first checkpoint leaves a run with nothing to resume: the CLI then says `rm -r`,
 and the test does what it says.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,19 @@ def _start(run: Path) -> subprocess.Popen:
 
     resume = ["resume=true"] if run.exists() and checkpoints(run) else []
     if (run / "metrics.jsonl").exists() and not resume:
-        proc = subprocess.run([sys.executable, "-m", "rredcot", *ARGS, f"run_dir={run}"], cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "rredcot", *ARGS, f"run_dir={run}"], cwd=REPO, capture_output=True, text=True
+        )
         assert proc.returncode == 2 and f"rm -r {run}" in proc.stderr, proc.stderr  # the dead end once reported
         shutil.rmtree(run)
-    return subprocess.Popen([sys.executable, "-m", "rredcot", *ARGS, f"run_dir={run}", *resume], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "rredcot", *ARGS, f"run_dir={run}", *resume],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 def _finish(run: Path) -> None:
@@ -60,7 +69,10 @@ def _assert_same_run(run: Path, reference: Path) -> None:
         assert g.keys() == w.keys()
         for k in g:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), (g["step"], k)
-    assert json.loads((run / "eval.json").read_text())["start"] == json.loads((reference / "eval.json").read_text())["start"]
+    assert (
+        json.loads((run / "eval.json").read_text())["start"]
+        == json.loads((reference / "eval.json").read_text())["start"]
+    )
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 

@@ -1,6 +1,7 @@
 """Plug-ins from outside the package: a task and a verifier in a user's own module and config directory,
 through `train` (via `compare`, whose runs are child processes), `eval`, `list`, and an installed
 package's entry point."""
+
 import json
 import shutil
 
@@ -33,7 +34,10 @@ def test_a_plugin_task_trains_in_compare_children_and_evaluates(user_dir, tmp_pa
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert any("reward/mean" in r for r in rows)
     # warm-started on the task's own reference traces (40 debug steps): it writes their format already
-    first = [json.loads(line) for line in sorted((out / "rredcot" / "seed0" / "samples").glob("*.jsonl"))[0].read_text().splitlines()]
+    first = [
+        json.loads(line)
+        for line in sorted((out / "rredcot" / "seed0" / "samples").glob("*.jsonl"))[0].read_text().splitlines()
+    ]
     assert sum(r["completion"].startswith("<think>") for r in first) >= len(first) // 2, first
     assert (out / "report.md").exists()
     # eval reads the run's own config: the plug-in task and verifier, with nothing repeated on the command line
@@ -52,9 +56,11 @@ def test_an_installed_packages_entry_point_is_loaded(tmp_path):
     (site / "ep_plugin-0.1.dist-info").mkdir(parents=True)
     (site / "ep_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin\nVersion: 0.1\n")
     (site / "ep_plugin-0.1.dist-info" / "entry_points.txt").write_text("[rredcot.plugins]\nhalves = ep_plugin\n")
-    (site / "ep_plugin.py").write_text("from rredcot.registry import register\n"
-                                       "@register('segment', 'halves')\n"
-                                       "def halves(trace):\n    return [0, trace.end // 2, trace.end]\n")
+    (site / "ep_plugin.py").write_text(
+        "from rredcot.registry import register\n"
+        "@register('segment', 'halves')\n"
+        "def halves(trace):\n    return [0, trace.end // 2, trace.end]\n"
+    )
     out = cli("list", env={"PYTHONPATH": str(site)}).stdout
     assert "halves" in out
     cli("config", "show", "segment.name=halves", env={"PYTHONPATH": str(site)})

@@ -1,4 +1,5 @@
 """Real CPU runs of `rredcot train` / `rredcot eval` through the CLI, on the tiny built-in setup."""
+
 import json
 
 import pytest
@@ -18,13 +19,25 @@ def test_run_directory_has_everything_a_user_opens(fast_run):
     rows = [json.loads(line) for line in (fast_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    for key in ("reward/mean", "accuracy", "time/step_s", "frac_reward_zero_std", "entropy", "lr", "grad_norm",
-                "completion/mean_length", "clip_ratio/region_mean", "tokens/s"):
+    for key in (
+        "reward/mean",
+        "accuracy",
+        "time/step_s",
+        "frac_reward_zero_std",
+        "entropy",
+        "lr",
+        "grad_norm",
+        "completion/mean_length",
+        "clip_ratio/region_mean",
+        "tokens/s",
+    ):
         assert key in steps[0], key
-    assert any("eval/accuracy" in r for r in rows if r["step"] == 0)          # before RL
-    assert sum("eval/accuracy" in r for r in rows if r["step"] > 0) >= 2      # periodic + final
+    assert any("eval/accuracy" in r for r in rows if r["step"] == 0)  # before RL
+    assert sum("eval/accuracy" in r for r in rows if r["step"] > 0) >= 2  # periodic + final
     samples = sorted((fast_run / "samples").glob("*.jsonl"))
-    assert samples and {"prompt", "completion", "reward", "segments"} <= set(json.loads(samples[0].read_text().splitlines()[0]))
+    assert samples and {"prompt", "completion", "reward", "segments"} <= set(
+        json.loads(samples[0].read_text().splitlines()[0])
+    )
     result = json.loads((fast_run / "eval.json").read_text())
     assert {"accuracy", "pass@1", "pass@2"} <= set(result["final"]) and result["start"] is not None
 
@@ -53,12 +66,12 @@ def test_every_trainable_parameter_changed(fast_run):
 def test_eval_command_writes_its_own_file_and_never_the_runs_eval_json(fast_run):
     before = (fast_run / "eval.json").read_text()
     proc = cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=4")
-    assert (fast_run / "eval.json").read_text() == before          # `rredcot eval` once overwrote it
+    assert (fast_run / "eval.json").read_text() == before  # `rredcot eval` once overwrote it
     result = json.loads((fast_run / "evals" / "step_000004_test.json").read_text())
     for key in ("accuracy", "pass@1", "pass@2", "mean_length", "truncated_frac", "unclosed_think_frac"):
         assert 0 <= result[key] <= (1 if key != "mean_length" else 1e9)
     assert result["checkpoint"].endswith("step_000004") and result["n_prompts"] == 4 and "pass@1" in proc.stdout
-    assert "eval.n_prompts: 256 -> 4" not in proc.stderr              # the run's own debug=fast size was 8
+    assert "eval.n_prompts: 256 -> 4" not in proc.stderr  # the run's own debug=fast size was 8
     assert "eval.n_prompts: 8 -> 4" in " ".join(proc.stderr.split())  # a changed setting is said
     cli("eval", f"checkpoint={fast_run}", "eval.n_prompts=4")
     assert (fast_run / "evals" / "step_000004_test-2.json").exists()  # a second evaluation gets its own file
@@ -68,8 +81,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     run = tmp_path / "r"
     cli("train", "debug=fast", f"run_dir={run}", "train.steps=2", "logging.progress=false")
     proc = cli("train", "debug=fast", f"run_dir={run}", "train.steps=4", "resume=true", "logging.progress=false")
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "reward/mean" in line]
+    steps = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line
+    ]
     assert steps == [1, 2, 3, 4], proc.stdout
     assert (run / "checkpoints" / "step_000004").exists()
 
@@ -84,29 +98,57 @@ def test_existing_run_is_never_overwritten(fast_run):
 def test_grpo_variants_train(tmp_path):
     """Reused batches (old log-probs recomputed), a KL reference model, another loss and a segmenter."""
     run = tmp_path / "v"
-    cli("train", "debug=fast", f"run_dir={run}", "train.steps=2", "update.num_iterations=2", "update.beta=0.1",
-        "update.loss_type=grpo", "update.steps_per_generation=2", "segment=fixed", "redistribute.scale_rewards=batch",
-        "update.mask_truncated_completions=true", "optim.schedule=cosine", "optim.warmup_steps=1", "model=qwen2_tiny",
-        "logging.progress=false")
+    cli(
+        "train",
+        "debug=fast",
+        f"run_dir={run}",
+        "train.steps=2",
+        "update.num_iterations=2",
+        "update.beta=0.1",
+        "update.loss_type=grpo",
+        "update.steps_per_generation=2",
+        "segment=fixed",
+        "redistribute.scale_rewards=batch",
+        "update.mask_truncated_completions=true",
+        "optim.schedule=cosine",
+        "optim.warmup_steps=1",
+        "model=qwen2_tiny",
+        "logging.progress=false",
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
     assert "kl" in rows[0] and rows[0]["kl"] >= 0 and rows[0]["segments/per_trace"] >= 1
 
 
-GSM8K_FILES = [f"task.sources.train.path={ASSETS_DIR / 'gsm8k_train.jsonl'}",
-               f"task.sources.test.path={ASSETS_DIR / 'gsm8k_test.jsonl'}", "task.dev_size=4"]
+GSM8K_FILES = [
+    f"task.sources.train.path={ASSETS_DIR / 'gsm8k_train.jsonl'}",
+    f"task.sources.test.path={ASSETS_DIR / 'gsm8k_test.jsonl'}",
+    "task.dev_size=4",
+]
 
 
 def test_local_gsm8k_files_with_a_hub_shaped_model(tmp_path, hub_shaped_model):
     """The hub-loading path on local files of the same shape: chat template, gsm8k gold, gsm8k verifier,
     train and test from their own files; then `eval` and `credit` read the run's own task."""
     run = tmp_path / "g"
-    cli("train", "debug=fast", "+exp=gsm8k", f"model.name={hub_shaped_model}", "model.dtype=float32", *GSM8K_FILES,
-        "rollout.max_new_tokens=16", "train.steps=2", f"run_dir={run}", "logging.progress=false")
+    cli(
+        "train",
+        "debug=fast",
+        "+exp=gsm8k",
+        f"model.name={hub_shaped_model}",
+        "model.dtype=float32",
+        *GSM8K_FILES,
+        "rollout.max_new_tokens=16",
+        "train.steps=2",
+        f"run_dir={run}",
+        "logging.progress=false",
+    )
     sample = json.loads(sorted((run / "samples").glob("*.jsonl"))[0].read_text().splitlines()[0])
     assert sample["prompt"].startswith("<|user|>") and sample["prompt"].endswith("<|assistant|>")
-    train_golds = {line.rsplit("#### ", 1)[1].split('"')[0].replace(",", "") for line in
-                   (ASSETS_DIR / "gsm8k_train.jsonl").read_text().splitlines()}
-    assert sample["gold"] in train_golds                            # trained on the train file ...
+    train_golds = {
+        line.rsplit("#### ", 1)[1].split('"')[0].replace(",", "")
+        for line in (ASSETS_DIR / "gsm8k_train.jsonl").read_text().splitlines()
+    }
+    assert sample["gold"] in train_golds  # trained on the train file ...
     start = json.loads((run / "eval.json").read_text())["start"]
     assert {e["gold"] for e in start["examples"]} <= {"7", "30", "210", "20", "325", "9", "2100"}  # ... tested on test
     # `rredcot eval checkpoint=RUN` once scored a GSM8K checkpoint on the built-in task without a word
@@ -115,21 +157,41 @@ def test_local_gsm8k_files_with_a_hub_shaped_model(tmp_path, hub_shaped_model):
     assert result["task"] == "hf" and result["verifier"] == "gsm8k"
     assert {e["gold"] for e in result["examples"]} <= {"7", "30", "210", "20", "325", "9", "2100"}
     proc = cli("eval", f"checkpoint={run}", "task=builtin", "model=builtin", check=False)
-    assert "task.name: 'hf' -> 'builtin'" in " ".join(proc.stderr.split())   # a task change is said
+    assert "task.name: 'hf' -> 'builtin'" in " ".join(proc.stderr.split())  # a task change is said
 
 
 def test_local_math_files(tmp_path, hub_shaped_model):
     run = tmp_path / "m"
-    cli("train", "debug=fast", "+exp=math500", f"model.name={hub_shaped_model}", "model.dtype=float32",
-        f"task.sources.train.path={ASSETS_DIR / 'math_train.jsonl'}", f"task.sources.test.path={ASSETS_DIR / 'math500_test.jsonl'}",
-        "task.dev_size=4", "rollout.max_new_tokens=8", "train.steps=1", f"run_dir={run}", "logging.progress=false")
+    cli(
+        "train",
+        "debug=fast",
+        "+exp=math500",
+        f"model.name={hub_shaped_model}",
+        "model.dtype=float32",
+        f"task.sources.train.path={ASSETS_DIR / 'math_train.jsonl'}",
+        f"task.sources.test.path={ASSETS_DIR / 'math500_test.jsonl'}",
+        "task.dev_size=4",
+        "rollout.max_new_tokens=8",
+        "train.steps=1",
+        f"run_dir={run}",
+        "logging.progress=false",
+    )
     assert json.loads((run / "eval.json").read_text())["final"]["n_prompts"] == 4
 
 
 def test_one_file_for_train_and_test_is_refused_before_any_work(tmp_path, hub_shaped_model):
     run = tmp_path / "same"
-    proc = cli("train", "debug=fast", "+exp=gsm8k", f"model.name={hub_shaped_model}", "model.dtype=float32",
-               f"task.path={ASSETS_DIR / 'gsm8k_train.jsonl'}", "task.dev_size=4", f"run_dir={run}", check=False)
+    proc = cli(
+        "train",
+        "debug=fast",
+        "+exp=gsm8k",
+        f"model.name={hub_shaped_model}",
+        "model.dtype=float32",
+        f"task.path={ASSETS_DIR / 'gsm8k_train.jsonl'}",
+        "task.dev_size=4",
+        f"run_dir={run}",
+        check=False,
+    )
     assert proc.returncode == 2 and "shares" in proc.stderr and "Traceback" not in proc.stderr
     assert not run.exists()
 
@@ -150,9 +212,14 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_matches_an_uninterrupted_ru
     from .conftest import REPO
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "rredcot", "train", "debug=fast", f"run_dir={run}", "logging.progress=false"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rredcot", "train", "debug=fast", f"run_dir={run}", "logging.progress=false"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and _step_rows(run)):
         time.sleep(0.05)
@@ -182,8 +249,9 @@ def test_nan_gradients_are_skipped_counted_and_stop_the_run(tmp_path):
     assert proc.returncode == 2 and "non-finite gradients" in proc.stderr and "Traceback" not in proc.stderr
     rows = _step_rows(run)
     assert rows[-1]["skipped_nonfinite"] == 1.0
-    for ckpt in (run / "checkpoints").iterdir():               # whatever was saved holds finite weights
+    for ckpt in (run / "checkpoints").iterdir():  # whatever was saved holds finite weights
         from safetensors.torch import load_file as load
+
         assert all(torch.isfinite(t).all() for t in load(ckpt / "model.safetensors").values())
 
 
@@ -201,16 +269,30 @@ def test_resume_uses_the_runs_own_config(tmp_path):
     import yaml
 
     run = tmp_path / "own"
-    cli("train", "debug=fast", f"run_dir={run}", "train.steps=2", "seed=5", "rollout.temperature=0.9", "logging.progress=false")
+    cli(
+        "train",
+        "debug=fast",
+        f"run_dir={run}",
+        "train.steps=2",
+        "seed=5",
+        "rollout.temperature=0.9",
+        "logging.progress=false",
+    )
     code, err = run_main(f"train resume=true run_dir={run} seed=1 update.micro_batch_size=4")  # in-process: the refusal
     said = " ".join(err.split())
     assert code == 2 and "seed: 5 -> 1" in said and "update.micro_batch_size: 8 -> 4" in said
     proc = cli("train", "resume=true", f"run_dir={run}", "train.steps=3", "logging.progress=false")  # no debug=fast
     assert "train.steps: 2 -> 3" in " ".join(proc.stderr.split())
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert (cfg["seed"], cfg["rollout"]["temperature"], cfg["train"]["steps"], cfg["task"]["train_size"]) == (5, 0.9, 3, 256)
+    assert (cfg["seed"], cfg["rollout"]["temperature"], cfg["train"]["steps"], cfg["task"]["train_size"]) == (
+        5,
+        0.9,
+        3,
+        256,
+    )
     assert "train.steps=3" in yaml.safe_load((run / "overrides.yaml").read_text())
     resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     assert len(resumes) == 1 and resumes[0]["from"] == "step_000002" and "train.steps=3" in resumes[0]["overrides"]
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "reward/mean" in line] == [1, 2, 3]
+    assert [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line
+    ] == [1, 2, 3]

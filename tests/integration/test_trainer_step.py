@@ -1,4 +1,5 @@
 """One RL step run and checked in-process: Trainer.setup, then Trainer.step and Trainer.after_step."""
+
 from __future__ import annotations
 
 import json

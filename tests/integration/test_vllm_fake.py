@@ -1,6 +1,7 @@
 """rollout=vllm end to end through the CLI entry point, with tests/fake_vllm.py as the engine (CPU):
 the run trains, re-scores the engine's tokens, logs the sampler mismatch, pushes the weights after every
 step and leaves the same run directory as rollout=sample. Without vLLM the choice is refused (exit 2)."""
+
 from __future__ import annotations
 
 import json

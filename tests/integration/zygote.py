@@ -12,6 +12,7 @@ that start real processes (test_kills, the SIGTERM and torchrun tests) keep cove
 Protocol (pickled, length-prefixed, over the server's stdin / stdout): request (args, env, cwd, out, err) ->
 ("pid", pid), then ("exit", status). Run as `python -m tests.integration.zygote` from the repository root.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,9 +91,9 @@ def serve() -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     import rredcot.cli  # noqa: F401  the heavy imports, once: the command's own and the trainer's
-    import rredcot.trainer  # noqa: F401
-    import rredcot.credit_report  # noqa: F401
     import rredcot.compare_report  # noqa: F401
+    import rredcot.credit_report  # noqa: F401
+    import rredcot.trainer  # noqa: F401
 
     send(outp, ("ready", os.getpid()))
     while True:

@@ -1,4 +1,5 @@
 """One rule for groups whose rewards are all equal: the logs (metrics) and the training (redistribute) agree."""
+
 import math
 
 import torch

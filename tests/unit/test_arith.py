@@ -1,4 +1,5 @@
 """The built-in task: deterministic, disjoint splits, correct traces, flaws where asked."""
+
 import re
 
 from rredcot.task.arith import ArithSpec, Flaws, extract_answer, generate, misconception, split_of
@@ -25,7 +26,7 @@ def test_same_seed_same_problems_and_splits_are_disjoint():
 def test_traces_are_correct_and_end_with_the_gold():
     for s in generate(ArithSpec(steps=5, distractors=2, shuffle=True), "train", 200, seed=0):
         assert _check_trace(s.meta["trace"]) and extract_answer(s.meta["trace"])[0] == s.gold
-        assert s.meta["trace"].count("\n") == 5 + 2   # <think>, 5 steps, </think>
+        assert s.meta["trace"].count("\n") == 5 + 2  # <think>, 5 steps, </think>
         assert s.prompt.count("=") == 1 + 5 + 2 * 2 + 1  # start, steps, distractor pairs, query
 
 
@@ -37,7 +38,7 @@ def test_values_stay_in_range():
 def test_flaws_make_wrong_traces_at_about_the_asked_rate():
     samples = generate(ArithSpec(steps=4), "train", 2000, seed=0, flaws=Flaws(rate=0.3))
     frac = sum(s.meta["flawed"] for s in samples) / len(samples)
-    assert 0.25 < frac < 0.35   # one wrong step in 30% of traces (an offset never cancels out)
+    assert 0.25 < frac < 0.35  # one wrong step in 30% of traces (an offset never cancels out)
 
 
 def test_misconceptions_are_systematic():

@@ -1,10 +1,11 @@
 """Attribution baselines: weights are a distribution over segments; batching changes nothing."""
+
 import torch
 
 from rredcot.stages.attribution import attention_weights, gradient_weights
+from rredcot.stages.context import PolicyContext
 from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment
-from rredcot.stages.values import PolicyContext
 from rredcot.stages.verify import BuiltinVerifier
 from rredcot.types import Sample
 

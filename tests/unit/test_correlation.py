@@ -1,5 +1,6 @@
 """The credit report's statistics: ranks with ties, Spearman-Brown, and a bootstrap interval that
 covers the statistic and narrows with more units."""
+
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from rredcot.correlation import _ranks, bootstrap_ci, pearson, spearman, spearma
 def test_ranks_share_ties_and_spearman_reads_monotone_as_one():
     assert _ranks(torch.tensor([3.0, 1.0, 3.0])).tolist() == [2.5, 1.0, 2.5]
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert spearman(x, x ** 3) == pytest.approx(1.0) and pearson(x, x ** 3) < 1.0
+    assert spearman(x, x**3) == pytest.approx(1.0) and pearson(x, x**3) < 1.0
     assert math.isnan(pearson(x, torch.ones(4)))  # a constant side has no correlation
 
 

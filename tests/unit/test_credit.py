@@ -1,4 +1,5 @@
 """Credit assignment: segment rewards, return-equivalence, modes and scaling on hand-sized tensors."""
+
 import math
 
 import pytest
@@ -6,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rredcot.stages.redistribute import _weighted, segment_rewards, uniform, value_credit
 from rredcot.advantages import group_advantages
+from rredcot.stages.redistribute import uniform
+from rredcot.stages.token_credit import _weighted, segment_rewards, value_credit
 from rredcot.types import Rollout, Sample, Segmented, Verified
 
 
@@ -30,9 +32,18 @@ def _batch(rewards, lengths, bounds, T=8):
     mask = torch.zeros(N, T, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    ro = Rollout(torch.ones(N, 2, dtype=torch.long), torch.ones(N, 2, dtype=torch.long), torch.ones(N, T, dtype=torch.long),
-                 mask, torch.zeros(N, T), torch.zeros(N, T), torch.zeros(N, dtype=torch.bool), [""] * N,
-                 [Sample("p", "1")] * N, 2)
+    ro = Rollout(
+        torch.ones(N, 2, dtype=torch.long),
+        torch.ones(N, 2, dtype=torch.long),
+        torch.ones(N, T, dtype=torch.long),
+        mask,
+        torch.zeros(N, T),
+        torch.zeros(N, T),
+        torch.zeros(N, dtype=torch.bool),
+        [""] * N,
+        [Sample("p", "1")] * N,
+        2,
+    )
     r = torch.tensor(rewards)
     ver = Verified(r, {"accuracy": r}, r == 1, ["x"] * N)
     return ro, ver, Segmented(bounds, [None] * N)
@@ -48,7 +59,7 @@ def test_immediate_mode_unscaled():
     c = value_credit(RO, VER, SEG, VALUES, group_size=2, mode="immediate", scale="none")
     assert torch.allclose(c.advantages[0, :6], torch.tensor([0.4, 0.4, 0.3, 0.3, 0.1, 0.1]))
     assert torch.allclose(c.advantages[1, :6], torch.tensor([-0.1, -0.1, -0.1, -0.1, 0.0, 0.0]))
-    assert torch.all(c.advantages[:, 6:] == 0)   # padding
+    assert torch.all(c.advantages[:, 6:] == 0)  # padding
 
 
 def test_return_to_go_mode_group_scaled():
@@ -63,8 +74,15 @@ def test_return_to_go_mode_group_scaled():
 def test_group_scale_is_one_when_the_group_is_all_equal():
     # R = [0, 0]: GRPO has no signal here, credit still does: unscaled (divided by 1 + eps, not eps)
     ro, ver, seg = _batch([0.0, 0.0], [4, 4], [[0, 2], [0, 2]])
-    c = value_credit(ro, ver, seg, [torch.tensor([0.3, 0.1]), torch.tensor([0.3, 0.5])], group_size=2,
-                     mode="immediate", scale="group")
+    c = value_credit(
+        ro,
+        ver,
+        seg,
+        [torch.tensor([0.3, 0.1]), torch.tensor([0.3, 0.5])],
+        group_size=2,
+        mode="immediate",
+        scale="group",
+    )
     assert torch.allclose(c.advantages[0, :4], torch.tensor([-0.2, -0.2, -0.1, -0.1]) / (1 + 1e-4))
 
 
@@ -79,7 +97,14 @@ def test_equal_groups_zero_gives_all_right_and_all_wrong_groups_no_credit():
     zero = value_credit(ro, ver, seg, values, group_size=2, mode="return_to_go", equal_groups="zero")
     assert torch.allclose(keep.advantages[0, :4], torch.tensor([0.7, 0.7, 0.9, 0.9]) / (1 + 1e-4))
     assert (zero.advantages[:2] == 0).all() and torch.equal(zero.advantages[2:], keep.advantages[2:])
-    assert equal_reward_groups(torch.tensor([1.0, 1.0, 1.0, 0.0, math.nan, 0.0]), 2).tolist() == [True, True, False, False, True, True]
+    assert equal_reward_groups(torch.tensor([1.0, 1.0, 1.0, 0.0, math.nan, 0.0]), 2).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
 
 
 def test_mixed_mode_adds_unit_std_credit_to_grpo():
@@ -142,19 +167,29 @@ def test_a_trace_without_end_of_thinking_gets_its_correction_on_its_last_segment
     """No marker (truncated, or a model that answers without <think>): before the fix the correction
     R - V_K fell on an empty token range after the trace, so with mode=immediate a right and a wrong
     trace with equal values got identical advantages."""
-    from rredcot.stages.redistribute import value_credit
     from rredcot.stages.segment import Trace, segment_fixed, without_answer_part
+    from rredcot.stages.token_credit import value_credit
     from rredcot.types import Rollout, Segmented, Verified
 
     trace = Trace(list(range(6)), [0.0] * 6, think_end=None)
     bounds = without_answer_part(segment_fixed(trace, size=3), trace)
     assert segment_fixed(trace, size=3) == [0, 3, 6] and bounds == [0, 3]  # the completion's end is not a boundary
     N, T = 2, 6
-    ro = Rollout(prompt_ids=torch.ones(N, 1, dtype=torch.long), prompt_mask=torch.ones(N, 1, dtype=torch.long),
-                 completion_ids=torch.ones(N, T, dtype=torch.long), completion_mask=torch.ones(N, T, dtype=torch.long),
-                 logprobs=torch.zeros(N, T), entropies=torch.zeros(N, T), truncated=torch.ones(N, dtype=torch.bool),
-                 texts=["", ""], samples=[None, None], group_size=2)
-    ver = Verified(rewards=torch.tensor([1.0, 0.0]), per_func={}, correct=torch.tensor([True, False]), extractor=["", ""])
+    ro = Rollout(
+        prompt_ids=torch.ones(N, 1, dtype=torch.long),
+        prompt_mask=torch.ones(N, 1, dtype=torch.long),
+        completion_ids=torch.ones(N, T, dtype=torch.long),
+        completion_mask=torch.ones(N, T, dtype=torch.long),
+        logprobs=torch.zeros(N, T),
+        entropies=torch.zeros(N, T),
+        truncated=torch.ones(N, dtype=torch.bool),
+        texts=["", ""],
+        samples=[None, None],
+        group_size=2,
+    )
+    ver = Verified(
+        rewards=torch.tensor([1.0, 0.0]), per_func={}, correct=torch.tensor([True, False]), extractor=["", ""]
+    )
     seg = Segmented(boundaries=[bounds, bounds], think_end=[None, None])
     values = [torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])]  # V at b_0 = 0 and b_1 = 3
     credit = value_credit(ro, ver, seg, values, group_size=2, mode="immediate", scale="none")

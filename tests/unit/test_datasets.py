@@ -1,5 +1,6 @@
 """Hub-shaped tasks on local files: one source per split, a dev split carved out of training, overlaps
 refused, bad rows counted. (The hub path is the same code with a dataset name instead of a file.)"""
+
 import json
 
 import pytest
@@ -8,8 +9,8 @@ from rredcot.compose import load_config
 from rredcot.errors import UserError
 from rredcot.startup import task_sets
 from rredcot.task.hub import hf_task
-from rredcot.task.splits import check_disjoint, question_hash
 from rredcot.task.model import load_tokenizer
+from rredcot.task.splits import check_disjoint, question_hash
 from rredcot.types import Sample
 
 from ..conftest import ASSETS
@@ -18,8 +19,16 @@ GSM_TRAIN, GSM_TEST = ASSETS / "gsm8k_train.jsonl", ASSETS / "gsm8k_test.jsonl"
 
 
 def _cfg(*extra):
-    return load_config(["task=gsm8k", "warmstart.enabled=false", f"task.sources.train.path={GSM_TRAIN}",
-                        f"task.sources.test.path={GSM_TEST}", "task.dev_size=4", *extra])
+    return load_config(
+        [
+            "task=gsm8k",
+            "warmstart.enabled=false",
+            f"task.sources.train.path={GSM_TRAIN}",
+            f"task.sources.test.path={GSM_TEST}",
+            "task.dev_size=4",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +43,9 @@ def _keys(samples):
 def test_each_split_reads_its_own_source_and_dev_is_carved_out_of_training(tok):
     cfg = _cfg()
     train, dev, test = (hf_task(cfg.task, s, tok) for s in ("train", "dev", "test"))
-    assert (len(train), len(dev), len(test)) == (32 - 4, 4, 8)      # 32 training rows, 4 of them become dev
+    assert (len(train), len(dev), len(test)) == (32 - 4, 4, 8)  # 32 training rows, 4 of them become dev
     assert not _keys(train) & _keys(dev) and not _keys(train) & _keys(test)
-    assert all(s.gold.isdigit() for s in train + dev + test)        # '#### 1,234' -> '1234'
+    assert all(s.gold.isdigit() for s in train + dev + test)  # '#### 1,234' -> '1234'
 
 
 def test_dev_does_not_depend_on_row_order(tok, tmp_path):
@@ -68,12 +77,18 @@ def test_a_stray_duplicate_leaves_training_instead():
 
 
 def test_math_trains_on_math_and_tests_on_math500(tok):
-    cfg = load_config(["task=math500", f"task.sources.train.path={ASSETS / 'math_train.jsonl'}",
-                       f"task.sources.test.path={ASSETS / 'math500_test.jsonl'}", "task.dev_size=4"])
+    cfg = load_config(
+        [
+            "task=math500",
+            f"task.sources.train.path={ASSETS / 'math_train.jsonl'}",
+            f"task.sources.test.path={ASSETS / 'math500_test.jsonl'}",
+            "task.dev_size=4",
+        ]
+    )
     train, held = task_sets(cfg, tok)
     assert len(train) == 20 and len(held["test"]) == 4
-    assert train[0].gold.isdigit()                       # from the solution's last \boxed{}
-    assert held["test"][0].gold == "\\frac{3}{4}"        # MATH-500's answer field
+    assert train[0].gold.isdigit()  # from the solution's last \boxed{}
+    assert held["test"][0].gold == "\\frac{3}{4}"  # MATH-500's answer field
     assert cfg.verify.name == "math"
 
 

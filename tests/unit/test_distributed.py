@@ -1,4 +1,5 @@
 """Data-parallel building blocks in one process: keyed sampling, rank blocks, the config-time checks."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,21 +43,28 @@ def test_a_keyed_completion_does_not_depend_on_its_batch(tiny_model):
     """World-size invariance at the sampler: rows sampled together (one process) or in two halves (two ranks),
     with different prompt widths and chunks, give the same tokens."""
     model, tok = tiny_model
-    samples = [Sample("a=1, b=a+2. b=?\n", "3"), Sample("x=4. x=?\n", "4"), Sample("p=2, q=p*3, r=q-1. r=?\n", "5"),
-               Sample("k=7. k=?\n", "7")]
+    samples = [
+        Sample("a=1, b=a+2. b=?\n", "3"),
+        Sample("x=4. x=?\n", "4"),
+        Sample("p=2, q=p*3, r=q-1. r=?\n", "5"),
+        Sample("k=7. k=?\n", "7"),
+    ]
     seeds = row_seeds(0, "train", 1, range(8))
     opts = {"group_size": 2, "max_new_tokens": 12}
     whole = sample_rollout(model, tok, samples, seeds=seeds, **opts)
-    halves = [sample_rollout(model, tok, samples[:2], seeds=seeds[:4], **opts),
-              sample_rollout(model, tok, samples[2:], seeds=seeds[4:], **opts)]
+    halves = [
+        sample_rollout(model, tok, samples[:2], seeds=seeds[:4], **opts),
+        sample_rollout(model, tok, samples[2:], seeds=seeds[4:], **opts),
+    ]
     assert whole.texts == halves[0].texts + halves[1].texts
     assert len(set(whole.texts)) > 2  # sampled, not a constant
     other = sample_rollout(model, tok, samples, seeds=row_seeds(1, "train", 1, range(8)), **opts)
     assert other.texts != whole.texts
 
 
-@pytest.mark.parametrize("n, world, blocks", [(4, 1, [(0, 4)]), (4, 2, [(0, 2), (2, 2)]), (5, 2, [(0, 3), (3, 2)]),
-                                              (1, 2, [(0, 1), (1, 0)])])
+@pytest.mark.parametrize(
+    "n, world, blocks", [(4, 1, [(0, 4)]), (4, 2, [(0, 2), (2, 2)]), (5, 2, [(0, 3), (3, 2)]), (1, 2, [(0, 1), (1, 0)])]
+)
 def test_shard_blocks(monkeypatch, n, world, blocks):
     items = list(range(n))
     for r, (offset, length) in enumerate(blocks):
@@ -79,17 +87,25 @@ def test_single_process_collectives_are_the_plain_values():
 
 
 def _cfg(n=128, g=8, spg=1, micro=64):
-    return OmegaConf.create({"rollout": {"group_size": g}, "train": {"generation_batch_size": n},
-                             "update": {"steps_per_generation": spg, "micro_batch_size": micro}})
+    return OmegaConf.create(
+        {
+            "rollout": {"group_size": g},
+            "train": {"generation_batch_size": n},
+            "update": {"steps_per_generation": spg, "micro_batch_size": micro},
+        }
+    )
 
 
-@pytest.mark.parametrize("world, cfg, said", [
-    (3, _cfg(), ["3 processes", "16 prompts", "train.generation_batch_size=120", "1, 2, 4, 8, 16"]),
-    # 128 / 4 ranks / 1 step = 32 rows per rank and step: micro-batches of 64 do not fit
-    (4, _cfg(), ["128 / 4 / update.steps_per_generation=1 = 32", "e.g. 32"]),
-    # 128 / 2 / 4 = 16 rows: 12 does not divide them; the largest divisor under 12 is 8
-    (2, _cfg(spg=4, micro=12), ["= 16 completions", "e.g. 8"]),
-])
+@pytest.mark.parametrize(
+    "world, cfg, said",
+    [
+        (3, _cfg(), ["3 processes", "16 prompts", "train.generation_batch_size=120", "1, 2, 4, 8, 16"]),
+        # 128 / 4 ranks / 1 step = 32 rows per rank and step: micro-batches of 64 do not fit
+        (4, _cfg(), ["128 / 4 / update.steps_per_generation=1 = 32", "e.g. 32"]),
+        # 128 / 2 / 4 = 16 rows: 12 does not divide them; the largest divisor under 12 is 8
+        (2, _cfg(spg=4, micro=12), ["= 16 completions", "e.g. 8"]),
+    ],
+)
 def test_data_parallel_config_errors_say_what_to_change(world, cfg, said):
     with pytest.raises(UserError) as e:
         check_data_parallel(cfg, world)
@@ -102,8 +118,10 @@ def test_the_default_batch_fits_the_usual_world_sizes():
         check_data_parallel(_cfg(micro=8), world)
 
 
-@pytest.mark.parametrize("name, lag, refused", [("rredcot", 0, None), ("uniform", 0, None), ("gradient", 0, "backward pass"),
-                                                ("rredcot", 5, "critic_lag=5")])
+@pytest.mark.parametrize(
+    "name, lag, refused",
+    [("rredcot", 0, None), ("uniform", 0, None), ("gradient", 0, "backward pass"), ("rredcot", 5, "critic_lag=5")],
+)
 def test_what_sharded_training_refuses_at_start_up(name, lag, refused):
     import rredcot.stages.redistribute  # noqa: F401  (registers the estimators)
     from rredcot.checks import check_shardable

@@ -6,6 +6,7 @@ command's `make_context`), and its Hydra overrides compose into a config that pa
 (`rredcot config show OVERRIDES`, exit status 0). Training, evaluation and comparison themselves are the
 integration tests' business. Only `rredcot.cli` is imported: the package behind it may change its layout.
 """
+
 from __future__ import annotations
 
 import json
@@ -134,8 +135,10 @@ def test_every_link_in_the_docs_opens_a_file_of_the_repository_at_a_heading_it_h
         elif not dest.exists():
             broken.append(f"{page.name}:{n}: {target}: no such file ({dest.relative_to(REPO)})")
         elif anchor and (dest.suffix != ".md" or anchor not in anchors(dest)):
-            broken.append(f"{page.name}:{n}: {target}: {dest.name} has no heading with the anchor #{anchor} "
-                          f"(its anchors: {', '.join(sorted(anchors(dest))) if dest.suffix == '.md' else 'none'})")
+            broken.append(
+                f"{page.name}:{n}: {target}: {dest.name} has no heading with the anchor #{anchor} "
+                f"(its anchors: {', '.join(sorted(anchors(dest))) if dest.suffix == '.md' else 'none'})"
+            )
     assert not broken, "\n".join(broken)
 
 
@@ -143,14 +146,19 @@ def test_every_link_in_the_docs_opens_a_file_of_the_repository_at_a_heading_it_h
 def test_no_link_points_at_the_shared_folder(page):
     text = page.read_text()
     assert "../shared" not in text, f"{page.name} names ../shared: it is not part of the repository"
-    bad = [f"{page.name}:{n}: {t}" for n, t in links(page)
-           if "../shared" in t or re.search(r"(^|/)shared(/|$|#)", re.sub(r"^https?://[^/]+", "", t))]
+    bad = [
+        f"{page.name}:{n}: {t}"
+        for n, t in links(page)
+        if "../shared" in t or re.search(r"(^|/)shared(/|$|#)", re.sub(r"^https?://[^/]+", "", t))
+    ]
     assert not bad, "links into the shared folder (not part of the repository):\n" + "\n".join(bad)
 
 
 def test_the_readme_is_a_short_front_door_that_links_every_docs_page():
     text = README.read_text()
-    assert len(text.splitlines()) <= README_MAX_LINES, f"README.md has {len(text.splitlines())} lines; move detail into docs/"
+    assert len(text.splitlines()) <= README_MAX_LINES, (
+        f"README.md has {len(text.splitlines())} lines; move detail into docs/"
+    )
     linked = {(README.parent / t.partition("#")[0]).resolve() for _, t in links(README)}
     missing = [p.name for p in DOCS.glob("*.md") if p.resolve() not in linked]
     assert not missing, f"README.md links no docs page {missing}: a page the README does not link is not found"
@@ -239,8 +247,14 @@ def collect():
                 if argv is not None:
                     found.append((f"{_page_id(page)}:{n}", line.strip(), "rredcot", substitute(argv)))
                 elif script and (Path(script).name in ("sweep.py", "seeds.py") or script.endswith(".sbatch")):
-                    found.append((f"{_page_id(page)}:{n}", line.strip(), Path(script).name,
-                                  substitute(seg[seg.index(script) + 1 :])))
+                    found.append(
+                        (
+                            f"{_page_id(page)}:{n}",
+                            line.strip(),
+                            Path(script).name,
+                            substitute(seg[seg.index(script) + 1 :]),
+                        )
+                    )
     return found
 
 
@@ -348,9 +362,17 @@ def _start_plugin_child() -> None:
     if "proc" in _child or not (wanted := _plugin_invocations()):
         return
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), COLUMNS="200")
-    _child.update(wanted=wanted, proc=subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(wanted)],
-                                                       cwd=PLUGIN_DIR, env=env, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.PIPE, text=True))
+    _child.update(
+        wanted=wanted,
+        proc=subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(wanted)],
+            cwd=PLUGIN_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -382,8 +404,11 @@ def check_composes(argv: list[str], where: str, line: str) -> None:
     assert code == 0, f"{where}: `{line}` does not compose: `rredcot {shlex.join(argv)}` exited {code}\n{out}"
 
 
-@pytest.mark.parametrize("where,line,kind,argv", [c for c in COMMANDS if c[2] == "rredcot"],
-                         ids=[c[0] for c in COMMANDS if c[2] == "rredcot"])
+@pytest.mark.parametrize(
+    "where,line,kind,argv",
+    [c for c in COMMANDS if c[2] == "rredcot"],
+    ids=[c[0] for c in COMMANDS if c[2] == "rredcot"],
+)
 def test_every_rredcot_command_shown_in_the_docs_composes(where, line, kind, argv):
     if line in ALLOWED:
         pytest.skip(ALLOWED[line])
@@ -422,7 +447,9 @@ def seeds_overrides(argv: list[str]) -> list[str]:
         elif argv[i] == "--seeds":
             i += 1
             while i < len(argv) and not argv[i].startswith("--"):
-                assert re.fullmatch(r"-?\d+", argv[i]), f"--seeds would swallow {argv[i]!r}: put overrides before --seeds"
+                assert re.fullmatch(r"-?\d+", argv[i]), (
+                    f"--seeds would swallow {argv[i]!r}: put overrides before --seeds"
+                )
                 i += 1
         else:
             out.append(argv[i])
@@ -445,7 +472,11 @@ def test_every_sweep_seeds_and_slurm_command_in_the_docs_passes_overrides_that_c
     assert kind != "untokenizable", f"{where}: `{line}` is not a shell command line: {argv[0]}"
     if line in ALLOWED:
         pytest.skip(ALLOWED[line])
-    runs = sweep_runs(argv) if kind == "sweep.py" else [seeds_overrides(argv) if kind == "seeds.py" else slurm_overrides(argv)]
+    runs = (
+        sweep_runs(argv)
+        if kind == "sweep.py"
+        else [seeds_overrides(argv) if kind == "seeds.py" else slurm_overrides(argv)]
+    )
     for overrides in runs:
         check_composes(["config", "show", *overrides], where, line)
 
@@ -481,7 +512,10 @@ def test_the_command_check_catches_an_unknown_option_an_unknown_key_and_a_bad_pl
     assert invocation(["config", "show", "algo=grpo"]) == ["config", "show", "algo=grpo"]
     assert composes(("config", "show", "no_such.key=1"))[0] != 0
     assert substitute(["credit", "[checkpoint=RUN]", "[OVERRIDES...]"]) == ["credit", "checkpoint=runs/example"]
-    assert sweep_runs(["--out", "o", "--variant", "a", "x=1", "--variant", "b", "--", "y=2"]) == [["x=1", "y=2"], ["y=2"]]
+    assert sweep_runs(["--out", "o", "--variant", "a", "x=1", "--variant", "b", "--", "y=2"]) == [
+        ["x=1", "y=2"],
+        ["y=2"],
+    ]
     assert seeds_overrides(["algo=grpo", "--seeds", "0", "1"]) == ["algo=grpo"]
     with pytest.raises(AssertionError, match="swallow"):
         seeds_overrides(["--seeds", "0", "1", "algo=grpo"])  # argparse would read algo=grpo as a seed and stop
@@ -489,8 +523,10 @@ def test_the_command_check_catches_an_unknown_option_an_unknown_key_and_a_bad_pl
 
 def test_anchors_are_the_ones_github_gives_headings():
     assert slug("See the credit: `rredcot credit`") == "see-the-credit-rredcot-credit"
-    assert slug("Choosing RREDCoT's settings on dev (hard level, 5 seeds each)") == \
-        "choosing-rredcots-settings-on-dev-hard-level-5-seeds-each"
+    assert (
+        slug("Choosing RREDCoT's settings on dev (hard level, 5 seeds each)")
+        == "choosing-rredcots-settings-on-dev-hard-level-5-seeds-each"
+    )
     assert slug("Your own task and verifier (plug-ins)") == "your-own-task-and-verifier-plug-ins"
     assert slug("GRPO conventions (same numbers as TRL)") == "grpo-conventions-same-numbers-as-trl"
     assert sum(len(links(p)) for p in PAGES) >= 40, "the link check found almost no links"

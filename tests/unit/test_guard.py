@@ -1,4 +1,5 @@
 """Hard time limits on verification (stages/guard.py): a stuck verifier call can never hang a run."""
+
 from __future__ import annotations
 
 import time

@@ -1,13 +1,20 @@
 """Answer-forcing probes: the packed path and the KV-cache path score every probe exactly like one
 forward per probe, the probe is tokenized as the model would see its text, and only the rows that are
 read go through the LM head."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rredcot.stages.probes import (ProbeItem, probe_logprobs, probe_logprobs_batch, probe_logprobs_cached,
-                                   probe_logprobs_reference, score_items)
-from rredcot.stages.values import probe_blocks
+from rredcot.stages.context import probe_blocks
+from rredcot.stages.probes import (
+    ProbeItem,
+    probe_logprobs,
+    probe_logprobs_batch,
+    probe_logprobs_cached,
+    probe_logprobs_reference,
+    score_items,
+)
 from rredcot.task.model import build_tiny, load_tokenizer
 
 TOK = load_tokenizer("builtin")
@@ -18,8 +25,9 @@ def _ids(text, tok=TOK):
 
 
 def _model(arch, impl="sdpa", vocab=len(TOK)):
-    cfg = OmegaConf.create({"arch": arch, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2,
-                            "max_positions": 256})
+    cfg = OmegaConf.create(
+        {"arch": arch, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_positions": 256}
+    )
     m = build_tiny(cfg, vocab, seed=3).eval()
     m.set_attn_implementation(impl)
     return m
@@ -45,7 +53,10 @@ def test_packed_and_cached_paths_equal_separate_forwards(arch, impl):
 def test_several_traces_with_padding_and_no_forcing_text(arch):
     model = _model(arch)
     empty = torch.zeros(0, dtype=torch.long)
-    items = [ProbeItem.from_parts(TRACE, [21, 39], empty, ANSWERS), ProbeItem.from_parts(TRACE[:25], [5, 25], FORCE, ANSWERS[:2])]
+    items = [
+        ProbeItem.from_parts(TRACE, [21, 39], empty, ANSWERS),
+        ProbeItem.from_parts(TRACE[:25], [5, 25], FORCE, ANSWERS[:2]),
+    ]
     for item, got in zip(items, probe_logprobs_batch(model, items)):
         ref = probe_logprobs_reference(model, item)
         assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4)
@@ -98,8 +109,9 @@ def bpe():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [f"The answer is \\boxed{{\\frac{{{i}}}{{{j}}}}}." for i in range(1, 30) for j in range(2, 12)] * 5
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
 

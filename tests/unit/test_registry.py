@@ -1,4 +1,5 @@
 """Registries: names per stage, clear errors for unknown names, duplicates refused."""
+
 import pytest
 
 from rredcot import registry
@@ -39,14 +40,18 @@ def test_builtin_manifest_is_what_the_modules_register():
         for module in set(entries.values()):
             importlib.import_module(module)
         assert set(registry._REGISTRY[stage]) >= set(entries), stage
-        assert {n for n, obj in registry._REGISTRY[stage].items() if obj.__module__.startswith("rredcot.")} == set(entries)
+        assert {n for n, obj in registry._REGISTRY[stage].items() if obj.__module__.startswith("rredcot.")} == set(
+            entries
+        )
 
 
 def test_plugin_file_registers_an_entry(tmp_path):
     plugin = tmp_path / "my_segmenter.py"
-    plugin.write_text("from rredcot.registry import register\n"
-                      "@register('segment', 'halves')\n"
-                      "def halves(trace):\n    return [0, trace.end // 2, trace.end]\n")
+    plugin.write_text(
+        "from rredcot.registry import register\n"
+        "@register('segment', 'halves')\n"
+        "def halves(trace):\n    return [0, trace.end // 2, trace.end]\n"
+    )
     registry.load_plugins([str(plugin)])
     assert "halves" in registry.names("segment") and registry.get("segment", "halves").__name__ == "halves"
 
@@ -60,7 +65,9 @@ def test_missing_plugin_is_a_user_error():
 
 def test_a_plugin_cannot_take_a_builtin_name(tmp_path):
     plugin = tmp_path / "clash.py"
-    plugin.write_text("from rredcot.registry import register\n@register('segment', 'fixed')\ndef f(trace):\n    return [0]\n")
+    plugin.write_text(
+        "from rredcot.registry import register\n@register('segment', 'fixed')\ndef f(trace):\n    return [0]\n"
+    )
     with pytest.raises(UserError, match="registered twice"):
         registry.load_plugins([str(plugin)])
 
@@ -70,11 +77,16 @@ def test_credit_estimator_variants_parse_and_bad_options_are_named():
     from rredcot.compose import load_config
     from rredcot.estimator_spec import estimator_spec
 
-    assert estimator_spec("rredcot:self_normalize=true,mode=anchored") == ("rredcot", {"self_normalize": True, "mode": "anchored"})
+    assert estimator_spec("rredcot:self_normalize=true,mode=anchored") == (
+        "rredcot",
+        {"self_normalize": True, "mode": "anchored"},
+    )
     assert estimator_spec("uniform") == ("uniform", {})
     # commas inside brackets and quotes belong to the value
-    assert estimator_spec('rredcot:extra_forcings=[["so x=", "\\n"]],mc_boundaries=2') == \
-        ("rredcot", {"extra_forcings": [["so x=", "\n"]], "mc_boundaries": 2})
+    assert estimator_spec('rredcot:extra_forcings=[["so x=", "\\n"]],mc_boundaries=2') == (
+        "rredcot",
+        {"extra_forcings": [["so x=", "\n"]], "mc_boundaries": 2},
+    )
     assert estimator_spec("verdict:verdict_text='a, b? '") == ("verdict", {"verdict_text": "a, b? "})
     # on a command line: "credit.estimators=['rredcot:include_reference=false',uniform]" (quoted: it holds '=')
     validate(load_config(["credit.estimators=['rredcot:include_reference=false',uniform]"]))
@@ -89,7 +101,9 @@ def test_entries_declare_their_contract_at_registration():
     assert registry.entry("redistribute", "gradient").runs_backward
     assert not registry.entry("redistribute", "rredcot").runs_backward
     assert registry.entry("redistribute", "rredcot").needs_task_keys == ("forcing_text",)
-    assert registry.entry("redistribute", "uniform").title == "grpo" and registry.entry("redistribute", "mc").title == "mc"
+    assert (
+        registry.entry("redistribute", "uniform").title == "grpo" and registry.entry("redistribute", "mc").title == "mc"
+    )
     assert not registry.entry("loss", "dapo").divide_by_accum and registry.entry("loss", "grpo").divide_by_accum
     assert registry.entry("task", "builtin").warmstart is not None and registry.entry("task", "hf").warmstart is None
     assert registry.entry("task", "search").check is not None
@@ -97,8 +111,14 @@ def test_entries_declare_their_contract_at_registration():
     for stage in registry.STAGES:
         for name in registry.names(stage):
             obj = registry.get(stage, name)
-            stuck = {"option_rules", "check_options", "needs_task_keys", "runs_backward", "warmstart_samples",
-                     "divide_by_accum"} & set(vars(obj))
+            stuck = {
+                "option_rules",
+                "check_options",
+                "needs_task_keys",
+                "runs_backward",
+                "warmstart_samples",
+                "divide_by_accum",
+            } & set(vars(obj))
             assert not stuck, f"{stage} {name}: {stuck}"
 
 

@@ -1,4 +1,5 @@
 """Rollout: filtering examples, EOS handling, and the log-probs it keeps equal the update's."""
+
 import math
 
 import pytest
@@ -50,15 +51,24 @@ def test_rollout_logprobs_match_the_update_forward(tiny_model, arch):
     from rredcot.task.model import build_tiny
 
     _, tok = tiny_model
-    cfg = OmegaConf.create({"arch": arch, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_positions": 128})
+    cfg = OmegaConf.create(
+        {"arch": arch, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_positions": 128}
+    )
     model = build_tiny(cfg, len(tok), seed=1).eval()
     samples = [Sample("a=1, b=a+2. b=?\n", "3"), Sample("x=10, y=x*2, z=y-3. z=?\n", "17")]
     torch.manual_seed(0)
     ro = sample_rollout(model, tok, samples, group_size=3, max_new_tokens=12, temperature=0.7)
     assert ro.completion_ids.shape[0] == 6 and ro.prompt_ids.shape[0] == 6
     with torch.no_grad():
-        logp, ent = completion_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
-                                        ro.completion_mask, temperature=0.7, with_entropy=True)
+        logp, ent = completion_logprobs(
+            model,
+            ro.prompt_ids,
+            ro.prompt_mask,
+            ro.completion_ids,
+            ro.completion_mask,
+            temperature=0.7,
+            with_entropy=True,
+        )
     m = ro.completion_mask.bool()
     assert torch.allclose(logp[m], ro.logprobs[m], atol=1e-4)
     assert torch.allclose(ent[m], ro.entropies[m], atol=1e-4)
@@ -75,7 +85,7 @@ def test_rollout_stops_at_eos_and_masks_after_it(tiny_model):
         ids = ro.completion_ids[row].tolist()
         assert ids[n - 1] == tok.eos_token_id or ro.truncated[row]
         assert all(t == tok.pad_token_id for t in ids[n:])
-    assert ro.completion_ids.shape[1] < 20   # everyone stopped early, so the loop ended early
+    assert ro.completion_ids.shape[1] < 20  # everyone stopped early, so the loop ended early
 
 
 def test_greedy_is_deterministic(tiny_model):
@@ -100,6 +110,12 @@ def test_generation_stops_on_every_eos_id_of_the_model(tiny_model):
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
         model.lm_head.bias[second] = 1e4
     prompt = tok(["a=1. a=?\n"], return_tensors="pt")
-    ids, mask, _, _, truncated = generate(model, prompt["input_ids"], prompt["attention_mask"], eos_id=stop_ids(model, tok),
-                                          pad_id=tok.pad_token_id, max_new_tokens=10)
+    ids, mask, _, _, truncated = generate(
+        model,
+        prompt["input_ids"],
+        prompt["attention_mask"],
+        eos_id=stop_ids(model, tok),
+        pad_id=tok.pad_token_id,
+        max_new_tokens=10,
+    )
     assert ids[0, 0] == second and mask[0].tolist() == [1] and not truncated[0]

@@ -1,6 +1,7 @@
 """The built-in search task: the listed candidates checked in order with a verdict each, stopping at the
 first "yes", so the answer is known part-way; disjoint splits; misconceived checks ruin a trace; it
 warm-starts within the built-in model's budget."""
+
 import re
 
 import pytest

@@ -1,4 +1,5 @@
 """Segmenters: boundaries strictly increase, start at 0 and end at the thinking part's end."""
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,9 +17,9 @@ def test_none_covers_the_trace_without_marker():
 
 
 def test_think_end_of():
-    assert think_end_of(["9", "</think>", "2", "</think>"]) == 3            # the last one, where the answer is read
-    assert think_end_of(["7", "</", "think", ">", "\n7"]) == 1            # split into pieces: where it starts
-    assert think_end_of(["7\n</", "think>"]) == 0                          # starts inside a token
+    assert think_end_of(["9", "</think>", "2", "</think>"]) == 3  # the last one, where the answer is read
+    assert think_end_of(["7", "</", "think", ">", "\n7"]) == 1  # split into pieces: where it starts
+    assert think_end_of(["7\n</", "think>"]) == 0  # starts inside a token
     assert think_end_of(["9", "2"]) is None
 
 
@@ -37,7 +38,13 @@ def test_fixed_rejects_bad_size():
 
 
 from rredcot.stages.segment import (  # noqa: E402
-    DEFAULT_KEYWORDS, finalize, keyword_cuts, newline_cuts, segment_entropy, segment_hybrid, segment_keyword,
+    DEFAULT_KEYWORDS,
+    finalize,
+    keyword_cuts,
+    newline_cuts,
+    segment_entropy,
+    segment_hybrid,
+    segment_keyword,
     segment_newline,
 )
 
@@ -63,38 +70,43 @@ def test_keyword_cuts_at_line_and_sentence_starts_only():
 
 def test_finalize_merges_splits_and_caps():
     t = _trace("a" * 10, entropies=[0.0] * 10)
-    assert finalize([2, 5, 8], t, min_tokens=3) == [0, 5, 10]            # 2 and 8 are too close to the ends
+    assert finalize([2, 5, 8], t, min_tokens=3) == [0, 5, 10]  # 2 and 8 are too close to the ends
     t = _trace("a" * 12, entropies=[0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0])
-    assert finalize([], t, max_tokens=8) == [0, 7, 12]                   # split at the highest entropy
+    assert finalize([], t, max_tokens=8) == [0, 7, 12]  # split at the highest entropy
     t = _trace("a" * 12, entropies=[0, 0, 5, 0, 9, 0, 1, 0, 0, 0, 0, 0])
-    assert finalize([2, 4, 6, 8], t, max_segments=3) == [0, 2, 4, 12]    # keep the 2 highest-entropy cuts
+    assert finalize([2, 4, 6, 8], t, max_segments=3) == [0, 2, 4, 12]  # keep the 2 highest-entropy cuts
 
 
 def test_hybrid_on_a_builtin_trace():
     t = _trace("<\nb=3+4=7\nc=7*2=14\nWait, d=14-1=13\n</think>\n13")
-    assert segment_hybrid(t) == [0, 10, 19, 35]   # '<\n' merged into the first line (min_tokens 4)
+    assert segment_hybrid(t) == [0, 10, 19, 35]  # '<\n' merged into the first line (min_tokens 4)
 
 
 def test_entropy_segmenter_picks_forks_with_a_gap():
     ent = [0.0] * 20
     ent[5], ent[6], ent[14] = 3.0, 2.9, 2.5
     t = _trace("a" * 20, ent)
-    assert segment_entropy(t, quantile=0.85, min_gap=4) == [0, 5, 14, 20]   # 6 is too close to 5
+    assert segment_entropy(t, quantile=0.85, min_gap=4) == [0, 5, 14, 20]  # 6 is too close to 5
 
 
-@given(text=st.text(alphabet="ab \n.SoWait", min_size=0, max_size=60), data=st.data(),
-       min_tokens=st.integers(1, 6), max_tokens=st.integers(0, 30), max_segments=st.integers(0, 6))
+@given(
+    text=st.text(alphabet="ab \n.SoWait", min_size=0, max_size=60),
+    data=st.data(),
+    min_tokens=st.integers(1, 6),
+    max_tokens=st.integers(0, 30),
+    max_segments=st.integers(0, 6),
+)
 def test_every_segmenter_keeps_the_rules(text, data, min_tokens, max_tokens, max_segments):
     ent = data.draw(st.lists(st.floats(0, 5), min_size=len(text) + 2, max_size=len(text) + 2))
     t = _trace(text + "</think>7", ent[: len(text) + 2])
     for fn in (segment_newline, segment_keyword, segment_entropy, segment_hybrid):
         kwargs = dict(min_tokens=min_tokens, max_tokens=max_tokens, max_segments=max_segments)
         b = fn(t, **kwargs)
-        assert b[0] == 0 and b[-1] == t.end and all(x < y for x, y in zip(b, b[1:]))   # increase, cover
+        assert b[0] == 0 and b[-1] == t.end and all(x < y for x, y in zip(b, b[1:]))  # increase, cover
         if max_segments:
-            assert len(b) - 1 <= max_segments                                        # the cap
+            assert len(b) - 1 <= max_segments  # the cap
         sizes = [y - x for x, y in zip(b, b[1:])]
         if len(sizes) > 1 and max_tokens == 0:
-            assert min(sizes) >= min_tokens                                          # merged
+            assert min(sizes) >= min_tokens  # merged
         if max_tokens >= 2 * min_tokens and (not max_segments or len(sizes) < max_segments):
-            assert max(sizes, default=0) <= max_tokens                               # split
+            assert max(sizes, default=0) <= max_tokens  # split

@@ -1,4 +1,5 @@
 """Start-up notes: a default that does not apply is said in one line, never silently."""
+
 from rredcot.compose import load_config
 from rredcot.startup import startup_notes
 from rredcot.task.model import load_tokenizer

@@ -1,4 +1,5 @@
 """Statistics for `compare`, against textbook values; method labels for same-estimator runs."""
+
 import math
 from pathlib import Path
 
@@ -32,8 +33,13 @@ def test_paired_t():
 
 
 def _run(name, seed, **redistribute):
-    cfg = {"seed": seed, "task": {"name": "builtin", "steps": 4}, "segment": {"name": "hybrid"},
-           "redistribute": {"name": name, **redistribute}, "train": {"generation_batch_size": 8}}
+    cfg = {
+        "seed": seed,
+        "task": {"name": "builtin", "steps": 4},
+        "segment": {"name": "hybrid"},
+        "redistribute": {"name": name, **redistribute},
+        "train": {"generation_batch_size": 8},
+    }
     return Run(Path(f"/runs/{name}{seed}"), cfg, [], {"final": {"accuracy": 0.5, "pass@1": 0.5}})
 
 
@@ -46,9 +52,11 @@ def test_compare_labels_name_the_segmenter_not_its_options():
     # runs differ in segment.name; size/max_tokens differ only because each segmenter has its own options
     from rredcot.runs import _tells_apart
 
-    settings = [{"segment.name": "hybrid", "segment.max_tokens": 64, "segment.size": None},
-                {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 16},
-                {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 8}]
+    settings = [
+        {"segment.name": "hybrid", "segment.max_tokens": 64, "segment.size": None},
+        {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 16},
+        {"segment.name": "fixed", "segment.max_tokens": 0, "segment.size": 8},
+    ]
     differ = ["segment.max_tokens", "segment.name", "segment.size"]
     assert [k for k in differ if _tells_apart(k, differ, settings)] == ["segment.name", "segment.size"]
 
@@ -59,10 +67,17 @@ def test_runs_that_differ_outside_segment_and_redistribute_are_not_averaged_as_s
     a, b = _run("uniform", 0), _run("uniform", 1)
     a.config["optim"], b.config["optim"] = {"lr": 2e-4}, {"lr": 5e-5}
     c = _run("rredcot", 0)
-    c.config.update(run_dir="/x", logging={"progress": False}, train={"generation_batch_size": 8, "critic_lag": 10,
-                                                                        "eval_every": 25})
+    c.config.update(
+        run_dir="/x",
+        logging={"progress": False},
+        train={"generation_batch_size": 8, "critic_lag": 10, "eval_every": 25},
+    )
     d = _run("rredcot", 1)
     d.config["train"]["critic_lag"] = 0
     groups = group_runs([a, b, c, d])
-    assert set(groups) == {"grpo optim.lr=0.0002", "grpo optim.lr=5e-05", "rredcot train.critic_lag=10",
-                           "rredcot train.critic_lag=0"}
+    assert set(groups) == {
+        "grpo optim.lr=0.0002",
+        "grpo optim.lr=5e-05",
+        "rredcot train.critic_lag=10",
+        "rredcot train.critic_lag=0",
+    }

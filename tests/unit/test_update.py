@@ -1,4 +1,5 @@
 """GRPO formulas on hand-sized tensors; the arithmetic is in the comments."""
+
 import math
 
 import pytest
@@ -92,12 +93,15 @@ ADV = -torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # rho = 1 -> per-token 
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
-@pytest.mark.parametrize("loss_type, expect", [
-    ("grpo", ((1 + 2) / 2 + 4 / 1) / 2),       # mean of row means: (1.5 + 4) / 2 = 2.75
-    ("bnpo", (1 + 2 + 4) / 3),                 # token mean: 7 / 3
-    ("dr_grpo", (1 + 2 + 4) / (2 * 10)),       # sum / (B * max_completion_length=10) = 7 / 20
-    ("dapo", (1 + 2 + 4) / 3),                 # sum / active tokens of the batch given = 7 / 3
-])
+@pytest.mark.parametrize(
+    "loss_type, expect",
+    [
+        ("grpo", ((1 + 2) / 2 + 4 / 1) / 2),  # mean of row means: (1.5 + 4) / 2 = 2.75
+        ("bnpo", (1 + 2 + 4) / 3),  # token mean: 7 / 3
+        ("dr_grpo", (1 + 2 + 4) / (2 * 10)),  # sum / (B * max_completion_length=10) = 7 / 20
+        ("dapo", (1 + 2 + 4) / 3),  # sum / active tokens of the batch given = 7 / 3
+    ],
+)
 def test_loss_types(loss_type, expect):
     loss = policy_loss(LOGP, LOGP, ADV, MASK, loss_type=loss_type, max_completion_length=10)
     assert loss.item() == pytest.approx(expect)
@@ -127,7 +131,8 @@ def test_gradient_is_not_zero_when_loss_is_near_zero():
 
 
 def test_clip_stats():
-    # rho [.5, 1.5, 1.5, 1.0], A [-1, 1, -1, 1]: low-clipped (rho < .8, A < 0): token 0; high (rho > 1.2, A > 0): token 1
+    # rho [.5, 1.5, 1.5, 1.0], A [-1, 1, -1, 1]: low-clipped (rho < .8, A < 0): token 0;
+    # high (rho > 1.2, A > 0): token 1
     rho = torch.tensor([[0.5, 1.5, 1.5, 1.0]])
     adv = torch.tensor([[-1.0, 1.0, -1.0, 1.0]])
     s = clip_stats(rho, adv, torch.ones(1, 4), 0.2, 0.2)
@@ -176,9 +181,11 @@ def test_autocast_computes_in_bf16_keeps_fp32_weights_and_fp32_logprobs(tiny_mod
     with _grad_mode(model, "bfloat16"):
         logp, _ = completion_logprobs(model, ids[:, :4], ones[:, :4], ids[:, 4:], ones[:, 4:])
     logp.sum().backward()
-    assert logp.dtype == torch.float32 and not torch.equal(logp, ref)          # computed in bf16 ...
-    assert torch.allclose(logp, ref, atol=0.1)                                  # ... close to fp32
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    assert logp.dtype == torch.float32 and not torch.equal(logp, ref)  # computed in bf16 ...
+    assert torch.allclose(logp, ref, atol=0.1)  # ... close to fp32
+    assert all(
+        p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None
+    )
 
 
 def test_compile_wraps_each_layer_in_place_and_keeps_checkpoint_names(tiny_model):
@@ -199,8 +206,8 @@ def test_compile_wraps_each_layer_in_place_and_keeps_checkpoint_names(tiny_model
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_log_probs_gradients_and_samples(tiny_model):
     from rredcot.logprobs import completion_logprobs
-    from rredcot.stages.rollout import sample_rollout
     from rredcot.optim import compile_layers
+    from rredcot.stages.rollout import sample_rollout
     from rredcot.types import Sample
 
     model, tok = tiny_model
@@ -227,7 +234,7 @@ def test_advantage_by_group_splits_the_token_mean_by_group_type():
 
     # G=2: group 0 (right, right), group 1 (right, wrong), group 2 (wrong, wrong); 2 active tokens per row
     # except the last row (1 token). Advantages per token: .5 | .25, -.25 | .1 (all-wrong: no baseline pushes it)
-    adv = torch.tensor([[.5, .5], [.5, .5], [.25, .25], [-.25, -.25], [.1, .1], [.1, 0.0]])
+    adv = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.25, 0.25], [-0.25, -0.25], [0.1, 0.1], [0.1, 0.0]])
     mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1], [1, 1], [1, 0]])
     correct = torch.tensor([True, True, True, False, False, False])
     out = advantage_by_group(adv, mask, correct, 2)
@@ -236,7 +243,9 @@ def test_advantage_by_group_splits_the_token_mean_by_group_type():
     assert out["advantage/mass_mixed"] == pytest.approx(0.0)
     assert out["advantage/mass_all_wrong"] == pytest.approx(0.3 / 11)
     assert out["advantage/token_mean"] == pytest.approx(2.3 / 11)
-    assert out["groups/frac_all_right"] == out["groups/frac_mixed"] == out["groups/frac_all_wrong"] == pytest.approx(1 / 3)
+    assert (
+        out["groups/frac_all_right"] == out["groups/frac_mixed"] == out["groups/frac_all_wrong"] == pytest.approx(1 / 3)
+    )
 
 
 def test_a_lagged_critic_is_a_frozen_copy_refreshed_every_n_steps(tiny_model):

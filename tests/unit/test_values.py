@@ -1,12 +1,14 @@
 """Value estimators on a tiny real model: forced-answer values and Monte Carlo values."""
+
 import pytest
 import torch
 
 from rredcot.errors import UserError
+from rredcot.stages.context import PolicyContext, group_answers
+from rredcot.stages.montecarlo import anchor_indices, blend_anchors, mc_values
 from rredcot.stages.rollout import sample_rollout
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_newline
-from rredcot.stages.values import (PolicyContext, anchor_indices, blend_anchors, forced_values, group_answers, mc_values,
-                                  verdict_values)
+from rredcot.stages.values import forced_values, verdict_values
 from rredcot.stages.verify import BuiltinVerifier, GSM8KVerifier, RewardFuncs, run_verify
 from rredcot.types import Sample
 
@@ -43,8 +45,8 @@ def test_forced_values_are_probabilities_of_right_answers(batch):
 def test_no_right_answer_in_the_group_means_zero_values(batch):
     ro, ver, seg, ctx = batch
     values, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=False)
-    assert torch.all(values[2] == 0) and torch.all(values[3] == 0)   # group 2 answered only "5" (wrong)
-    assert torch.all(values[0] > 0)                                    # group 1 has the right "7"
+    assert torch.all(values[2] == 0) and torch.all(values[3] == 0)  # group 2 answered only "5" (wrong)
+    assert torch.all(values[0] > 0)  # group 1 has the right "7"
 
 
 def test_self_normalised_values_are_shares(batch):
@@ -74,8 +76,8 @@ def test_mc_values_are_mean_rewards_of_continuations(batch):
     ctx.generate = fake_generate
     values, _ = mc_values(ro, ver, seg, ctx, group_size=2, samples=2, max_new_tokens=16)
     assert calls == [(sum(len(b) for b in seg.boundaries), 2)]
-    assert torch.allclose(values[0], torch.full_like(values[0], 0.5))   # gold 7: one of two right
-    assert torch.all(values[2] == 0)                                    # gold 6: never right
+    assert torch.allclose(values[0], torch.full_like(values[0], 0.5))  # gold 7: one of two right
+    assert torch.all(values[2] == 0)  # gold 6: never right
 
 
 def test_utilities_come_from_the_verifiers_judgement_not_a_synthetic_completion(batch):
@@ -84,10 +86,10 @@ def test_utilities_come_from_the_verifiers_judgement_not_a_synthetic_completion(
     ro, ver, seg, ctx = batch
     ro.texts = ["#### 7", "#### 8", "#### 5", "no answer"]
     ctx.verifier = GSM8KVerifier(mode="strict")
-    assert ctx.verifier("</think>\n7</s>", ro.samples[0]).reward == 0.0     # what the old path computed
+    assert ctx.verifier("</think>\n7</s>", ro.samples[0]).reward == 0.0  # what the old path computed
     values, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=False)
-    assert torch.all(values[0] > 0) and torch.all(values[1] > 0)           # "7" is right for group 1
-    assert torch.all(values[2] == 0)                                        # group 2 only answered "5"
+    assert torch.all(values[0] > 0) and torch.all(values[1] > 0)  # "7" is right for group 1
+    assert torch.all(values[2] == 0)  # group 2 only answered "5"
 
 
 def test_several_forcing_texts_average_their_values(batch):
@@ -107,7 +109,11 @@ def test_verdict_values_are_the_yes_share_of_the_policys_own_verdict(batch, monk
     import rredcot.stages.values as values_mod
 
     # log p(yes) = -1, log p(no) = -2 at every boundary -> sigmoid(-1 - -2) = sigmoid(1) = 0.731
-    monkeypatch.setattr(values_mod, "score_items", lambda model, items, *a: [torch.tensor([[-1.0, -2.0]] * len(it.boundaries)) for it in items])
+    monkeypatch.setattr(
+        values_mod,
+        "score_items",
+        lambda model, items, *a: [torch.tensor([[-1.0, -2.0]] * len(it.boundaries)) for it in items],
+    )
     values, _ = verdict_values(ro, ver, seg, ctx, verdict_text="\nok? ")
     assert all(torch.allclose(v, torch.full((len(b),), 0.7311), atol=1e-4) for v, b in zip(values, seg.boundaries))
     monkeypatch.undo()
@@ -132,7 +138,10 @@ def test_blend_takes_mc_levels_at_anchors_and_the_forced_shape_between():
     # one anchor: the forced values shifted so that b_0 carries MC's level; clamped to [0, 1]
     assert torch.allclose(blend_anchors(F, [0], torch.tensor([0.5])), torch.tensor([0.5, 0.6, 0.5, 1.0, 1.0]))
     # anchors everywhere: MC itself
-    assert torch.allclose(blend_anchors(F, [0, 1, 2, 3, 4], torch.tensor([.1, .2, .3, .4, .5])), torch.tensor([.1, .2, .3, .4, .5]))
+    assert torch.allclose(
+        blend_anchors(F, [0, 1, 2, 3, 4], torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])),
+        torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]),
+    )
 
 
 def test_mc_at_a_few_boundaries_samples_only_there(batch):
@@ -152,7 +161,7 @@ def test_mc_at_a_few_boundaries_samples_only_there(batch):
 
 
 def test_split_half_reliability_of_values_and_of_credit():
-    from rredcot.stages.values import split_half
+    from rredcot.stages.montecarlo import split_half
 
     # one trace; even-sample and odd-sample values at 4 boundaries. Credits (differences):
     # [.5, 0, -.5] and [.5, .5, -.5] -> Spearman .866 -> Spearman-Brown 2(.866)/1.866 = .928

@@ -1,12 +1,21 @@
 """Verifiers, checked with tables of strings; every registered verifier keeps its extract/judge contract."""
+
 import threading
 
 import pytest
 
-from rredcot.registry import get, names
 from rredcot.errors import UserError
-from rredcot.stages.verify import (BuiltinVerifier, FormatVerifier, GSM8KVerifier, MathVerifier, build_verifier,
-                                   normalize_number, RewardFuncs, run_verify)
+from rredcot.registry import names
+from rredcot.stages.verify import (
+    BuiltinVerifier,
+    FormatVerifier,
+    GSM8KVerifier,
+    MathVerifier,
+    RewardFuncs,
+    build_verifier,
+    normalize_number,
+    run_verify,
+)
 from rredcot.task.hub import gold_from
 from rredcot.types import Sample
 
@@ -18,14 +27,17 @@ def verify_gsm8k(completion, sample, mode="flexible"):
     return GSM8KVerifier(mode)(completion, sample)
 
 
-@pytest.mark.parametrize("completion, reward, extractor", [
-    ("<think>\nb=3+4=7\n</think>\n7", 1.0, "after_think"),
-    ("<think>\nb=3+4=8\n</think>\n8", 0.0, "after_think"),
-    ("<think>\nb=3+4=7\n</think>\n 7 apples", 1.0, "after_think"),
-    ("<think>\nb=3+4=7\n", 0.0, "none"),              # no end-of-thinking marker: no answer
-    ("<think>\nb=7\n</think>\n", 0.0, "none"),          # marker but nothing after it
-    ("7</think>8</think>7", 1.0, "after_think"),        # the last marker counts
-])
+@pytest.mark.parametrize(
+    "completion, reward, extractor",
+    [
+        ("<think>\nb=3+4=7\n</think>\n7", 1.0, "after_think"),
+        ("<think>\nb=3+4=8\n</think>\n8", 0.0, "after_think"),
+        ("<think>\nb=3+4=7\n</think>\n 7 apples", 1.0, "after_think"),
+        ("<think>\nb=3+4=7\n", 0.0, "none"),  # no end-of-thinking marker: no answer
+        ("<think>\nb=7\n</think>\n", 0.0, "none"),  # marker but nothing after it
+        ("7</think>8</think>7", 1.0, "after_think"),  # the last marker counts
+    ],
+)
 def test_builtin(completion, reward, extractor):
     assert tuple(verify_builtin(completion, S7)) == (reward, extractor)
 
@@ -38,16 +50,19 @@ def test_normalize_number(text, value):
 G18 = Sample(prompt="q", gold="18")
 
 
-@pytest.mark.parametrize("completion, mode, reward, extractor", [
-    ("so 9 * 2 = 18\n#### 18", "strict", 1.0, "strict"),
-    ("#### 17 wait\n#### 18", "strict", 1.0, "strict"),     # the last '####' wins
-    ("#### $18.00", "strict", 1.0, "strict"),
-    ("the answer is 18", "strict", 0.0, "none"),             # strict needs '####'
-    ("the answer is 18", "flexible", 1.0, "flexible"),       # flexible: the last number
-    ("18 eggs, minus 2 = 16", "flexible", 0.0, "flexible"),
-    ("no numbers here", "flexible", 0.0, "none"),
-    ("#### 1,8", "strict", 1.0, "strict"),                    # commas are removed like the gold's
-])
+@pytest.mark.parametrize(
+    "completion, mode, reward, extractor",
+    [
+        ("so 9 * 2 = 18\n#### 18", "strict", 1.0, "strict"),
+        ("#### 17 wait\n#### 18", "strict", 1.0, "strict"),  # the last '####' wins
+        ("#### $18.00", "strict", 1.0, "strict"),
+        ("the answer is 18", "strict", 0.0, "none"),  # strict needs '####'
+        ("the answer is 18", "flexible", 1.0, "flexible"),  # flexible: the last number
+        ("18 eggs, minus 2 = 16", "flexible", 0.0, "flexible"),
+        ("no numbers here", "flexible", 0.0, "none"),
+        ("#### 1,8", "strict", 1.0, "strict"),  # commas are removed like the gold's
+    ],
+)
 def test_gsm8k(completion, mode, reward, extractor):
     assert tuple(verify_gsm8k(completion, G18, mode=mode)) == (reward, extractor)
 
@@ -57,23 +72,29 @@ def test_gsm8k_bad_mode():
         verify_gsm8k("#### 1", G18, mode="loose")
 
 
-@pytest.mark.parametrize("answer, fmt, gold", [
-    ("She has 3 + 4 = 7.\n#### 1,234", "gsm8k", "1234"),
-    ("so $\\boxed{\\frac{1}{2}}$.", "boxed", "\\frac{1}{2}"),
-    ("\\boxed{a} then \\boxed{\\{1, 2\\}}", "boxed", "\\{1, 2\\}"),
-    ("no box", "boxed", ""),
-    (" 42 ", "plain", "42"),
-])
+@pytest.mark.parametrize(
+    "answer, fmt, gold",
+    [
+        ("She has 3 + 4 = 7.\n#### 1,234", "gsm8k", "1234"),
+        ("so $\\boxed{\\frac{1}{2}}$.", "boxed", "\\frac{1}{2}"),
+        ("\\boxed{a} then \\boxed{\\{1, 2\\}}", "boxed", "\\{1, 2\\}"),
+        ("no box", "boxed", ""),
+        (" 42 ", "plain", "42"),
+    ],
+)
 def test_gold_from(answer, fmt, gold):
     assert gold_from(answer, fmt) == gold
 
 
-@pytest.mark.parametrize("completion, gold, reward", [
-    ("The answer is \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
-    ("The answer is \\boxed{0.5}", "\\frac{1}{2}", 1.0),     # equivalent forms verify
-    ("The answer is \\boxed{3}", "\\frac{1}{2}", 0.0),
-    ("I give up", "2", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, gold, reward",
+    [
+        ("The answer is \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0),
+        ("The answer is \\boxed{0.5}", "\\frac{1}{2}", 1.0),  # equivalent forms verify
+        ("The answer is \\boxed{3}", "\\frac{1}{2}", 0.0),
+        ("I give up", "2", 0.0),
+    ],
+)
 def test_math(completion, gold, reward):
     assert verify_math(completion, Sample("q", gold)).reward == reward
 
@@ -92,9 +113,15 @@ def test_math_off_the_main_thread():
     assert out == [1.0]
 
 
-@pytest.mark.parametrize("completion, reward", [
-    ("<think>\nstep\n</think>\n7", 1.0), ("<think>\nstep\n</think>\n", 0.0), ("7", 0.0), ("</think>7", 0.0),
-])
+@pytest.mark.parametrize(
+    "completion, reward",
+    [
+        ("<think>\nstep\n</think>\n7", 1.0),
+        ("<think>\nstep\n</think>\n", 0.0),
+        ("7", 0.0),
+        ("</think>7", 0.0),
+    ],
+)
 def test_format(completion, reward):
     assert verify_format(completion, S7).reward == reward
 
@@ -103,8 +130,8 @@ def test_run_verify_weights_and_undefined_rows():
     funcs = RewardFuncs(verify_math, 1.0, {"format": (verify_format, 0.5)})
     samples = [Sample("q", "2"), Sample("q", "")]
     v = run_verify(["<think>\nx\n</think>\n\\boxed{2}", "\\boxed{2}"], samples, funcs)
-    assert v.rewards[0].item() == 1.5            # 1 * 1 + .5 * 1
-    assert v.rewards[1].isnan()                   # undefined gold: the row is skipped, never rewarded
+    assert v.rewards[0].item() == 1.5  # 1 * 1 + .5 * 1
+    assert v.rewards[1].isnan()  # undefined gold: the row is skipped, never rewarded
     assert v.correct.tolist() == [True, False]
     assert v.extractor == ["math_verify", "unparseable_gold"]
 
@@ -133,7 +160,9 @@ def test_every_registered_verifier_is_in_the_contract_table():
     assert set(names("verify")) - {"format"} <= {row[0] for row in CONTRACT}
 
 
-@pytest.mark.parametrize("name, answer, gold", [("builtin", "14", "14"), ("gsm8k", "1,234", "1234"), ("math", "0.5", "\\frac{1}{2}")])
+@pytest.mark.parametrize(
+    "name, answer, gold", [("builtin", "14", "14"), ("gsm8k", "1,234", "1234"), ("math", "0.5", "\\frac{1}{2}")]
+)
 def test_judge_scores_a_bare_answer(name, answer, gold):
     # answer forcing scores bare candidate answers: no marker, no '####', no box around them
     assert build_verifier(name).judge(answer, Sample("q", gold)) == 1.0
@@ -162,5 +191,5 @@ def test_check_golds_refuses_a_gold_format_the_verifier_cannot_read():
     # answer_format=plain keeps the whole solution as the gold: "3 + 4 = 7 #### 7" is not a number
     bad = good[:98] + [Sample(prompt="x", gold="3 + 4 = 7 #### 7", meta={"row": 98})] * 2
     with pytest.raises(UserError, match=r"2 of the first 100 rows \(rows \[98, 98\]"):
-        check_golds({"train": bad}, v, max_bad=0.01)   # 2 > 1% of 100
+        check_golds({"train": bad}, v, max_bad=0.01)  # 2 > 1% of 100
     check_golds({"train": good[:99] + bad[-1:]}, v, max_bad=0.01)  # 1 of 100 is a stray row: a note, not a refusal

@@ -1,6 +1,7 @@
 """rollout=vllm through its interface: the importance correction's arithmetic, the install and version
 messages, and the backend driving an engine (tests/fake_vllm.py stands in for vLLM on CPU): weight pushes
 (LoRA merged), sleep/wake order, seeds, the trainer's re-scoring, the mismatch it logs."""
+
 from __future__ import annotations
 
 import math
@@ -12,9 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from rredcot.errors import UserError
-from rredcot.registry import get
-from rredcot.stages.rollout import sample_from_ids, sample_rollout
 from rredcot.losses import per_token_terms, sampler_correction
+from rredcot.registry import get
+from rredcot.stages.montecarlo import sample_from_ids
+from rredcot.stages.rollout import sample_rollout
 from rredcot.types import Sample
 
 SAMPLES = [Sample("a=1, b=a+2. b=?\n", "3"), Sample("x=10, y=x*2. y=?\n", "20")]
@@ -28,7 +30,9 @@ def test_sampler_correction_example():
     mask = torch.tensor([[1, 1, 0]])
     w, stats = sampler_correction(old, sampler, mask, cap=2.0)
     assert w[0, :2].tolist() == pytest.approx([math.exp(0.5), 2.0])
-    assert stats["sampler/logp_diff_mean"] == pytest.approx(0.75) and stats["sampler/logp_diff_max"] == pytest.approx(1.0)
+    assert stats["sampler/logp_diff_mean"] == pytest.approx(0.75) and stats["sampler/logp_diff_max"] == pytest.approx(
+        1.0
+    )
     assert stats["sampler/is_capped_frac"] == pytest.approx(0.5)
     assert stats["sampler/is_ratio_mean"] == pytest.approx((math.exp(0.5) + math.e) / 2)
     assert sampler_correction(old, sampler, mask, cap=0)[0] is None  # cap 0: measured, not corrected
@@ -37,8 +41,9 @@ def test_sampler_correction_example():
 def test_importance_weight_scales_the_surrogate_not_the_kl():
     # rho = 1, A = 2: surrogate -2, times w = .5 -> -1; the k3 KL (delta = .1: .00517) is added unweighted
     logp = torch.tensor([[-1.0]])
-    loss, _, kl = per_token_terms(logp, logp, torch.tensor([2.0]), beta=1.0, ref_logp=logp + 0.1,
-                                  is_weight=torch.tensor([[0.5]]))
+    loss, _, kl = per_token_terms(
+        logp, logp, torch.tensor([2.0]), beta=1.0, ref_logp=logp + 0.1, is_weight=torch.tensor([[0.5]])
+    )
     assert loss.item() == pytest.approx(-1.0 + kl.item()) and kl.item() == pytest.approx(math.exp(0.1) - 1.1, abs=1e-6)
 
 
@@ -118,19 +123,44 @@ def test_a_bf16_engine_mismatch_is_measured_and_capped(fake_vllm, tiny_model):
     m = ro.completion_mask.bool()
     assert (ro.logprobs[m] - ro.sampler_logprobs[m]).abs().max() > 1e-3
     credit = types.SimpleNamespace(valid=torch.ones(8, dtype=torch.bool), advantages=torch.randn(8))
-    cfg = OmegaConf.create({"loss_type": "dapo", "eps_low": 0.2, "eps_high": 0.2, "beta": 0.0, "num_iterations": 1,
-                            "steps_per_generation": 1, "micro_batch_size": 4, "mask_truncated_completions": False,
-                            "max_grad_norm": 1.0, "is_cap": 1.001})
+    cfg = OmegaConf.create(
+        {
+            "loss_type": "dapo",
+            "eps_low": 0.2,
+            "eps_high": 0.2,
+            "beta": 0.0,
+            "num_iterations": 1,
+            "steps_per_generation": 1,
+            "micro_batch_size": 4,
+            "mask_truncated_completions": False,
+            "max_grad_norm": 1.0,
+            "is_cap": 1.001,
+        }
+    )
     from accelerate import Accelerator
 
     from rredcot.optim import build_optimizer
     from rredcot.stages.update import Learner
 
-    opt, sched = build_optimizer(model, OmegaConf.create({"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0,
-                                                         "adam_eps": 1e-8, "warmup_steps": 0, "warmup_ratio": 0.0,
-                                                         "schedule": "constant"}), 1)
-    stats = update_policy(Learner(model, opt, sched, Accelerator(cpu=True)), ro, credit, cfg, temperature=1.0,
-                          max_completion_length=16)
+    opt, sched = build_optimizer(
+        model,
+        OmegaConf.create(
+            {
+                "lr": 1e-3,
+                "beta1": 0.9,
+                "beta2": 0.99,
+                "weight_decay": 0.0,
+                "adam_eps": 1e-8,
+                "warmup_steps": 0,
+                "warmup_ratio": 0.0,
+                "schedule": "constant",
+            }
+        ),
+        1,
+    )
+    stats = update_policy(
+        Learner(model, opt, sched, Accelerator(cpu=True)), ro, credit, cfg, temperature=1.0, max_completion_length=16
+    )
     assert stats["sampler/logp_diff_mean"] > 1e-4 and stats["sampler/logp_diff_max"] >= stats["sampler/logp_diff_mean"]
     assert 0 < stats["sampler/is_capped_frac"] < 1  # a cap this close to 1 catches some tokens, not all
 
@@ -141,8 +171,13 @@ def test_a_lora_policy_reaches_the_engine_merged(fake_vllm):
     from rredcot.task.model import build_tiny, load_tokenizer
 
     tok = load_tokenizer("builtin")
-    base = build_tiny(OmegaConf.create({"arch": "qwen2", "hidden_size": 32, "intermediate_size": 64, "layers": 2,
-                                        "heads": 2, "max_positions": 128}), len(tok), seed=0)
+    base = build_tiny(
+        OmegaConf.create(
+            {"arch": "qwen2", "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_positions": 128}
+        ),
+        len(tok),
+        seed=0,
+    )
     plain_names = set(base.state_dict())
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     for n, p in model.named_parameters():
@@ -156,13 +191,17 @@ def test_a_lora_policy_reaches_the_engine_merged(fake_vllm):
         merged = {n: t.clone() for n, t in pairs}
     assert names <= plain_names and {n for n in plain_names if "proj" in n} <= names  # engine names, no lora_*
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-5)  # unmerged again: the adapter still trains
+        assert torch.allclose(
+            model(input_ids=ids).logits, before, atol=1e-5
+        )  # unmerged again: the adapter still trains
         q = model.base_model.model.model.layers[0].self_attn.q_proj
         delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]
         assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], q.base_layer.weight + delta, atol=1e-6)
 
 
-def test_under_data_parallel_each_rank_runs_its_engine_in_the_trainers_process_group(fake_vllm, tiny_model, monkeypatch):
+def test_under_data_parallel_each_rank_runs_its_engine_in_the_trainers_process_group(
+    fake_vllm, tiny_model, monkeypatch
+):
     from rredcot import collectives
 
     monkeypatch.setattr(collectives, "active", lambda: True)

@@ -1,6 +1,7 @@
 """The collapse watch: a warning when truncation climbs (the first sign in the collapses we logged), one
 when the reward's moving average falls `drop` below its best, each once, naming the signals; none on a
 noisy plateau or a run that always truncates a little; off at drop=0. Replayed on a logged collapse."""
+
 from rredcot.watch import CollapseWatch
 
 

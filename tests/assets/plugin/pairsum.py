@@ -1,7 +1,8 @@
-"""A user's own task and verifier, in their own module (the README's plug-in example, tested end to end).
+"""A user's own task and verifier, in their own module (docs/plugins.md's example, tested end to end).
 
-    rredcot train plugins=[pairsum.py] 'hydra.searchpath=[file://conf]' task=pairsum
+rredcot train plugins=[pairsum.py] 'hydra.searchpath=[file://conf]' task=pairsum
 """
+
 import random
 import re
 
@@ -18,8 +19,10 @@ def pairsum(cfg, split, tokenizer=None):
     n = cfg.train_size if split == "train" else cfg.eval_size
     pairs = [(a, b) for a in range(100) for b in range(100) if (a * 100 + b) % 10 in _BUCKETS[split]]
     random.Random(f"{cfg.seed}-{split}").shuffle(pairs)
-    return [Sample(prompt=f"{a}+{b}=?\n", gold=str(a + b),
-                   meta={"trace": f"<think>\n{a}+{b}={a + b}\n</think>\n{a + b}"}) for a, b in pairs[:n]]
+    return [
+        Sample(prompt=f"{a}+{b}=?\n", gold=str(a + b), meta={"trace": f"<think>\n{a}+{b}={a + b}\n</think>\n{a + b}"})
+        for a, b in pairs[:n]
+    ]
 
 
 @register("verify", "last_int")
