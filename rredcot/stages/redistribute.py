@@ -6,6 +6,8 @@ where ctx (a PolicyContext) gives the current policy and the task's forcing text
 - `uniform`: every token gets its trace's GRPO advantage. This *is* GRPO.
 - `rredcot`: values from answer forcing (stages/values.py), turned into token advantages by `mode`.
 - `verdict`: values from the policy's own yes/no verdict on the trace so far, turned likewise.
+- `vps`: GRPO-VPS (arXiv 2604.20659): V = the policy's probability of the gold answer alone after each
+  boundary (the same probe pass), its change the segment's progress.
 - `mc`: the same with Monte Carlo values (the reference for estimator quality; expensive).
 - `attention`, `gradient`: the GRPO advantage spread over segments by attribution weights.
 
@@ -37,7 +39,7 @@ from rredcot.stages.token_credit import _weighted, value_credit
 from rredcot.stages.values import forced_values, verdict_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
-MODES = ("immediate", "return_to_go", "mixed", "anchored")
+MODES = ("immediate", "return_to_go", "mixed", "anchored", "reweight")
 SCALES = ("group", "batch", "none")
 # The valid range of every estimator option (checked at config time).
 RULES = {
@@ -45,6 +47,9 @@ RULES = {
     "scale": one_of(*SCALES),
     "scale_rewards": one_of(*SCALES),
     "alpha": number(0),
+    "sigma": one_of("softmax", "positive", "signed"),
+    "tau": number(0, lo_open=True),
+    "sigma_floor": number(0, 1),
     "equal_groups": one_of("keep", "zero"),
     "samples": COUNT,
     "max_new_tokens": NATURAL,
@@ -94,6 +99,9 @@ def rredcot(
     alpha: float = 1.0,
     scale_rewards: str = "group",
     equal_groups: str = "keep",
+    sigma: str = "softmax",
+    tau: float = 0.25,
+    sigma_floor: float = 0.0,
     include_reference: bool = True,
     self_normalize: bool = False,
     length_normalize: bool = False,
@@ -119,20 +127,50 @@ def rredcot(
         max_batch_tokens=max_batch_tokens,
         packed_max_tokens=packed_max_tokens,
     )
-    credit = value_credit(
+    modes = dict(mode=mode, scale=scale, alpha=alpha, scale_rewards=scale_rewards, equal_groups=equal_groups)
+    return _credit(ro, ver, seg, values, stats, group_size, **modes, sigma=sigma, tau=tau, sigma_floor=sigma_floor)
+
+
+def _credit(ro, ver, seg, values, stats: dict[str, float], group_size: int, **mode_options) -> Credit:
+    """The value estimators' common end: token advantages by `mode` (stages/token_credit.py), their stats."""
+    credit = value_credit(ro, ver, seg, values, group_size=group_size, **mode_options)
+    credit.stats.update(stats)
+    return credit
+
+
+@register("redistribute", "vps", RULES, needs_task_keys=("forcing_text",))
+def vps(
+    ro,
+    ver,
+    seg,
+    ctx,
+    *,
+    group_size: int,
+    mode: str = "mixed",
+    scale: str = "group",
+    alpha: float = 1.0,
+    scale_rewards: str = "group",
+    equal_groups: str = "keep",
+    sigma: str = "softmax",
+    tau: float = 0.25,
+    sigma_floor: float = 0.0,
+    max_batch_tokens: int = 16384,
+    packed_max_tokens: int = 8192,
+) -> Credit:
+    """GRPO-VPS: V_k = p(gold answer | prefix up to b_k, forcing text), one packed probe pass, no sampling; the
+    default mode adds its change (the segment's progress) to GRPO's advantage (mixed)."""
+    values, stats = forced_values(
         ro,
         ver,
         seg,
-        values,
+        ctx,
         group_size=group_size,
-        mode=mode,
-        scale=scale,
-        alpha=alpha,
-        scale_rewards=scale_rewards,
-        equal_groups=equal_groups,
+        answers="gold",
+        max_batch_tokens=max_batch_tokens,
+        packed_max_tokens=packed_max_tokens,
     )
-    credit.stats.update(stats)
-    return credit
+    modes = dict(mode=mode, scale=scale, alpha=alpha, scale_rewards=scale_rewards, equal_groups=equal_groups)
+    return _credit(ro, ver, seg, values, stats, group_size, **modes, sigma=sigma, tau=tau, sigma_floor=sigma_floor)
 
 
 @register("redistribute", "verdict", RULES)
@@ -151,6 +189,9 @@ def verdict(
     alpha: float = 1.0,
     scale_rewards: str = "group",
     equal_groups: str = "keep",
+    sigma: str = "softmax",
+    tau: float = 0.25,
+    sigma_floor: float = 0.0,
     max_batch_tokens: int = 16384,
     packed_max_tokens: int = 8192,
 ) -> Credit:
@@ -166,20 +207,8 @@ def verdict(
         max_batch_tokens=max_batch_tokens,
         packed_max_tokens=packed_max_tokens,
     )
-    credit = value_credit(
-        ro,
-        ver,
-        seg,
-        values,
-        group_size=group_size,
-        mode=mode,
-        scale=scale,
-        alpha=alpha,
-        scale_rewards=scale_rewards,
-        equal_groups=equal_groups,
-    )
-    credit.stats.update(stats)
-    return credit
+    modes = dict(mode=mode, scale=scale, alpha=alpha, scale_rewards=scale_rewards, equal_groups=equal_groups)
+    return _credit(ro, ver, seg, values, stats, group_size, **modes, sigma=sigma, tau=tau, sigma_floor=sigma_floor)
 
 
 @register("redistribute", "mc", RULES)
@@ -197,6 +226,9 @@ def mc(
     alpha: float = 1.0,
     scale_rewards: str = "group",
     equal_groups: str = "keep",
+    sigma: str = "softmax",
+    tau: float = 0.25,
+    sigma_floor: float = 0.0,
 ) -> Credit:
     """Monte Carlo values (VinePPO-style): `samples` continuations from every boundary."""
     values, stats = mc_values(
@@ -208,20 +240,8 @@ def mc(
         samples=samples,
         max_new_tokens=max_new_tokens or ctx.max_new_tokens or ro.completion_ids.shape[1],
     )
-    credit = value_credit(
-        ro,
-        ver,
-        seg,
-        values,
-        group_size=group_size,
-        mode=mode,
-        scale=scale,
-        alpha=alpha,
-        scale_rewards=scale_rewards,
-        equal_groups=equal_groups,
-    )
-    credit.stats.update(stats)
-    return credit
+    modes = dict(mode=mode, scale=scale, alpha=alpha, scale_rewards=scale_rewards, equal_groups=equal_groups)
+    return _credit(ro, ver, seg, values, stats, group_size, **modes, sigma=sigma, tau=tau, sigma_floor=sigma_floor)
 
 
 @register("redistribute", "attention", RULES)

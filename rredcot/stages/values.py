@@ -31,6 +31,7 @@ def forced_values(
     ctx: PolicyContext,
     *,
     group_size: int,
+    answers: str = "group",
     include_reference: bool = True,
     self_normalize: bool = False,
     length_normalize: bool = False,
@@ -48,6 +49,7 @@ def forced_values(
     extra_forcings: more [forcing text, closing text] pairs; V is the mean over them and the task's own
     (a trace half-way may answer one way of asking and not another). mc_boundaries > 0: Monte Carlo values
     (mc_samples continuations) at that many evenly spaced boundaries, forced values between (`blend_anchors`).
+    answers="gold": only the gold answer is scored, V = p_k(gold) (GRPO-VPS's progress signal).
     """
     if ctx.force_text is None:
         raise UserError(
@@ -64,6 +66,7 @@ def forced_values(
             force,
             close,
             group_size=group_size,
+            answers=answers,
             include_reference=include_reference,
             self_normalize=self_normalize,
             length_normalize=length_normalize,
@@ -90,6 +93,7 @@ def _forced_once(
     close: str,
     *,
     group_size: int,
+    answers: str,
     include_reference: bool,
     self_normalize: bool,
     length_normalize: bool,
@@ -100,12 +104,16 @@ def _forced_once(
     values: list[torch.Tensor] = [torch.zeros(len(b)) for b in seg.boundaries]
     items, owners, utils, lens = [], [], {}, {}
     for g0 in range(0, len(ro.texts), group_size):
-        answers = group_answers(ro, ctx, g0, group_size, include_reference)
-        u = [ctx.verifier.judge(a, ro.samples[g0]) or 0.0 for a in answers]  # U(a), the verifier's own judgement
+        cands = (
+            [ro.samples[g0].gold.strip()]
+            if answers == "gold"
+            else group_answers(ro, ctx, g0, group_size, include_reference)
+        )
+        u = [ctx.verifier.judge(a, ro.samples[g0]) or 0.0 for a in cands]  # U(a), the verifier's own judgement
         keep = [i for i, ui in enumerate(u) if self_normalize or ui > 0]
         if not keep:
             continue  # no answer of this group is right: every V_hat is exactly 0
-        blocks, starts = probe_blocks(ctx.tokenizer, force, [answers[i] + close for i in keep])
+        blocks, starts = probe_blocks(ctx.tokenizer, force, [cands[i] + close for i in keep])
         for row in range(g0, g0 + group_size):
             ids, plen = trace_ids(ro, row)
             items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], blocks, starts))

@@ -63,3 +63,33 @@ def test_credit_rejects_an_unknown_reference(fast_run, tmp_path):
         "credit", f"checkpoint={fast_run}", "debug=fast", "credit.against=oracle", f"run_dir={tmp_path}", check=False
     )
     assert proc.returncode == 2 and "only reference is mc" in proc.stderr
+
+
+@pytest.mark.parametrize("algo, how", [("rredcot", "softmax"), ("verdict", "positive"), ("mc", "signed")])
+def test_reweight_trains_end_to_end_with_each_value_estimator(algo, how, tmp_path):
+    # mode=reweight (GRPO's advantage re-weighted by sigma) through the real CLI, with every value estimator
+    run = tmp_path / algo
+    extra = ["redistribute.samples=2"] if algo == "mc" else []
+    cli(
+        "train",
+        "debug=fast",
+        f"algo={algo}",
+        "redistribute.mode=reweight",
+        f"redistribute.sigma={how}",
+        "train.steps=2",
+        f"run_dir={run}",
+        "logging.progress=false",
+        *extra,
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
+    assert len(rows) == 2 and all(r["credit/sigma_min"] <= 1.0 <= r["credit/sigma_max"] for r in rows)
+    assert json.loads((run / "eval.json").read_text())["steps"] == 2
+
+
+def test_grpo_vps_trains_and_is_in_the_credit_table(tmp_path):
+    run = tmp_path / "vps"
+    cli("train", "debug=fast", "algo=vps", "train.steps=2", f"run_dir={run}", "logging.progress=false")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
+    assert len(rows) == 2 and rows[0]["credit/probe_tokens_per_trace"] > 0
+    proc = cli("credit", f"checkpoint={run}", "credit.estimators=[vps,uniform]", "credit.prompts=1")
+    assert "vps" in proc.stdout

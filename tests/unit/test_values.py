@@ -170,3 +170,13 @@ def test_split_half_reliability_of_values_and_of_credit():
     assert rel["credit/mc_split_half_credit"] == pytest.approx(0.928, abs=1e-3)
     # values [0, .5, .5, 0] and [0, .5, 1, .5]: Pearson .707 -> .828
     assert rel["credit/mc_split_half"] == pytest.approx(0.828, abs=1e-3)
+
+
+def test_vps_values_are_the_gold_answers_probability_alone(batch):
+    # GRPO-VPS: V_k = p_k(gold) whatever the group answered; with the gold among the group's answers and
+    # every other answer wrong, rredcot's V (sum of U(a) p_k(a), only right answers scored) is the same number
+    ro, ver, seg, ctx = batch
+    vps, _ = forced_values(ro, ver, seg, ctx, group_size=2, answers="gold")
+    group, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=True)
+    for a, b in zip(vps, group):
+        assert torch.allclose(a, b, atol=1e-6) and (a >= 0).all() and (a <= 1).all()
