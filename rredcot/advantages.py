@@ -6,8 +6,8 @@ Shapes: N rows, G = group_size consecutive rows per prompt, T completion tokens.
 they are left out of every group statistic and get advantage 0.
 
 The equal-rewards rule (one for the logs and for training): a group carries no signal when its *defined*
-rewards are all equal; fewer than two defined rewards count as equal. Example, G=2: [1, NaN] is equal
-(one defined reward: its GRPO advantages are [0, 0]), [NaN, NaN] is equal, [1, 0] is not.
+rewards are all equal (within EQUAL_TOL); fewer than two defined rewards count as equal. Example, G=2:
+[1, NaN] is equal (one defined reward: its GRPO advantages are [0, 0]), [NaN, NaN] is equal, [1, 0] is not.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 from rredcot import collectives
 from rredcot.types import Verified
+
+EQUAL_TOL = 1e-8  # rewards this close are one reward (continuous plug-in rewards): GRPO's advantage is ~0
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -69,7 +71,7 @@ def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     r = rewards.view(-1, group_size)
     hi = torch.nan_to_num(r, nan=-torch.inf).max(1).values
     lo = torch.nan_to_num(r, nan=torch.inf).min(1).values
-    return ((hi - lo) <= 0).repeat_interleave(group_size)  # all NaN: -inf - inf < 0, equal
+    return ((hi - lo) < EQUAL_TOL).repeat_interleave(group_size)  # all NaN: -inf - inf < 0, equal
 
 
 def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:

@@ -42,7 +42,7 @@ def unclosed(texts: list[str], marker: str | None) -> float | None:
 
 
 def evaluate(
-    backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: dict, sampled: bool = True, step: int = 0
+    backend, tokenizer, samples: list[Sample], cfg: Any, reward_funcs: RewardFuncs, sampled: bool = True, step: int = 0
 ) -> dict[str, Any]:
     """Metrics on `samples` from a rollout backend (or a model: the reference backend); with
     sampled=False only the greedy ones (cheap, for periodic evals).
@@ -60,7 +60,14 @@ def evaluate(
 
 
 def _records(
-    backend, tokenizer, samples: list[Sample], offset: int, cfg: Any, reward_funcs: dict, sampled: bool, step: int
+    backend,
+    tokenizer,
+    samples: list[Sample],
+    offset: int,
+    cfg: Any,
+    reward_funcs: RewardFuncs,
+    sampled: bool,
+    step: int,
 ) -> list[dict[str, Any]]:
     """One plain record per prompt (what summarize needs): greedy text, correctness, length; sampled ones."""
     greedy = _rollout(backend, tokenizer, samples, cfg, 1, greedy=True)

@@ -67,6 +67,16 @@ class Entry:
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {stage: {} for stage in STAGES}
+RENAMED = {"update": "loss"}  # old stage name -> new
+# attributes the registry used to read off registered functions -> the register() field that replaced each
+LEGACY = {
+    "option_rules": "rules",
+    "check_options": "check",
+    "needs_task_keys": "needs_task_keys",
+    "runs_backward": "runs_backward",
+    "warmstart_samples": "warmstart",
+    "divide_by_accum": "divide_by_accum",
+}
 _loaded_plugins: set[str] = set()
 _entry_points_loaded = False
 
@@ -77,7 +87,8 @@ def register(stage: str, name: str, rules: Mapping[str, Any] | None = None, **co
     needs_task_keys, runs_backward, warmstart, divide_by_accum, label). A duplicate name raises at import
     time; so does a contract field that Entry does not have."""
     if stage not in _REGISTRY:
-        raise KeyError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        hint = f" (the loss aggregations are stage {RENAMED[stage]!r} now)" if stage in RENAMED else ""
+        raise KeyError(f"unknown stage {stage!r}{hint}; stages are {', '.join(STAGES)}")
     unknown = set(contract) - set(Entry.__dataclass_fields__)
     if unknown:
         raise TypeError(f"register({stage!r}, {name!r}): unknown contract field(s) {sorted(unknown)}")
@@ -176,7 +187,15 @@ def entry(stage: str, name: str, key: str | None = None) -> Entry:
     check(stage, name, key)
     if name not in _REGISTRY[stage]:
         importlib.import_module(BUILTIN[stage][name])  # runs its @register decorators
-    return _REGISTRY[stage][name]
+    found = _REGISTRY[stage][name]
+    stuck = sorted(LEGACY.keys() & set(getattr(found.obj, "__dict__", {})))
+    if stuck:  # a plug-in written for the old registry: its contract would be silently ignored
+        raise UserError(
+            f"The {stage} entry {name!r} sets {', '.join(stuck)} on the function after registering it; "
+            f"declare it in the registration instead, e.g. @register({stage!r}, {name!r}, "
+            f"{LEGACY[stuck[0]]}=...)."
+        )
+    return found
 
 
 def get(stage: str, name: str, key: str | None = None) -> Any:

@@ -145,7 +145,7 @@ def save_checkpoint(
     run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int, state_dict: dict | None = None
 ) -> Path:
     """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones.
-    state_dict: the full weights when the model is sharded over ranks (distributed.full_state)."""
+    state_dict: the full weights when the model is sharded over ranks (sharding.full_state)."""
     final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     for leftover in (run / "checkpoints").glob("*.tmp"):  # a write that a kill interrupted

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -70,18 +70,20 @@ class Trainer(Setup):
     def __init__(self, cfg: DictConfig, overrides: list[str] = ()):
         self.cfg, self.overrides = cfg, list(overrides)
         self.nonfinite = 0  # consecutive steps whose every optimizer step was skipped for a NaN/inf gradient
+        self.accelerator = None  # set by _setup_launch (trainer_setup.py)
 
     # ---- one RL step ----------------------------------------------------------------------------------------
 
     def step(self, step: int) -> StepRecord:
         """Sample, verify, segment, redistribute and update on this rank's block of the step's prompt groups."""
         cfg, G, times = self.cfg, self.cfg.rollout.group_size, {}
-        offset, batch = collectives.shard([self.train_set[i] for i in self.sampler.take(self.prompts_per_step)])
-        seeds = row_seeds(cfg.seed, "train", step, range(offset * G, (offset + len(batch)) * G))
-        ctx = policy_context(cfg, self.critic.model, self.tokenizer, self.stages, self.backend, step)
         funcs, verify_budget = self.stages.reward_funcs, cfg.verify.budget_s
-        with sharding.full_weights(self.model):  # generation and probe chunks differ per rank
+        with ExitStack() as gathered:  # the rollout's time includes gathering sharded weights, the update's resharding
             with timed(times, "rollout"):
+                offset, batch = collectives.shard([self.train_set[i] for i in self.sampler.take(self.prompts_per_step)])
+                seeds = row_seeds(cfg.seed, "train", step, range(offset * G, (offset + len(batch)) * G))
+                ctx = policy_context(cfg, self.critic.model, self.tokenizer, self.stages, self.backend, step)
+                gathered.enter_context(sharding.full_weights(self.model))  # generation, probe chunks differ per rank
                 self.backend.wake()  # a colocated engine takes its memory back for sampling (and MC values)
                 ro = self.stages.rollout(self.backend, self.tokenizer, batch, seeds=seeds)
             with timed(times, "verify"):
@@ -90,27 +92,31 @@ class Trainer(Setup):
                 seg = run_segment(ro, self.stages.segment, self.pieces, self.stages.marker)
             with timed(times, "redistribute"):
                 credit = self.stages.redistribute(ro, ver, seg, ctx)
-        with timed(times, "update"):
-            self.backend.sleep()  # ... and gives it to the gradient passes
-            upd = update_policy(
-                self.learner,
-                ro,
-                credit,
-                cfg["update"],
-                temperature=cfg.rollout.temperature,
-                max_completion_length=cfg.rollout.max_new_tokens,
-            )
-            self.backend.sync(self.accelerator.unwrap_model(self.model))  # the next samples come from the new weights
-            self.critic.after_step(step)
+            with timed(times, "update"):
+                gathered.close()  # reshard: the gradient passes run sharded
+                self.backend.sleep()  # ... and the engine gives its memory to them
+                upd = update_policy(
+                    self.learner,
+                    ro,
+                    credit,
+                    cfg["update"],
+                    temperature=cfg.rollout.temperature,
+                    max_completion_length=cfg.rollout.max_new_tokens,
+                )
+                # the next samples come from the new weights
+                self.backend.sync(self.accelerator.unwrap_model(self.model))
+                self.critic.after_step(step)
         return StepRecord(step, ro, ver, seg, credit, upd, times)
 
     @property
     def prompts_per_step(self) -> int:
         return self.cfg.train.generation_batch_size // self.cfg.rollout.group_size
 
-    def after_step(self, rec: StepRecord, stop_requested: bool = False) -> bool:
+    def after_step(self, rec: StepRecord, stop_requested: Callable[[], bool] = lambda: False) -> bool:
         """Metrics of the whole batch, the collapse watch, held-out evaluation, samples, the non-finite count,
-        stop requests and checkpoints. Every rank calls it (it holds collectives). Returns whether to stop."""
+        stop requests and checkpoints. Every rank calls it (it holds collectives). Returns whether to stop.
+        stop_requested is asked after the step's evaluation and samples, so a request that came during them
+        is served at this step's boundary."""
         cfg, step = self.cfg, rec.step
         records = gather_step(rec.rollout, rec.verified, rec.segmented, rec.credit)  # the whole batch's
         row = {"step": step, **global_metrics(records, rec.update, rec.times, cfg.rollout.group_size)}
@@ -123,7 +129,7 @@ class Trainer(Setup):
         if step % cfg.train.log_every == 0 or step == 1:
             self.log.samples(step, sample_rows(*records[:3], cfg.train.samples_per_log))
         self._count_nonfinite(rec.update)
-        stopping = collectives.any_rank(stop_requested)  # a request that reached one rank stops all
+        stopping = collectives.any_rank(stop_requested())  # a request that reached one rank stops all
         if stopping or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps):
             self.save(step)
         self.progress.update(
@@ -190,12 +196,13 @@ class Trainer(Setup):
     def fit(self) -> Path:
         """setup, the starting evaluation, the steps, the final checkpoint and evaluation; returns the run directory."""
         cfg = self.cfg
-        with make_progress(cfg.logging.progress and collectives.is_main()) as progress:
+        self._setup_launch()  # first: the process group decides which rank shows progress
+        with make_progress(cfg.logging.progress and self.main) as progress:
             self.setup(progress)
             first = self._first_eval()
             with GracefulStop(self.run / STOP_FILE if self.main else None) as stop:  # rank 0 looks for the file
                 for step in range(self.start + 1, cfg.train.steps + 1):
-                    if self.after_step(self.step(step), stop.requested is not None) and step < cfg.train.steps:
+                    if self.after_step(self.step(step), lambda: stop.requested is not None) and step < cfg.train.steps:
                         self._stop_after(step, stop.requested)
             self.save(cfg.train.steps)
             final = self.evaluate(cfg.train.steps, True)

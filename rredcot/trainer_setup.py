@@ -31,7 +31,8 @@ class Setup:
     def setup(self, progress) -> None:
         """Checks, run directory, data, model, optimizer and resume state, in that order: a config, data or
         model error leaves nothing behind (the run directory is written only once they all loaded)."""
-        self._setup_launch()
+        if self.accelerator is None:  # fit() launches before it opens the progress display
+            self._setup_launch()
         self.stages = build_stages(self.cfg)
         self._setup_policy(progress)
         self._setup_optimizer()

@@ -35,12 +35,10 @@ from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
 from rredcot.stages.context import PolicyContext
 from rredcot.stages.montecarlo import mc_values
-from rredcot.stages.token_credit import _weighted, value_credit
+from rredcot.stages.token_credit import MODES, SCALES, _weighted, value_credit
 from rredcot.stages.values import forced_values, verdict_values
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
-MODES = ("immediate", "return_to_go", "mixed", "anchored", "reweight")
-SCALES = ("group", "batch", "none")
 # The valid range of every estimator option (checked at config time).
 RULES = {
     "mode": one_of(*MODES),

@@ -14,6 +14,9 @@ from rredcot import collectives
 from rredcot.advantages import credit_scale, credit_stats, equal_reward_groups, group_advantages, group_mean
 from rredcot.types import Credit, Rollout, Segmented, Verified
 
+MODES = ("immediate", "return_to_go", "mixed", "anchored", "reweight")
+SCALES = ("group", "batch", "none")
+
 
 def segment_rewards(values: torch.Tensor, reward: float | torch.Tensor) -> torch.Tensor:
     """values [K+1] = V_hat at b_0..b_K -> [K+1]: r_1..r_K, then the correction r_(K+1) = R - V_K.
@@ -55,6 +58,8 @@ def value_credit(
     return_to_go an all-right group otherwise gets 1 - V ~ 1 on every token: a push with no baseline).
     mode="reweight": GRPO's advantage (scale_rewards) times sigma_k (reweight_sigma: sigma, tau, sigma_floor,
     alpha for sigma="signed"); `scale` and `equal_groups` do not apply (GRPO's own scaling is kept)."""
+    if mode not in MODES or scale not in SCALES:  # config rules reject these first; this guards direct callers
+        raise ValueError(f"mode must be one of {MODES} and scale one of {SCALES}, got {mode!r}, {scale!r}")
     N, T = ro.completion_ids.shape
     valid = ~torch.isnan(ver.rewards)
     R = torch.nan_to_num(ver.rewards, nan=0.0)

@@ -92,7 +92,7 @@ class BuiltinVerifier(Verifier):
 
 @register("verify", "gsm8k")
 class GSM8KVerifier(Verifier):
-    """GSM8K: sample.gold is the text after '####' with commas removed (see task.datasets).
+    """GSM8K: sample.gold is the text after '####' with commas removed (see task/hub.py).
 
     `strict`: the last '#### <number>'; `flexible`: that, else the last number in the text."""
 

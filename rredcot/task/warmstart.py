@@ -3,8 +3,9 @@
 The built-in task writes its own traces, some flawed on purpose (one wrong step, `flaw_rate`), so the
 starting policy has real but imperfect accuracy and RL has something to fix. Any other task warms up on
 its training rows' reference traces (Sample.meta["trace"]: a plug-in task sets it; hub tasks read
-task.trace_field), or its entry's own `warmstart_samples(cfg, tokenizer)`. The result is cached under
-`<cache_dir>/warmstart/<key>`, where the key hashes everything that affects it, the traces included.
+task.trace_field), or the hook its entry declares (`@register("task", name, warmstart=fn)`, called as
+fn(cfg, tokenizer)). The result is cached under `<cache_dir>/warmstart/<key>`, where the key hashes
+everything that affects it, the traces included.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +17,19 @@ ASSETS_DIR = REPO / "tests" / "assets"
 
 
 def cli(
-    *args: str, check: bool = True, timeout: int = 600, env: dict | None = None, cwd: Path = REPO
+    *args: str, check: bool = True, timeout: int = 600, env: dict | None = None, cwd: Path = REPO, real: bool = False
 ) -> subprocess.CompletedProcess:
     """Run `python -m rredcot ARGS` the way a user would (extra `env` variables, in `cwd`); returns the finished
     process.
 
     The process is forked from a server that has imported the package already (tests/integration/zygote.py),
-    which saves the import of torch and transformers per call; RREDCOT_TEST_REAL_PROCESSES=1 starts each one
-    from a fresh interpreter instead."""
+    which saves the import of torch and transformers per call. A fresh interpreter starts instead with
+    real=True, with RREDCOT_TEST_REAL_PROCESSES=1, on a machine with a GPU (a fork must not inherit a CUDA
+    driver), and whenever the environment differs from the server's in a variable an import may have read
+    (HF_*, PYTHONHASHSEED, OMP_NUM_THREADS, ...: only RREDCOT_*, COLUMNS, PYTHONPATH and pytest's own are
+    applied in the child)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200", **(env or {}))
-    if os.environ.get("RREDCOT_TEST_REAL_PROCESSES"):
+    if real or os.environ.get("RREDCOT_TEST_REAL_PROCESSES") or shutil.which("nvidia-smi") or _ZYGOTE.stale(env):
         proc = subprocess.run(
             [sys.executable, "-m", "rredcot", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
         )
@@ -40,13 +45,21 @@ def cli(
 class _Zygote:
     """The fork server of this test process, started on first use and restarted if it died."""
 
+    APPLIED = ("RREDCOT_", "COLUMNS", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_")  # what a child can take on
+
     def __init__(self):
         self.proc: subprocess.Popen | None = None
+        self.env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # the server's
+
+    def stale(self, env: dict) -> bool:
+        """Whether `env` differs from the server's in a variable the server's imports may have read already."""
+        keys = (set(env) | set(self.env)) - {k for k in set(env) | set(self.env) if k.startswith(self.APPLIED)}
+        return any(env.get(k) != self.env.get(k) for k in keys)
 
     def _start(self) -> None:
         from tests.integration import zygote
 
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env = self.env
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.zygote"],
             cwd=REPO,
@@ -69,14 +82,27 @@ class _Zygote:
             out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
             zygote.send(self.proc.stdin.fileno(), (args, env, str(cwd), out, err))
             reply = self.proc.stdout.fileno()
-            _, pid = zygote.recv(reply)
-            if not select.select([reply], [], [], timeout)[0]:
-                os.kill(pid, signal.SIGKILL)
-                zygote.recv(reply)
-                raise subprocess.TimeoutExpired(["rredcot", *args], timeout)
-            _, code = zygote.recv(reply)
+            pid = self._recv(reply)
+            try:
+                if not select.select([reply], [], [], timeout)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    self._recv(reply)
+                    raise subprocess.TimeoutExpired(["rredcot", *args], timeout)
+                code = self._recv(reply)
+            except BaseException:  # interrupted (Ctrl-C, a timeout): the command must not outlive the test
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                raise
             read = lambda path: open(path, encoding="utf-8", errors="replace").read()  # noqa: E731
             return subprocess.CompletedProcess(["rredcot", *args], code, read(out), read(err))
+
+    def _recv(self, fd: int):
+        from tests.integration import zygote
+
+        msg = zygote.recv(fd)
+        if msg is None:
+            raise RuntimeError(f"the CLI fork server (tests/integration/zygote.py) died: exit {self.proc.wait()}")
+        return msg[1]
 
 
 _ZYGOTE = _Zygote()

@@ -206,6 +206,7 @@ def test_real_processes_exit_2_without_a_traceback(line, needle, assets, hub_sha
         check=False,
         env={"HF_HUB_OFFLINE": "1"},
         timeout=300,
+        real=True,  # a fresh interpreter: the test is about real processes (and HF_HUB_OFFLINE is read at import)
     )
     assert proc.returncode == 2 and needle in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr
     assert not run.exists()

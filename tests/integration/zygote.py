@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import sys
 
@@ -71,15 +72,17 @@ def _child(args: list[str], env: dict, cwd: str, out: str, err: str) -> int:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a real interpreter dies of SIGINT: return code -2
         traceback.print_exc()
-        code = 130
+        code = -2
     except BaseException:
         traceback.print_exc()
         code = 1
     import atexit
+    import threading
 
-    atexit._run_exitfuncs()  # what a normal interpreter exit runs (log writers, multiprocessing clean-up)
+    threading._shutdown()  # as a normal exit: wait for non-daemon threads (a command that would hang, hangs)
+    atexit._run_exitfuncs()  # then what it runs at exit (log writers, multiprocessing clean-up)
     sys.stdout.flush()
     sys.stderr.flush()
     return code
@@ -108,7 +111,10 @@ def serve() -> None:
                 os.close(outp)
                 code = _child(*req)
             finally:
-                os._exit(code)  # never back into this loop
+                if code < 0:  # die of the signal, as the real process would (SIGINT: return code -2)
+                    signal.signal(-code, signal.SIG_DFL)
+                    os.kill(os.getpid(), -code)
+                os._exit(code & 0xFF)  # never back into this loop
         send(outp, ("pid", pid))
         _, status = os.waitpid(pid, 0)
         send(outp, ("exit", os.waitstatus_to_exitcode(status)))

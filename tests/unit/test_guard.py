@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from rredcot.stages.guard import OVER_BUDGET, TIMEOUT, Guarded, run_guarded
-from rredcot.stages.verify import BuiltinVerifier, RewardFuncs, Score, run_verify
-from rredcot.types import Sample
+from rredcot.stages.verify import BuiltinVerifier, RewardFuncs, run_verify
+from rredcot.types import Sample, Score
 
 SAMPLE = Sample(prompt="a=1. a=?\n", gold="14")
 

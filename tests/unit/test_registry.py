@@ -125,3 +125,17 @@ def test_entries_declare_their_contract_at_registration():
 def test_an_unknown_contract_field_is_refused_at_registration():
     with pytest.raises(TypeError, match="unknown contract field"):
         registry.register("segment", "halves2", needs_gpu=True)
+
+
+def test_a_plugin_written_for_the_old_registry_is_told_how_to_declare_its_contract():
+    # setting runs_backward on the function after registering would be silently ignored (FSDP would not refuse it)
+    def halves(ro, ver, seg, ctx, *, group_size):
+        return None
+
+    registry.register("redistribute", "old_style_attr")(halves)
+    halves.runs_backward = True
+    with pytest.raises(UserError, match=r"declare it in the registration.*runs_backward=\.\.\."):
+        registry.entry("redistribute", "old_style_attr")
+    with pytest.raises(KeyError, match="stage 'loss' now"):
+        registry.register("update", "my_loss")
+    del registry._REGISTRY["redistribute"]["old_style_attr"]
