@@ -38,7 +38,8 @@ BUILTIN: dict[str, dict[str, str]] = {
     "verify": {n: _S + "verify" for n in ("builtin", "gsm8k", "math", "format")},
     "segment": {n: _S + "segment" for n in ("none", "fixed", "newline", "keyword", "entropy", "hybrid")},
     "redistribute": {
-        n: _S + "redistribute" for n in ("uniform", "rredcot", "vps", "verdict", "mc", "attention", "gradient")
+        n: _S + "redistribute"
+        for n in ("uniform", "rredcot", "reference", "vps", "verdict", "mc", "attention", "gradient")
     },
     "loss": {n: "rredcot.losses" for n in ("grpo", "bnpo", "dr_grpo", "dapo")},
 }

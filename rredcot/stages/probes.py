@@ -32,12 +32,23 @@ from rredcot.stages.rollout import cache_kwarg, forward_takes
 class ProbeItem:
     """One trace's probes: trace_ids [L]; boundaries (prefix lengths into trace_ids, >= 1); per answer its
     block ids (forcing text + answer + closing, tokenized together) and scored_from (leading block
-    tokens that are context only)."""
+    tokens that are context only). `own`: instead of the shared blocks, each boundary's own list of
+    (block, scored_from), all of one length (a reference solution's remaining steps differ per boundary)."""
 
     trace_ids: torch.Tensor
     boundaries: list[int]
     blocks: list[torch.Tensor]
     scored_from: list[int]
+    own: list[list[tuple[torch.Tensor, int]]] | None = None
+
+    def at(self, k: int) -> list[tuple[torch.Tensor, int]]:
+        """The probes after boundary k: [(block ids, scored_from)] in answer order."""
+        return self.own[k] if self.own is not None else list(zip(self.blocks, self.scored_from))
+
+    @property
+    def width(self) -> int:
+        """|A|: probes per boundary."""
+        return len(self.own[0]) if self.own else len(self.blocks)
 
     @classmethod
     def from_parts(cls, trace_ids, boundaries, force_ids, answers) -> "ProbeItem":
@@ -48,7 +59,7 @@ class ProbeItem:
 
     @property
     def probe_tokens(self) -> int:
-        return len(self.boundaries) * sum(len(b) for b in self.blocks)
+        return sum(len(blk) for k in range(len(self.boundaries)) for blk, _ in self.at(k))
 
     @property
     def packed_tokens(self) -> int:
@@ -60,8 +71,8 @@ def _layout(item: ProbeItem):
     L = len(item.trace_ids)
     ids, pos, spans = [item.trace_ids], [torch.arange(L)], []
     start = L
-    for b in item.boundaries:
-        for blk, s0 in zip(item.blocks, item.scored_from):
+    for k, b in enumerate(item.boundaries):
+        for blk, s0 in item.at(k):
             ids.append(blk)
             pos.append(torch.arange(b, b + len(blk)))
             spans.append((start, len(blk), b, s0))
@@ -109,7 +120,7 @@ def probe_logprobs_batch(model, items: list[ProbeItem], temperature: float = 1.0
             selective_log_softmax(logits[i, r.to(device)].float() / temperature, x[t].to(device)).sum()
             for t, r in zip(targets, rows)
         ]
-        out.append(torch.stack(scores).view(len(items[i].boundaries), len(items[i].blocks)).cpu())
+        out.append(torch.stack(scores).view(len(items[i].boundaries), items[i].width).cpu())
     return out
 
 
@@ -129,10 +140,10 @@ def probe_logprobs_cached(model, item: ProbeItem, temperature: float = 1.0) -> t
     trace = item.trace_ids.to(device)
     cache, kw = DynamicCache(), cache_kwarg(model)
     model(input_ids=trace[None], use_cache=True, logits_to_keep=1, **{kw: cache})
-    out = torch.zeros(len(item.boundaries), len(item.blocks))
+    out = torch.zeros(len(item.boundaries), item.width)
     for k in sorted(range(len(item.boundaries)), key=lambda k: -item.boundaries[k]):
         b = item.boundaries[k]
-        for j, (blk, s0) in enumerate(zip(item.blocks, item.scored_from)):
+        for j, (blk, s0) in enumerate(item.at(k)):
             _crop(cache, b - 1)  # re-feed the prefix's last token: it predicts the first answer token when s0 == 0
             seq = torch.cat([trace[b - 1 : b], blk.to(device)])
             logits = (
@@ -198,9 +209,9 @@ def probe_logprobs(
 def probe_logprobs_reference(model, item: ProbeItem, temperature: float = 1.0) -> torch.Tensor:
     """The slow path: one forward per probe, full logits. Same output as the two fast paths (for tests)."""
     device = next(model.parameters()).device
-    out = torch.zeros(len(item.boundaries), len(item.blocks))
+    out = torch.zeros(len(item.boundaries), item.width)
     for k, b in enumerate(item.boundaries):
-        for j, (blk, s0) in enumerate(zip(item.blocks, item.scored_from)):
+        for j, (blk, s0) in enumerate(item.at(k)):
             seq = torch.cat([item.trace_ids[:b], blk]).to(device)
             logits = model(input_ids=seq[None]).logits[0].float() / temperature
             start = b + s0

@@ -6,23 +6,15 @@ where ctx (a PolicyContext) gives the current policy and the task's forcing text
 - `uniform`: every token gets its trace's GRPO advantage. This *is* GRPO.
 - `rredcot`: values from answer forcing (stages/values.py), turned into token advantages by `mode`.
 - `verdict`: values from the policy's own yes/no verdict on the trace so far, turned likewise.
+- `reference`: values from a bank of reference solutions, the policy's probability of writing a known
+  right solution's remaining steps and its answer (stages/bank.py).
 - `vps`: GRPO-VPS (arXiv 2604.20659): V = the policy's probability of the gold answer alone after each
   boundary (the same probe pass), its change the segment's progress.
 - `mc`: the same with Monte Carlo values (the reference for estimator quality; expensive).
 - `attention`, `gradient`: the GRPO advantage spread over segments by attribution weights.
 
-Modes (docs/method.md, "From values to token advantages"), with r_k = V_k - V_(k-1) and the correction
-r_(K+1) = R - V_K:
-  immediate     segment k gets r_k                      (RUDDER)
-  return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO; biased here, below)
-  mixed         the GRPO advantage + alpha * r_k / std(r over the batch)
-  anchored      segment k gets R - B_(k-1), B_k = V_k + (1 - V_k) * m, m the group's mean reward (the default)
-Tokens after b_K (marker and answer) get the correction in all modes but mixed.
-
-Why `anchored`: forced values are a lower bound (the chance that the answer is already settled and right),
-~0 until the last step computes the answer, so return_to_go gives early segments R - 0 = R: no baseline,
-more variance than GRPO. B_k reads V_k as "settled right with probability V_k, otherwise the prior chance
-m", so B_0 ~ m is GRPO's group mean, and with V = 0 everywhere anchored *is* GRPO (scale=group).
+The modes that turn values into token advantages (immediate, return_to_go, mixed, anchored, reweight) and
+why `anchored` is the default: stages/token_credit.py.
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ from rredcot.advantages import group_advantages
 from rredcot.ranges import COUNT, NATURAL, Rule, list_of, number, one_of
 from rredcot.registry import register
 from rredcot.stages.attribution import attention_weights, gradient_weights
+from rredcot.stages.bank import BANKS, STARTS
 from rredcot.stages.context import PolicyContext
 from rredcot.stages.montecarlo import mc_values
 from rredcot.stages.token_credit import MODES, SCALES, _weighted, value_credit
@@ -49,6 +42,9 @@ RULES = {
     "tau": number(0, lo_open=True),
     "sigma_floor": number(0, 1),
     "equal_groups": one_of("keep", "zero"),
+    "solution_weight": number(0, 1),
+    "bank": one_of(*BANKS),
+    "solution_from": one_of(*STARTS),
     "samples": COUNT,
     "max_new_tokens": NATURAL,
     "max_batch_tokens": COUNT,
@@ -106,10 +102,14 @@ def rredcot(
     extra_forcings=(),
     mc_boundaries: int = 0,
     mc_samples: int = 4,
+    solution_weight: float = 0.0,
+    bank: str = "reference",
+    solution_from: str = "aligned",
     max_batch_tokens: int = 16384,
     packed_max_tokens: int = 8192,
 ) -> Credit:
-    """RREDCoT: values by answer forcing with the policy itself, no extra generation (unless mc_boundaries)."""
+    """RREDCoT: values by answer forcing with the policy itself, no extra generation (unless mc_boundaries);
+    solution_weight > 0 mixes in the reference-solution bank's value (stages/bank.py)."""
     values, stats = forced_values(
         ro,
         ver,
@@ -122,6 +122,9 @@ def rredcot(
         extra_forcings=extra_forcings,
         mc_boundaries=mc_boundaries,
         mc_samples=mc_samples,
+        solution_weight=solution_weight,
+        bank=bank,
+        solution_from=solution_from,
         max_batch_tokens=max_batch_tokens,
         packed_max_tokens=packed_max_tokens,
     )
@@ -134,6 +137,47 @@ def _credit(ro, ver, seg, values, stats: dict[str, float], group_size: int, **mo
     credit = value_credit(ro, ver, seg, values, group_size=group_size, **mode_options)
     credit.stats.update(stats)
     return credit
+
+
+@register("redistribute", "reference", RULES, needs_task_keys=("forcing_text",))
+def reference(
+    ro,
+    ver,
+    seg,
+    ctx,
+    *,
+    group_size: int,
+    bank: str = "reference",
+    solution_from: str = "aligned",
+    solution_weight: float = 1.0,
+    include_reference: bool = True,
+    length_normalize: bool = False,
+    mode: str = "anchored",
+    scale: str = "group",
+    alpha: float = 1.0,
+    scale_rewards: str = "group",
+    equal_groups: str = "keep",
+    sigma: str = "softmax",
+    tau: float = 0.25,
+    sigma_floor: float = 0.0,
+    max_batch_tokens: int = 16384,
+    packed_max_tokens: int = 8192,
+) -> Credit:
+    """Reference-solution bank: V = pi(the remaining reference steps, then the gold answer | prefix), the
+    rredcot estimator with solution_weight=1 (lower it to mix in the group's forced answers)."""
+    return rredcot(
+        ro,
+        ver,
+        seg,
+        ctx,
+        group_size=group_size,
+        **dict(mode=mode, scale=scale, alpha=alpha, scale_rewards=scale_rewards, equal_groups=equal_groups),
+        **dict(sigma=sigma, tau=tau, sigma_floor=sigma_floor, include_reference=include_reference),
+        **dict(solution_weight=solution_weight, bank=bank, solution_from=solution_from),
+        length_normalize=length_normalize,
+        max_batch_tokens=max_batch_tokens,
+        packed_max_tokens=packed_max_tokens,
+    )
 
 
 @register("redistribute", "vps", RULES, needs_task_keys=("forcing_text",))

@@ -1,7 +1,20 @@
 """From segment values (or segment weights) to [N, T] token advantages: the modes of the value estimators
 (`value_credit`), and GRPO's advantage re-weighted inside each trace by per-segment coefficients sigma
 (`sigma_weighted`: mode=reweight's sigma from the credits, the attribution estimators' from their weights).
-See stages/redistribute.py for the modes' definitions and why `anchored` is the default.
+
+Modes (docs/method.md, "From values to token advantages"), with r_k = V_k - V_(k-1) and the correction
+r_(K+1) = R - V_K:
+  immediate     segment k gets r_k                      (RUDDER)
+  return_to_go  segment k gets R - V_(k-1)              (state-dependent baseline, as VinePPO; biased here: below)
+  mixed         the GRPO advantage + alpha * r_k / std(r over the batch)
+  anchored      segment k gets R - B_(k-1), B_k = V_k + (1 - V_k) * m, m the group's mean reward (the default)
+  reweight      the GRPO advantage times sigma_k (reweight_sigma), the trace's total weight kept
+Tokens after b_K (marker and answer) get the correction in all modes but mixed and reweight.
+
+Why `anchored`: forced values are a lower bound (the chance that the answer is already settled and right),
+~0 until the last step computes the answer, so return_to_go gives early segments R - 0 = R: no baseline,
+more variance than GRPO. B_k reads V_k as "settled right with probability V_k, otherwise the prior chance
+m", so B_0 ~ m is GRPO's group mean, and with V = 0 everywhere anchored *is* GRPO (scale=group).
 
 Shapes: N traces, T completion tokens, K segments per trace (boundaries b_0 = 0 < ... < b_K).
 """

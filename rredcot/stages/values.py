@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from rredcot.errors import UserError
+from rredcot.stages.bank import solution_values
 from rredcot.stages.context import PolicyContext, group_answers, probe_blocks, trace_ids
 from rredcot.stages.montecarlo import mc_anchored
 from rredcot.stages.probes import ProbeItem, score_items
@@ -38,6 +39,9 @@ def forced_values(
     extra_forcings: Sequence[Sequence[str]] = (),
     mc_boundaries: int = 0,
     mc_samples: int = 4,
+    solution_weight: float = 0.0,
+    bank: str = "reference",
+    solution_from: str = "aligned",
     max_batch_tokens: int = 16384,
     packed_max_tokens: int = 8192,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
@@ -50,6 +54,8 @@ def forced_values(
     (a trace half-way may answer one way of asking and not another). mc_boundaries > 0: Monte Carlo values
     (mc_samples continuations) at that many evenly spaced boundaries, forced values between (`blend_anchors`).
     answers="gold": only the gold answer is scored, V = p_k(gold) (GRPO-VPS's progress signal).
+    solution_weight w > 0: V = (1 - w) V + w V_sol, V_sol the reference-solution bank's value
+    (stages/bank.py: bank, solution_from); w = 1 scores the bank alone.
     """
     if ctx.force_text is None:
         raise UserError(
@@ -58,25 +64,45 @@ def forced_values(
             "task.closing_text to the task config."
         )
     forcings = [(ctx.force_text, ctx.closing_text), *[(str(f), str(c)) for f, c in extra_forcings]]
-    runs = [
-        _forced_once(
+    runs = (
+        []
+        if solution_weight >= 1
+        else [
+            _forced_once(
+                ro,
+                seg,
+                ctx,
+                force,
+                close,
+                group_size=group_size,
+                answers=answers,
+                include_reference=include_reference,
+                self_normalize=self_normalize,
+                length_normalize=length_normalize,
+                max_batch_tokens=max_batch_tokens,
+                packed_max_tokens=packed_max_tokens,
+            )
+            for force, close in forcings
+        ]
+    )
+    values = [torch.stack([vals[i] for vals, _ in runs]).mean(0) if runs else 0.0 for i in range(len(seg.boundaries))]
+    stats = {"credit/probe_tokens_per_trace": sum(t for _, t in runs) / max(len(ro.texts), 1)}
+    if solution_weight > 0:
+        sol, bank_stats = solution_values(
             ro,
+            ver,
             seg,
             ctx,
-            force,
-            close,
             group_size=group_size,
-            answers=answers,
-            include_reference=include_reference,
-            self_normalize=self_normalize,
+            bank=bank,
+            solution_from=solution_from,
             length_normalize=length_normalize,
             max_batch_tokens=max_batch_tokens,
             packed_max_tokens=packed_max_tokens,
         )
-        for force, close in forcings
-    ]
-    values = [torch.stack([vals[i] for vals, _ in runs]).mean(0) for i in range(len(seg.boundaries))]
-    stats = {"credit/probe_tokens_per_trace": sum(t for _, t in runs) / max(len(ro.texts), 1)}
+        values = [(1 - solution_weight) * v + solution_weight * s for v, s in zip(values, sol)]
+        stats["credit/probe_tokens_per_trace"] += bank_stats.pop("credit/bank_probe_tokens_per_trace")
+        stats.update(bank_stats)
     if mc_boundaries > 0:
         values, mc_stats = mc_anchored(
             ro, ver, seg, ctx, values, group_size=group_size, anchors=mc_boundaries, samples=mc_samples

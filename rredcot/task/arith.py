@@ -130,6 +130,16 @@ def trace_text(start: int, steps: list[Step], flaws: Flaws = Flaws(), rng: rando
     return f"{THINK_OPEN}\n" + "\n".join(lines) + f"\n{THINK_CLOSE}\n{x}"
 
 
+def solution_of(trace: str, gold: str) -> str | None:
+    """The reasoning of a right worked trace, as the reference-solution bank reads it (stages/bank.py): its
+    thinking lines, each ended by a line break; None for a trace whose answer is not the gold.
+    Example: '<think>\na=1\nb=a+1=2\n</think>\n2', gold '2' -> 'a=1\nb=a+1=2\n'."""
+    if not trace.endswith("\n" + gold) or THINK_CLOSE not in trace:
+        return None
+    body = trace[: trace.rfind(THINK_CLOSE)]
+    return body[len(THINK_OPEN) :].lstrip("\n") if body.startswith(THINK_OPEN) else body
+
+
 def split_of(prompt: str) -> str:
     bucket = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 10
     return next(name for name, b in _SPLIT_BUCKETS.items() if bucket in b)
@@ -158,7 +168,8 @@ def generate(spec: ArithSpec, split: str, n: int, seed: int, flaws: Flaws = Flaw
         seen.add(prompt)
         trace = trace_text(start, steps, flaws, rng)
         gold = str(steps[-1].value)
-        out.append(Sample(prompt=prompt, gold=gold, meta={"trace": trace, "flawed": not trace.endswith("\n" + gold)}))
+        meta = {"trace": trace, "flawed": not trace.endswith("\n" + gold), "solution": solution_of(trace, gold)}
+        out.append(Sample(prompt=prompt, gold=gold, meta=meta))
     return out
 
 

@@ -47,6 +47,19 @@ def gold_from(answer: str, fmt: str) -> str:
     raise UserError(f"Unknown task.answer_format {fmt!r}; use gsm8k, boxed or plain.")
 
 
+def solution_text(trace: str, fmt: str) -> str:
+    """A dataset's reference solution as the reference-solution bank reads it (stages/bank.py): its reasoning
+    without the final answer. 'gsm8k': the text before '####', calculator notes '<<48/2=24>>' removed (no
+    model writes them); 'boxed': the lines before the one holding the last \\boxed{...}; 'plain': as is.
+    Example (gsm8k): 'She sold 48/2 = <<48/2=24>>24 clips.\n#### 72' -> 'She sold 48/2 = 24 clips.\n'."""
+    text = re.sub(r"<<[^<>]*>>", "", trace)
+    if fmt == "gsm8k" and "####" in text:
+        text = text[: text.rfind("####")]
+    elif fmt == "boxed" and "\\boxed{" in text:
+        text = text[: text.rfind("\n", 0, text.rfind("\\boxed{")) + 1]
+    return text.strip() + "\n" if text.strip() else ""
+
+
 def format_prompt(question: str, cfg: Any, tokenizer: Any) -> str:
     """The question plus the task's instruction, through the model's chat template when it has one."""
     text = f"{question}\n{cfg.instruction}".strip() if cfg.instruction else question
@@ -161,7 +174,10 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
             bad.append(i)
             continue
         trace = row.get(src["trace_field"]) if src.get("trace_field") else None
-        meta = {"row": i, **({"trace": str(trace)} if trace else {})}
+        meta = {
+            "row": i,
+            **({"trace": str(trace), "solution": solution_text(str(trace), src["answer_format"])} if trace else {}),
+        }
         out.append(Sample(prompt=format_prompt(re.sub(r"\s+$", "", str(q)), cfg, tokenizer), gold=gold, meta=meta))
     if bad and len(bad) > cfg.get("max_bad_fraction", 0.01) * max(len(rows), 1):
         raise UserError(

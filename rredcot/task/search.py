@@ -86,7 +86,7 @@ def trace_text(p: Problem, flaws: Flaws = Flaws(), rng: random.Random | None = N
 def generate(spec: SearchSpec, split: str, n: int, seed: int, flaws: Flaws = Flaws()) -> list[Sample]:
     """`n` distinct problems of `split`; the same seed gives the same list. meta["trace"]: the worked search
     (flawed only with `flaws`, for the warm start)."""
-    from rredcot.task.arith import _SPLIT_BUCKETS
+    from rredcot.task.arith import _SPLIT_BUCKETS, solution_of
 
     if split not in _SPLIT_BUCKETS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_BUCKETS)}, got {split!r}")
@@ -105,7 +105,12 @@ def generate(spec: SearchSpec, split: str, n: int, seed: int, flaws: Flaws = Fla
             Sample(
                 prompt=p.prompt,
                 gold=str(p.x),
-                meta={"trace": trace, "flawed": not trace.endswith("\n" + str(p.x)), "answer_at": p.order.index(p.x)},
+                meta={
+                    "trace": trace,
+                    "flawed": not trace.endswith("\n" + str(p.x)),
+                    "answer_at": p.order.index(p.x),
+                    "solution": solution_of(trace, str(p.x)),
+                },
             )
         )
     if len(out) < n:

@@ -93,3 +93,15 @@ def test_grpo_vps_trains_and_is_in_the_credit_table(tmp_path):
     assert len(rows) == 2 and rows[0]["credit/probe_tokens_per_trace"] > 0
     proc = cli("credit", f"checkpoint={run}", "credit.estimators=[vps,uniform]", "credit.prompts=1")
     assert "vps" in proc.stdout
+
+
+def test_the_reference_solution_bank_trains_and_is_in_the_credit_table(tmp_path):
+    run = tmp_path / "bank"
+    cli("train", "debug=fast", "redistribute=reference", "train.steps=2", f"run_dir={run}", "logging.progress=false")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line]
+    # every built-in problem carries its worked solution, so every group has a bank
+    assert len(rows) == 2 and all(r["credit/bank_groups_frac"] == 1.0 for r in rows)
+    assert rows[0]["credit/probe_tokens_per_trace"] > 0
+    cli("credit", f"checkpoint={run}", "credit.prompts=1")
+    report = json.loads((run / "credit.json").read_text())
+    assert report["redistribute"] == "reference" and report["stats"]["credit/bank_groups_frac"] == 1.0

@@ -8,7 +8,16 @@ from rredcot.errors import UserError
 
 def test_every_stage_has_its_entries():
     assert registry.names("segment") == ["entropy", "fixed", "hybrid", "keyword", "newline", "none"]
-    assert registry.names("redistribute") == ["attention", "gradient", "mc", "rredcot", "uniform", "verdict", "vps"]
+    assert registry.names("redistribute") == [
+        "attention",
+        "gradient",
+        "mc",
+        "reference",
+        "rredcot",
+        "uniform",
+        "verdict",
+        "vps",
+    ]
     assert registry.names("loss") == ["bnpo", "dapo", "dr_grpo", "grpo"]  # chosen by update.loss_type
     assert {"builtin", "gsm8k", "math", "format"} <= set(registry.names("verify"))
     assert registry.names("task") == ["builtin", "hf", "search"]

@@ -110,3 +110,23 @@ def test_every_segmenter_keeps_the_rules(text, data, min_tokens, max_tokens, max
             assert min(sizes) >= min_tokens  # merged
         if max_tokens >= 2 * min_tokens and (not max_segments or len(sizes) < max_segments):
             assert max(sizes, default=0) <= max_tokens  # split
+
+
+def test_newline_merge_preset_splits_at_lines_then_merges_the_lowest_entropy_cuts():
+    """conf/segment/newline_merge.yaml: the segmentation of the paper's secondary account (newline split, then
+    merged by entropy to a target count), which hybrid's keyword cuts and token bounds differ from."""
+    from rredcot.compose import load_config
+
+    seg = load_config(["segment=newline_merge"]).segment
+    opts = {k: v for k, v in seg.items() if k != "name"}
+    assert seg.name == "newline" and opts == {"min_tokens": 1, "max_tokens": 0, "max_segments": 8}
+    text = "".join(f"s{i}\n" for i in range(10)) + "</think>\n7"  # 10 lines of 3 tokens: cuts 3, 6, ..., 27
+    ent = [0.0] * 40
+    for c in (6, 12, 27):
+        ent[c] = -1.0  # the three cuts before the lowest-entropy tokens are merged away first
+    t = _trace(text, ent)
+    b = segment_newline(t, **{**opts, "max_segments": 7})
+    assert b == [0, 3, 9, 15, 18, 21, 24, 30]  # 7 segments: 9 cuts less 3
+    assert segment_newline(t, **opts) == [0, 3, 6, 9, 15, 18, 21, 24, 30]  # 8: only the lowest cut (12) merged
+    words = _trace("x=1. So y=2\n</think>\n2")  # hybrid also cuts before 'So' inside the line
+    assert segment_newline(words, **opts) == [0, 12] and segment_hybrid(words, min_tokens=1) == [0, 5, 12]
