@@ -88,6 +88,7 @@ def summary(groups: dict[str, list[Run]], baseline: str) -> dict[str, Any]:
             if any(x is not None for x in reach)
             else None,
             "runs_reaching_baseline_final": sum(x is not None for x in reach),
+            "completion_length": mean(float(r.result["final"].get("mean_length", math.nan)) for r in runs),
             "seconds_per_step": step_s,
             "step_time_ratio": step_s / base_step if base_step else math.nan,
             "redistribution_share": share,
@@ -210,9 +211,9 @@ def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
     lines += [f"**Verdict.** {v['text']}" for v in s["verdicts"].values()] + [""]
     lines += [f"Accuracies are on the task's {s['split']!r} split.", ""]
     lines += [
-        "| method | seeds | greedy acc (%) | pass@1 (%) | steps to baseline's final acc | s/step | ratio to baseline | "
-        "redistribution share | peak memory (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | greedy acc (%) | pass@1 (%) | steps to baseline's final acc | completion tokens | s/step | "
+        "ratio to baseline | redistribution share | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in s["rows"].items():
         reach = (
@@ -222,7 +223,8 @@ def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
         )
         lines.append(
             f"| {label} | {len(r['seeds'])} | {_pm(r['accuracy'], r['accuracy_ci'])} | "
-            f"{_pm(r['pass@1'], r['pass@1_ci'])} | {reach} | {r['seconds_per_step']:.2f} | "
+            f"{_pm(r['pass@1'], r['pass@1_ci'])} | {reach} | {r.get('completion_length', math.nan):.1f} | "
+            f"{r['seconds_per_step']:.2f} | "
             f"{r['step_time_ratio']:.2f} | {100 * r['redistribution_share']:.0f}% | "
             f"{r['peak_memory_mb']:.0f} |"
         )
