@@ -60,8 +60,8 @@ def table(results: dict[str, dict[int, dict]], baseline: str, split: str) -> str
             diff = f"{100 * t['diff']:+.1f} [{100 * (t['diff'] - t['ci']):+.1f}, {100 * (t['diff'] + t['ci']):+.1f}]"
             p = f"{t['p']:.3f}"
         lines.append(
-            f"| {name} | {len(by_seed)} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | {100 * p1[0]:.1f} ± {100 * p1[1]:.1f} "
-            f"| {length:.1f} | {diff} | {p} |"
+            f"| {name} | {len(by_seed)} | {100 * acc[0]:.1f} ± {100 * acc[1]:.1f} | "
+            f"{100 * p1[0]:.1f} ± {100 * p1[1]:.1f} | {length:.1f} | {diff} | {p} |"
         )
     return "\n".join(lines)
 
