@@ -72,7 +72,8 @@ def _load_checkpoint(cfg):
     from rredcot.task.model import load_pretrained, load_tokenizer
 
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    return ckpt, load_pretrained(str(ckpt)), load_tokenizer(str(ckpt))
+    remote = bool(cfg.model.get("trust_remote_code", False))
+    return ckpt, load_pretrained(str(ckpt), trust_remote_code=remote), load_tokenizer(str(ckpt), remote)
 
 
 @app.command("eval")

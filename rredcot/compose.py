@@ -187,10 +187,13 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
-def load_config(overrides: list[str] | None = None, check_entries: bool = True) -> DictConfig:
+def load_config(
+    overrides: list[str] | None = None, check_entries: bool = True, import_plugins: bool = True
+) -> DictConfig:
     """Compose `train.yaml` with Hydra overrides, import plug-ins, then check keys, types and consistency.
 
-    check_entries=False skips the checks that import stage modules (torch): `config show` stays fast."""
+    check_entries=False skips the checks that import stage modules (torch): `config show` stays fast.
+    import_plugins=False: compose only (a run directory's command line, before the user agreed to its code)."""
     overrides = normalize_overrides(list(overrides or []))
     parsed = parse_overrides(overrides)
     grp = groups(parsed)
@@ -209,6 +212,7 @@ def load_config(overrides: list[str] | None = None, check_entries: bool = True) 
         OmegaConf.resolve(cfg)
     except Exception as e:
         raise UserError(f"A value in the config could not be resolved: {' '.join(str(e).split())}") from None
-    registry.load_plugins(cfg.get("plugins") or [])  # before any registry is read
-    validate(cfg, check_entries)
+    if import_plugins:
+        registry.load_plugins(cfg.get("plugins") or [])  # before any registry is read
+    validate(cfg, check_entries and import_plugins)
     return cfg

@@ -100,16 +100,59 @@ def _read_run(run: Path) -> tuple[DictConfig, list[str] | None]:
     return saved, run_overrides
 
 
+def _values(overrides: list[str], key: str) -> list[str]:
+    """The list values the overrides give `key` (plugins=[a,b] -> [a, b])."""
+    from rredcot.compose import normalize_overrides, parse_overrides
+
+    out: list[str] = []
+    for o in parse_overrides(normalize_overrides(list(overrides))):
+        if o.key_or_group.lstrip("+") == key:
+            v = o.value()
+            out += [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
+    return out
+
+
+def refuse_code_from(run: Path, saved: DictConfig, run_overrides: list[str], mine: list[str]) -> None:
+    """A run directory is data, never code: the plug-in modules, pkg:// config search paths and
+    model.trust_remote_code it names are used only when `mine` (the user's own command line) names them too."""
+    plugins = [str(p) for p in (saved.get("plugins") or [])] + _values(run_overrides, "plugins")
+    theirs = [p for p in dict.fromkeys(plugins) if p not in _values(mine, "plugins")]
+    pkgs = [p for p in _values(run_overrides, "hydra.searchpath") if p.startswith("pkg://")]
+    theirs_pkgs = [p for p in pkgs if p not in _values(mine, "hydra.searchpath")]
+    remote = bool((saved.get("model") or {}).get("trust_remote_code", False))
+    remote = remote and [v.lower() for v in _values(mine, "model.trust_remote_code")][-1:] != ["true"]
+    if not (theirs or theirs_pkgs or remote):
+        return
+    fix = []
+    if theirs:
+        fix.append(f"'plugins=[{','.join(dict.fromkeys(plugins))}]'")
+    if theirs_pkgs:
+        fix.append(f"'hydra.searchpath=[{','.join(pkgs)}]'")
+    if remote:
+        fix.append("model.trust_remote_code=true")
+    named = [*theirs, *theirs_pkgs, *(["the model's own code (model.trust_remote_code=true)"] if remote else [])]
+    raise UserError(
+        f"The run in {str(run)!r} names code to run: {', '.join(named)}. rredcot never runs code because a run "
+        "directory names it (a run someone shared could hold anything). If you trust it, name it on your own "
+        f"command line: add {' '.join(fix)}; otherwise read the run with a command line of your own "
+        "(checkpoint= a checkpoint directory, and the task's settings)."
+    )
+
+
 def _run_config(run: Path, mine: list[str]) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
     """(the run's saved config with what `mine` changes relative to the run's own command line applied,
     those changes). Keys today's code has and the run's config lacks (an older rredcot) take today's
-    defaults for the run's command line."""
+    defaults for the run's command line. Nothing the run names is imported (refuse_code_from)."""
     from rredcot.compose import load_config
 
     saved, run_overrides = _read_run(run)
-    base = load_config(run_overrides or [], check_entries=False)
+    refuse_code_from(run, saved, run_overrides or [], mine)
+    base = load_config(run_overrides or [], check_entries=False, import_plugins=False)
     changed = (
-        _changes(base, load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False))
+        _changes(
+            base,
+            load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False, import_plugins=False),
+        )
         if mine
         else {}
     )

@@ -48,7 +48,7 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
                 f"before its first one was written). Remove it (rm -r {run}) and start again without "
                 "resume=true, or point run_dir at another run."
             )
-        start = _state(ckpt)["step"]
+        start = load_state(ckpt)["step"]
         if start > cfg.train.steps:
             raise UserError(
                 f"The run in {str(run)!r} is at step {start} already, past train.steps={cfg.train.steps}. "
@@ -64,10 +64,28 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     return run, None
 
 
-def _state(ckpt: Path) -> dict[str, Any]:
-    """trainer_state.pt memory-mapped: reading the step or checking that it parses does not read the
-    optimizer state (gigabytes for a real model)."""
-    return torch.load(ckpt / "trainer_state.pt", weights_only=False, mmap=True)
+def load_state(ckpt: Path, mmap: bool = True) -> dict[str, Any]:
+    """trainer_state.pt, with torch's weights-only unpickler: tensors, numbers, strings and containers only, so a
+    crafted file cannot run code (all a rredcot checkpoint holds: step, optimizer and scheduler state, the RNG
+    state). mmap: reading the step or checking that it parses does not read the optimizer state (gigabytes for
+    a real model). Checked against torch 2.13's torch.load (weights_only, mmap)."""
+    import pickle
+
+    path = ckpt / "trainer_state.pt"
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{str(path)!r} holds objects other than tensors, numbers and containers ({_first_line(e)}). rredcot "
+            "never unpickles those (that would run code from the file); a checkpoint rredcot wrote never holds "
+            "them. Use a checkpoint made by `rredcot train`, or only its weights: `rredcot eval "
+            f"checkpoint={ckpt}` reads them without this file."
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def init_run_dir(run: Path, cfg: DictConfig, overrides: list[str] = (), ckpt: Path | None = None) -> None:
@@ -101,8 +119,9 @@ def checkpoints(run: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX) :]))
 
 
-def intact(ckpt: Path) -> bool:
-    """Every file a resume reads is there and parses (a kill can truncate any of them)."""
+def intact(ckpt: Path, state: bool = True) -> bool:
+    """Every file a resume reads is there and parses (a kill can truncate any of them); state=False: the weights
+    and config only (what eval and credit read). A state file that is not weights-only raises (load_state)."""
     from safetensors import safe_open
 
     try:
@@ -110,18 +129,21 @@ def intact(ckpt: Path) -> bool:
             with safe_open(str(weights), "pt") as f:
                 for key in f.keys():
                     f.get_slice(key)
-        state = _state(ckpt)
-        return (ckpt / "config.json").exists() and "step" in state and any(ckpt.glob("*.safetensors"))
+        ok = not state or "step" in load_state(ckpt)
+        return (ckpt / "config.json").exists() and ok and any(ckpt.glob("*.safetensors"))
+    except UserError:
+        raise
     except Exception:
         return False
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest intact checkpoint; damaged newer ones are named in a note and skipped (never deleted)."""
+def latest_checkpoint(run: Path, state: bool = True) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are named in a note and skipped (never deleted).
+    state=False: trainer_state.pt is not read (eval and credit need only the weights)."""
     from rredcot.ui import note
 
     for ckpt in reversed(checkpoints(run)):
-        if intact(ckpt):
+        if intact(ckpt, state):
             return ckpt
         note(f"checkpoint {ckpt} is damaged (interrupted while being written?): using the one before it.")
     return None
@@ -132,7 +154,7 @@ def resolve_checkpoint(path: str) -> Path:
     p = Path(path).expanduser()
     if (p / "config.json").exists():
         return p
-    ckpt = latest_checkpoint(p)
+    ckpt = latest_checkpoint(p, state=False)  # eval and credit read the weights only
     if ckpt is None:
         raise UserError(
             f"checkpoint={path!r} is neither a model directory (with config.json) nor a run directory "

@@ -15,7 +15,7 @@ from rredcot.assemble import PromptSampler, build_stages
 from rredcot.checks import check_config
 from rredcot.critic import Critic
 from rredcot.optim import build_optimizer, compile_layers, enable_checkpointing
-from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, init_run_dir
+from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, init_run_dir, load_state
 from rredcot.stages.segment import PieceDecoder
 from rredcot.stages.update import Learner
 from rredcot.stages.verify import check_golds
@@ -71,7 +71,7 @@ class Setup:
         self.log = MetricsLog(self.run, cfg, enabled=self.main)
         self.start, self.resume_state = 0, None
         if ckpt is not None:
-            self.resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+            self.resume_state = load_state(ckpt, mmap=False)
             self.start = self.resume_state["step"]
             self.log.keep_until(self.start, unfinished=not (self.run / "eval.json").exists())
         beta = cfg["update"].beta
@@ -82,7 +82,11 @@ class Setup:
                 copy.deepcopy(model).requires_grad_(False).eval() if beta > 0 else None
             )  # the starting policy
             if ckpt is not None:
-                model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
+                model = AutoModelForCausalLM.from_pretrained(
+                    ckpt,
+                    dtype=next(model.parameters()).dtype,
+                    trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
+                )
         self.model = model
 
     def _setup_optimizer(self) -> None:

@@ -86,8 +86,23 @@ def is_builtin(name: str) -> bool:
     return name == BUILTIN_MODEL
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model; left padding, and a pad token (the EOS) where the model has none."""
+REMOTE_CODE_FIX = (
+    "rredcot never answers transformers' trust_remote_code prompt for you (it would hang a batch job). If you "
+    "trust the code, say so on your own command line: model.trust_remote_code=true; otherwise choose a model "
+    "that transformers supports natively."
+)
+
+
+def _remote_code_error(name: str, e: Exception) -> UserError | None:
+    """The error for a model that ships its own Python code (config.json's auto_map), else None."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return UserError(f"model.name={name!r} ships its own Python code, which loading it would run. {REMOTE_CODE_FIX}")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model; left padding, and a pad token (the EOS) where the model has none.
+    trust_remote_code is always passed (False by default): transformers never prompts [y/N] on stdin."""
     if is_builtin(name_or_path):
         tok = build_char_tokenizer()
     else:
@@ -99,8 +114,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                 "Save it next to the weights: AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)."
             )
         try:
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+            tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except Exception as e:
+            if (remote := _remote_code_error(name_or_path, e)) is not None:
+                raise remote from None
             raise UserError(
                 f"Could not load the tokenizer of {name_or_path!r}: {_first_line(e)} "
                 + ("" if local else _hub_hint(name_or_path))
@@ -121,13 +138,15 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _check_causal(name: str) -> None:
+def _check_causal(name: str, trust_remote_code: bool = False) -> None:
     """Refuse encoder-only and encoder-decoder models before their weights load (they would crash later)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:
+        if (remote := _remote_code_error(name, e)) is not None:
+            raise remote from None
         raise UserError(
             f"Could not read the config of model {name!r}: {_first_line(e)} "
             + ("" if _local(name) else _hub_hint(name))
@@ -142,15 +161,21 @@ def _check_causal(name: str) -> None:
         )
 
 
-def load_pretrained(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
-    """Any AutoModelForCausalLM by hub name or local directory, with a clear error when it is not there."""
+def load_pretrained(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+    """Any AutoModelForCausalLM by hub name or local directory, with a clear error when it is not there.
+    (trust_remote_code passed explicitly: checked against transformers 5.2x's resolve_trust_remote_code, which
+    prompts on stdin only when it is None.)"""
     if dtype not in _DTYPES:
         raise UserError(f"Unknown model.dtype {dtype!r}; use one of {', '.join(_DTYPES)}.")
     check_model_dir(name_or_path)
-    _check_causal(name_or_path)
+    _check_causal(name_or_path, trust_remote_code)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
     except Exception as e:
+        if (remote := _remote_code_error(name_or_path, e)) is not None:
+            raise remote from None
         raise UserError(
             f"Could not load model {name_or_path!r}: {_first_line(e)} "
             + ("Check that its weights are complete." if _local(name_or_path) else _hub_hint(name_or_path))

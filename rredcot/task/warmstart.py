@@ -128,9 +128,10 @@ def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, samples: list,
 
 def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy and tokenizer: built-in (warm-started, cached) or a pretrained model."""
-    tokenizer = load_tokenizer(cfg.model.name)
+    remote = bool(cfg.model.get("trust_remote_code", False))
+    tokenizer = load_tokenizer(cfg.model.name, remote)
     if not is_builtin(cfg.model.name):
-        model = load_pretrained(cfg.model.name, cfg.model.dtype)
+        model = load_pretrained(cfg.model.name, cfg.model.dtype, remote)
         check_fits(model, tokenizer, cfg.model.name)
         return model, tokenizer
     if not cfg.warmstart.enabled:
