@@ -136,6 +136,7 @@ RULES: dict[str, Rule] = {
     "warmstart.misconception_rate": FRACTION,
     "warmstart.seed": NATURAL,
     "model.dtype": one_of("float32", "bfloat16", "float16"),
+    "model.trust_remote_code": one_of(True, False),
     "model.arch": one_of("llama", "qwen2"),
     "model.hidden_size": COUNT,
     "model.intermediate_size": COUNT,
