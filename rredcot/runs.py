@@ -147,7 +147,8 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         by_estimator.setdefault(r.estimator, []).append(r)
     for name, rs in by_estimator.items():  # e.g. "rredcot redistribute.mode=mixed" vs "... mode=return_to_go"
         settings = [r.method_settings() for r in rs]
-        differ = sorted({k for c in settings for k in c if any(o.get(k) != c.get(k) for o in settings)})
+        # a key only some runs have (added by a later rredcot, its default kept) tells runs apart only by its values
+        differ = sorted({k for c in settings for k in c if any(k in o and o[k] != c[k] for o in settings)})
         differ = [k for k in differ if _tells_apart(k, differ, settings)]
         for r, c in zip(rs, settings):
             r.label = name + "".join(f" {k}={c.get(k)}" for k in differ)

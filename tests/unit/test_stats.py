@@ -81,3 +81,13 @@ def test_runs_that_differ_outside_segment_and_redistribute_are_not_averaged_as_s
         "rredcot train.critic_lag=10",
         "rredcot train.critic_lag=0",
     }
+
+
+def test_a_key_that_only_newer_runs_have_does_not_split_a_method():
+    # runs made before redistribute.solution_weight existed are the same method as runs that carry its default
+    old, new = _run("rredcot", 0, mode="reweight"), _run("rredcot", 1, mode="reweight", solution_weight=0.0)
+    groups = group_runs([old, new, _run("uniform", 0)])
+    assert set(groups) == {"rredcot", "grpo"} and len(groups["rredcot"]) == 2
+    # where runs that have it differ in it, a run without it cannot be placed: it is labelled None
+    other = _run("rredcot", 2, mode="reweight", solution_weight=0.5)
+    assert "rredcot redistribute.solution_weight=None" in group_runs([old, new, other, _run("uniform", 0)])
