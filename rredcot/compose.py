@@ -212,7 +212,8 @@ def load_config(
         OmegaConf.resolve(cfg)
     except Exception as e:
         raise UserError(f"A value in the config could not be resolved: {' '.join(str(e).split())}") from None
-    if import_plugins:
-        registry.load_plugins(cfg.get("plugins") or [])  # before any registry is read
-    validate(cfg, check_entries and import_plugins)
+    if not import_plugins:  # the caller validates once the code it agreed to is imported (runconfig)
+        return cfg
+    registry.load_plugins(cfg.get("plugins") or [])  # before any registry is read
+    validate(cfg, check_entries)
     return cfg

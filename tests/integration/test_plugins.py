@@ -40,8 +40,11 @@ def test_a_plugin_task_trains_in_compare_children_and_evaluates(user_dir, tmp_pa
     ]
     assert sum(r["completion"].startswith("<think>") for r in first) >= len(first) // 2, first
     assert (out / "report.md").exists()
-    # eval reads the run's own config: the plug-in task and verifier, with nothing repeated on the command line
-    proc = cli("eval", f"checkpoint={out / 'rredcot' / 'seed0'}")
+    # eval reads the run's own config (the plug-in task and verifier); the plug-in module itself is imported only
+    # when the user names it on the command line (a run directory never decides to run code)
+    refused = cli("eval", f"checkpoint={out / 'rredcot' / 'seed0'}", check=False)
+    assert refused.returncode == 2 and f"plugins=[{user_dir / 'pairsum.py'}]" in " ".join(refused.stderr.split())
+    proc = cli("eval", f"checkpoint={out / 'rredcot' / 'seed0'}", f"plugins=[{user_dir / 'pairsum.py'}]")
     result = json.loads(next((out / "rredcot" / "seed0" / "evals").glob("*.json")).read_text())
     assert result["task"] == "pairsum" and result["verifier"] == "last_int", proc.stdout
 
