@@ -69,10 +69,10 @@ def _one_process(command: str) -> None:
 
 def _load_checkpoint(cfg):
     from rredcot.runlog import resolve_checkpoint
-    from rredcot.task.model import load_pretrained, load_tokenizer
+    from rredcot.task.model import load_pretrained, load_tokenizer, trusts_remote_code
 
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    remote = bool(cfg.model.get("trust_remote_code", False))
+    remote = trusts_remote_code(cfg)
     return ckpt, load_pretrained(str(ckpt), trust_remote_code=remote), load_tokenizer(str(ckpt), remote)
 
 

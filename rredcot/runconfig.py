@@ -119,8 +119,8 @@ def refuse_code_from(run: Path, saved: DictConfig, run_overrides: list[str], min
     theirs = [p for p in dict.fromkeys(plugins) if p not in _values(mine, "plugins")]
     pkgs = [p for p in _values(run_overrides, "hydra.searchpath") if p.startswith("pkg://")]
     theirs_pkgs = [p for p in pkgs if p not in _values(mine, "hydra.searchpath")]
-    remote = bool((saved.get("model") or {}).get("trust_remote_code", False))
-    remote = remote and [v.lower() for v in _values(mine, "model.trust_remote_code")][-1:] != ["true"]
+    mine_remote = _values(mine, "model.trust_remote_code")[-1:] == ["True"]  # the last one given wins
+    remote = bool((saved.get("model") or {}).get("trust_remote_code", False)) and not mine_remote
     if not (theirs or theirs_pkgs or remote):
         return
     fix = []

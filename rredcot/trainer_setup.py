@@ -20,6 +20,7 @@ from rredcot.stages.segment import PieceDecoder
 from rredcot.stages.update import Learner
 from rredcot.stages.verify import check_golds
 from rredcot.startup import prompt_limit, startup_notes, task_sets
+from rredcot.task.model import trusts_remote_code
 from rredcot.task.warmstart import load_policy
 from rredcot.ui import quiet_unless
 from rredcot.watch import CollapseWatch
@@ -85,7 +86,7 @@ class Setup:
                 model = AutoModelForCausalLM.from_pretrained(
                     ckpt,
                     dtype=next(model.parameters()).dtype,
-                    trust_remote_code=bool(cfg.model.get("trust_remote_code", False)),
+                    trust_remote_code=trusts_remote_code(cfg),
                 )
         self.model = model
 

@@ -116,6 +116,6 @@ def solution_values(
     groups = max(len(ro.texts) // group_size, 1)
     stats = {
         "credit/bank_groups_frac": covered / groups,
-        "credit/bank_probe_tokens_per_trace": sum(it.probe_tokens for it in items) / max(len(ro.texts), 1),
+        "credit/probe_tokens_per_trace": sum(it.probe_tokens for it in items) / max(len(ro.texts), 1),
     }
     return values, stats

@@ -19,6 +19,8 @@ why `anchored` is the default: stages/token_credit.py.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from rredcot.advantages import group_advantages
@@ -139,45 +141,20 @@ def _credit(ro, ver, seg, values, stats: dict[str, float], group_size: int, **mo
     return credit
 
 
-@register("redistribute", "reference", RULES, needs_task_keys=("forcing_text",))
-def reference(
-    ro,
-    ver,
-    seg,
-    ctx,
-    *,
-    group_size: int,
-    bank: str = "reference",
-    solution_from: str = "aligned",
-    solution_weight: float = 1.0,
-    include_reference: bool = True,
-    length_normalize: bool = False,
-    mode: str = "anchored",
-    scale: str = "group",
-    alpha: float = 1.0,
-    scale_rewards: str = "group",
-    equal_groups: str = "keep",
-    sigma: str = "softmax",
-    tau: float = 0.25,
-    sigma_floor: float = 0.0,
-    max_batch_tokens: int = 16384,
-    packed_max_tokens: int = 8192,
-) -> Credit:
-    """Reference-solution bank: V = pi(the remaining reference steps, then the gold answer | prefix), the
+def reference(ro, ver, seg, ctx, **options) -> Credit:
+    """Reference-solution bank: V = pi(the remaining reference steps, then the gold answer | prefix): the
     rredcot estimator with solution_weight=1 (lower it to mix in the group's forced answers)."""
-    return rredcot(
-        ro,
-        ver,
-        seg,
-        ctx,
-        group_size=group_size,
-        **dict(mode=mode, scale=scale, alpha=alpha, scale_rewards=scale_rewards, equal_groups=equal_groups),
-        **dict(sigma=sigma, tau=tau, sigma_floor=sigma_floor, include_reference=include_reference),
-        **dict(solution_weight=solution_weight, bank=bank, solution_from=solution_from),
-        length_normalize=length_normalize,
-        max_batch_tokens=max_batch_tokens,
-        packed_max_tokens=packed_max_tokens,
-    )
+    return rredcot(ro, ver, seg, ctx, **{"solution_weight": 1.0, **options})
+
+
+# rredcot's options with solution_weight=1: the config check and `rredcot list` read the signature
+reference.__signature__ = inspect.signature(rredcot).replace(
+    parameters=[
+        p.replace(default=1.0) if p.name == "solution_weight" else p
+        for p in inspect.signature(rredcot).parameters.values()
+    ]
+)
+register("redistribute", "reference", RULES, needs_task_keys=("forcing_text",))(reference)
 
 
 @register("redistribute", "vps", RULES, needs_task_keys=("forcing_text",))

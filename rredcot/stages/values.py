@@ -64,45 +64,24 @@ def forced_values(
             "task.closing_text to the task config."
         )
     forcings = [(ctx.force_text, ctx.closing_text), *[(str(f), str(c)) for f, c in extra_forcings]]
+    probe = dict(
+        length_normalize=length_normalize, max_batch_tokens=max_batch_tokens, packed_max_tokens=packed_max_tokens
+    )
+    asked = dict(answers=answers, include_reference=include_reference, self_normalize=self_normalize, **probe)
     runs = (
         []
         if solution_weight >= 1
-        else [
-            _forced_once(
-                ro,
-                seg,
-                ctx,
-                force,
-                close,
-                group_size=group_size,
-                answers=answers,
-                include_reference=include_reference,
-                self_normalize=self_normalize,
-                length_normalize=length_normalize,
-                max_batch_tokens=max_batch_tokens,
-                packed_max_tokens=packed_max_tokens,
-            )
-            for force, close in forcings
-        ]
+        else [_forced_once(ro, seg, ctx, f, c, group_size=group_size, **asked) for f, c in forcings]
     )
     values = [torch.stack([vals[i] for vals, _ in runs]).mean(0) if runs else 0.0 for i in range(len(seg.boundaries))]
-    stats = {"credit/probe_tokens_per_trace": sum(t for _, t in runs) / max(len(ro.texts), 1)}
+    tokens = sum(t for _, t in runs) / max(len(ro.texts), 1)
+    stats = {"credit/probe_tokens_per_trace": tokens}
     if solution_weight > 0:
-        sol, bank_stats = solution_values(
-            ro,
-            ver,
-            seg,
-            ctx,
-            group_size=group_size,
-            bank=bank,
-            solution_from=solution_from,
-            length_normalize=length_normalize,
-            max_batch_tokens=max_batch_tokens,
-            packed_max_tokens=packed_max_tokens,
+        sol, stats = solution_values(
+            ro, ver, seg, ctx, group_size=group_size, bank=bank, solution_from=solution_from, **probe
         )
         values = [(1 - solution_weight) * v + solution_weight * s for v, s in zip(values, sol)]
-        stats["credit/probe_tokens_per_trace"] += bank_stats.pop("credit/bank_probe_tokens_per_trace")
-        stats.update(bank_stats)
+        stats["credit/probe_tokens_per_trace"] += tokens
     if mc_boundaries > 0:
         values, mc_stats = mc_anchored(
             ro, ver, seg, ctx, values, group_size=group_size, anchors=mc_boundaries, samples=mc_samples

@@ -93,6 +93,11 @@ REMOTE_CODE_FIX = (
 )
 
 
+def trusts_remote_code(cfg) -> bool:
+    """model.trust_remote_code of a composed config (runs from before the key: False)."""
+    return bool(cfg.model.get("trust_remote_code", False))
+
+
 def _remote_code_error(name: str, e: Exception) -> UserError | None:
     """The error for a model that ships its own Python code (config.json's auto_map), else None."""
     if "trust_remote_code" not in str(e):

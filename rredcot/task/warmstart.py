@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from rredcot.errors import UserError
-from rredcot.task.model import build_tiny, check_fits, is_builtin, load_pretrained, load_tokenizer
+from rredcot.task.model import build_tiny, check_fits, is_builtin, load_pretrained, load_tokenizer, trusts_remote_code
 
 CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 
@@ -128,7 +128,7 @@ def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, samples: list,
 
 def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy and tokenizer: built-in (warm-started, cached) or a pretrained model."""
-    remote = bool(cfg.model.get("trust_remote_code", False))
+    remote = trusts_remote_code(cfg)
     tokenizer = load_tokenizer(cfg.model.name, remote)
     if not is_builtin(cfg.model.name):
         model = load_pretrained(cfg.model.name, cfg.model.dtype, remote)

@@ -11,7 +11,7 @@ from rredcot.stages.probes import ProbeItem, probe_logprobs_batch, probe_logprob
 from rredcot.stages.segment import PieceDecoder, run_segment, segment_newline
 from rredcot.stages.values import forced_values
 from rredcot.stages.verify import BuiltinVerifier, RewardFuncs, run_verify
-from rredcot.task.arith import generate, solution_of
+from rredcot.task.arith import ArithSpec, generate, solution_of
 from rredcot.task.hub import solution_text
 from rredcot.types import Rollout, Sample
 
@@ -133,7 +133,7 @@ def test_per_boundary_probes_agree_on_all_three_paths(tiny_model):
 
 
 def test_tasks_store_their_reasoning_as_the_solution():
-    s = generate(__import__("rredcot.task.arith", fromlist=["ArithSpec"]).ArithSpec(), "train", 3, seed=0)[0]
+    s = generate(ArithSpec(), "train", 3, seed=0)[0]
     assert s.meta["solution"] == solution_of(s.meta["trace"], s.gold)
     assert s.meta["trace"] == "<think>\n" + s.meta["solution"] + "</think>\n" + s.gold
     assert solution_of("<think>\na=1\n</think>\n3", "2") is None  # a trace with a wrong answer is no solution
