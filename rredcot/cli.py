@@ -76,6 +76,17 @@ def _load_checkpoint(cfg):
     return ckpt, load_pretrained(str(ckpt), trust_remote_code=remote), load_tokenizer(str(ckpt), remote)
 
 
+def _credit_dir_free(out: Path) -> None:
+    """Nothing a user has is overwritten: a run_dir they named that holds an earlier credit report is refused."""
+    there = [n for n in ("credit.json", "credit.html", "credit.svg") if (out / n).exists()]
+    if there:
+        raise UserError(
+            f"rredcot credit would write {', '.join(there)} into {str(out)!r}, which already holds them (nothing was "
+            f"changed). Choose another run_dir=DIR, or leave run_dir out: a run's own credit goes to RUN/credit, "
+            "RUN/credit-2, ... (never over an earlier one)."
+        )
+
+
 @app.command("eval")
 def eval_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Evaluate checkpoint=RUN_DIR_OR_CHECKPOINT on the held-out split, with the run's own task and
@@ -136,6 +147,7 @@ def credit_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
         model, tokenizer = load_policy(cfg)
         default_out = Path("runs") / f"credit_{time.strftime('%Y%m%d_%H%M%S')}"
     out = Path(cfg.run_dir) if cfg.run_dir else default_out
+    _credit_dir_free(out)
     result = credit_command(cfg, model.eval(), tokenizer, out, console)
     if "estimators" in result:
         console.print(results_table(result))
@@ -221,11 +233,24 @@ def list_cmd(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        err_console.print(Text("error: ", style="bold red") + Text(str(e)), soft_wrap=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+    from rredcot.oserrors import oserror_message
+    from rredcot.ui import surviving_closed_output
+
+    with surviving_closed_output():  # `rredcot train | head` must not kill the run
+        try:
+            app()
+        except UserError as e:
+            _error(str(e), e.exit_code)
+        except OSError as e:  # a full disk, a read-only or unwritable path, a path too long ...
+            text = oserror_message(e)
+            if text is None:
+                raise
+            _error(text, 2)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            sys.exit(130)
+
+
+def _error(text: str, code: int) -> None:
+    err_console.print(Text("error: ", style="bold red") + Text(text), soft_wrap=True)
+    sys.exit(code)

@@ -69,8 +69,9 @@ def _changes(before: DictConfig, after: DictConfig) -> dict[str, tuple[Any, Any]
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _checkpoint_arg(overrides: list[str]) -> str | None:
-    found = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+def _arg(overrides: list[str], key: str) -> str | None:
+    """The last `key=value` on the command line (its value as typed), or None."""
+    found = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(f"{key}=")]
     return found[-1] if found else None
 
 
@@ -88,14 +89,24 @@ def _superseded(run_overrides: list[str], mine: list[str]) -> list[str]:
     ]
 
 
-def _read_run(run: Path) -> tuple[DictConfig, list[str] | None]:
+def _read_run(run: Path, resume: bool = False) -> tuple[DictConfig, list[str] | None]:
     try:
         saved = OmegaConf.load(run / "config.yaml")
         run_overrides = yaml.safe_load((run / OVERRIDES_FILE).read_text()) if (run / OVERRIDES_FILE).exists() else None
+        if not isinstance(saved, DictConfig) or not isinstance(run_overrides, (list, type(None))):
+            bad = "config.yaml" if not isinstance(saved, DictConfig) else OVERRIDES_FILE
+            raise ValueError(f"{bad} does not hold the mapping / list rredcot writes")
     except Exception as e:
+        from rredcot.runlog import RUN_CONFIG
+
+        fix = (
+            f"Restore it: each checkpoint holds the config it was trained with (cp "
+            f"{run}/checkpoints/step_N/{RUN_CONFIG} {run / 'config.yaml'}), then resume again"
+            if resume
+            else "Pass checkpoint= a checkpoint directory and the task's settings on the command line instead"
+        )
         raise UserError(
-            f"The run's config {str(run / 'config.yaml')!r} could not be read ({e}). Pass checkpoint= a "
-            "checkpoint directory and the task's settings on the command line instead."
+            f"The run's config {str(run / 'config.yaml')!r} could not be read ({str(e).strip()[:200]}). {fix}."
         ) from None
     return saved, run_overrides
 
@@ -139,13 +150,13 @@ def refuse_code_from(run: Path, saved: DictConfig, run_overrides: list[str], min
     )
 
 
-def _run_config(run: Path, mine: list[str]) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
+def _run_config(run: Path, mine: list[str], resume: bool = False) -> tuple[DictConfig, dict[str, tuple[Any, Any]]]:
     """(the run's saved config with what `mine` changes relative to the run's own command line applied,
     those changes). Keys today's code has and the run's config lacks (an older rredcot) take today's
     defaults for the run's command line. Nothing the run names is imported (refuse_code_from)."""
     from rredcot.compose import load_config
 
-    saved, run_overrides = _read_run(run)
+    saved, run_overrides = _read_run(run, resume)
     refuse_code_from(run, saved, run_overrides or [], mine)
     base = load_config(run_overrides or [], check_entries=False, import_plugins=False)
     changed = (
@@ -183,7 +194,7 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
     from rredcot.compose import load_config
     from rredcot.ui import note
 
-    arg = _checkpoint_arg(overrides)
+    arg = _arg(overrides, "checkpoint")
     run = run_dir_of(Path(arg).expanduser()) if arg else None
     if run is None:
         cfg = load_config(overrides)
@@ -198,6 +209,10 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
     if loud:
         note(f"{command} on {run} with settings that differ from the run's config: {_said(loud)}")
     OmegaConf.update(cfg, "checkpoint", arg, force_add=True)
+    # Where the command writes: the directory the user named (run_dir=) or, by default, the run they passed,
+    # never the run_dir its config.yaml recorded (a copied run would write into the original, a moved one
+    # would re-create its old path).
+    OmegaConf.update(cfg, "run_dir", _arg(overrides, "run_dir"), force_add=True)
     registry.load_plugins(cfg.get("plugins") or [])
     validate(cfg)
     return cfg, run
@@ -225,7 +240,8 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
             f"resume=true, but {str(run)!r} holds no run (no config.yaml). Point run_dir at a directory made "
             "by `rredcot train`, or drop resume=true to start a new run there."
         )
-    cfg, changed = _run_config(run, overrides)
+    _check_edits(run)
+    cfg, changed = _run_config(run, overrides, resume=True)
     altering = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
     if altering:
         raise UserError(
@@ -254,6 +270,33 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
     registry.load_plugins(cfg.get("plugins") or [])
     validate(cfg)
     return cfg
+
+
+def _check_edits(run: Path) -> None:
+    """config.yaml against the config the newest checkpoint was trained with (its run_config.yaml): a key a
+    resume may not change that differs was edited by hand, and is refused like such an override; others are said."""
+    from rredcot.runlog import RUN_CONFIG, checkpoints
+    from rredcot.ui import note
+
+    saved, _ = _read_run(run, resume=True)
+    for ckpt in reversed(checkpoints(run)):
+        try:
+            trained = OmegaConf.load(ckpt / RUN_CONFIG)
+        except Exception:  # absent (a checkpoint of an older rredcot) or damaged: nothing to compare with
+            continue
+        diff = _changes(trained, saved)
+        edited = {k: v for k, v in diff.items() if not k.startswith(RESUMABLE)}
+        if edited:
+            raise UserError(
+                f"{str(run / 'config.yaml')!r} differs from the config its checkpoint {ckpt.name} was trained with "
+                f"(edited by hand?): {_said(edited)}. A resume continues the run as it was trained. To resume, "
+                f"restore the file (cp {ckpt / RUN_CONFIG} {run / 'config.yaml'}); to train with the new values, "
+                "start a new run with them as overrides (another run_dir)."
+            )
+        told = {k: v for k, v in diff.items() if not k.startswith(("world_size", "resume", "run_dir"))}
+        if told:
+            note(f"{run / 'config.yaml'} differs from the config {ckpt.name} was saved with: {_said(told)}.")
+        return
 
 
 def unique_path(path: Path) -> Path:

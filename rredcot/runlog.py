@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from rredcot.errors import UserError
 
 CKPT_PREFIX = "step_"
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the run's config.yaml as it was when the step was saved
 
 
 def default_run_dir() -> Path:
@@ -29,6 +30,7 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     """(the run directory, the checkpoint a resume starts from), checked before any work: never
     overwrites a run, resume needs an intact checkpoint and steps left."""
     run = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
+    read_metrics(run)  # a damaged metrics.jsonl is found before anything is written (a cut-off last line: a note)
     has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
     if has_run and not cfg.resume:
         if not checkpoints(run) and not (run / "eval.json").exists():
@@ -164,10 +166,18 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def save_checkpoint(
-    run: Path, step: int, model, tokenizer, state: dict[str, Any], keep: int, state_dict: dict | None = None
+    run: Path,
+    step: int,
+    model,
+    tokenizer,
+    state: dict[str, Any],
+    keep: int,
+    state_dict: dict | None = None,
+    config_yaml: str | None = None,
 ) -> Path:
     """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones.
-    state_dict: the full weights when the model is sharded over ranks (sharding.full_state)."""
+    state_dict: the full weights when the model is sharded over ranks (sharding.full_state). config_yaml: the
+    config the weights were trained with (RUN_CONFIG), so a resume can tell a hand-edited config.yaml."""
     final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     for leftover in (run / "checkpoints").glob("*.tmp"):  # a write that a kill interrupted
@@ -180,6 +190,8 @@ def save_checkpoint(
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "trainer_state.pt")
+    if config_yaml is not None:
+        (tmp / RUN_CONFIG).write_text(config_yaml)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a crash mid-save never leaves a checkpoint that looks complete
     for old in checkpoints(run)[:-keep] if keep > 0 else []:
@@ -231,7 +243,7 @@ class MetricsLog:
         when the run never finished (`unfinished`: no eval.json), a final-evaluation row at `step` (the
         only rows with pass@1 are final ones; a kill during the final evaluation leaves one behind)."""
         if self.enabled and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            rows = read_metrics(self.run, quiet=True)  # check_run_dir said it if the last line was cut off
             rows = [r for r in rows if r["step"] < step or (r["step"] == step and not (unfinished and _is_final(r)))]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -258,6 +270,32 @@ def eval_prefix(split: str, primary: str) -> str:
     return "eval" if split == primary else f"eval_{split}"
 
 
-def read_metrics(run: Path) -> list[dict[str, Any]]:
+def read_metrics(run: Path, quiet: bool = False) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows. A last line cut short (a kill or a full disk mid-write: no newline after it) is
+    dropped, with a note unless `quiet`; any other line that is not a metrics row is an error naming it."""
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                if not quiet:
+                    from rredcot.ui import note
+
+                    note(f"{path}: its last line was cut off mid-write (the run was killed?) and is ignored.")
+                break
+            raise UserError(
+                f"{str(path)!r} line {i} is not a metrics row ({_first_line(e)}): the file was edited or damaged. "
+                f"Delete that line (e.g. sed -i '{i}d' {path}) or restore the file; a resume redoes the rows after "
+                "its checkpoint, so rows lost after the last checkpoint cost nothing."
+            ) from None
+        rows.append(row)
+    return rows

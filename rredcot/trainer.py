@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rredcot import collectives, sharding
 from rredcot.assemble import policy_context
@@ -188,6 +188,7 @@ class Trainer(Setup):
                 state,
                 self.cfg.train.save_total_limit,
                 state_dict=weights,
+                config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
             )
         collectives.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
@@ -195,6 +196,12 @@ class Trainer(Setup):
 
     def fit(self) -> Path:
         """setup, the starting evaluation, the steps, the final checkpoint and evaluation; returns the run directory."""
+        try:
+            return self._fit()
+        finally:
+            self.release_run_dir()
+
+    def _fit(self) -> Path:
         cfg = self.cfg
         self._setup_launch()  # first: the process group decides which rank shows progress
         with make_progress(cfg.logging.progress and self.main) as progress:

@@ -5,6 +5,7 @@ loop's state (prompt order, rollout backend, critic, collapse watch). The steps 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
@@ -14,7 +15,9 @@ from rredcot import collectives, lora, sharding
 from rredcot.assemble import PromptSampler, build_stages
 from rredcot.checks import check_config
 from rredcot.critic import Critic
+from rredcot.errors import UserError
 from rredcot.optim import build_optimizer, compile_layers, enable_checkpointing
+from rredcot.runlock import RunLock
 from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, init_run_dir, load_state
 from rredcot.stages.segment import PieceDecoder
 from rredcot.stages.update import Learner
@@ -30,13 +33,14 @@ class Setup:
     """Builds what the Trainer's steps use (self.cfg and self.overrides are set by the Trainer)."""
 
     def setup(self, progress) -> None:
-        """Checks, run directory, data, model, optimizer and resume state, in that order: a config, data or
-        model error leaves nothing behind (the run directory is written only once they all loaded)."""
+        """Checks, data, model, resume state and optimizer, then the run directory's files: a config, data,
+        model or resume error leaves nothing behind (the files are written only once all of them loaded)."""
         if self.accelerator is None:  # fit() launches before it opens the progress display
             self._setup_launch()
         self.stages = build_stages(self.cfg)
         self._setup_policy(progress)
         self._setup_optimizer()
+        self._setup_run_files()
         self._setup_loop(progress)
 
     def _setup_launch(self) -> None:
@@ -49,11 +53,29 @@ class Setup:
         )
         if not cfg.run_dir:
             cfg.run_dir = collectives.broadcast(str(default_run_dir()))  # one name, chosen by rank 0
+        self._lock_run_dir(Path(cfg.run_dir))
         self.run, self.ckpt = check_run_dir(cfg)
         set_seed(cfg.seed)
 
+    def _lock_run_dir(self, run: Path) -> None:
+        """Rank 0 takes the run directory's lock (one writer at a time); every rank refuses if it is held."""
+        self.lock, refused = RunLock(run), None
+        if self.main:
+            try:
+                self.lock.acquire()
+            except UserError as e:
+                refused = str(e)
+        refused = collectives.broadcast(refused)
+        if refused:
+            raise UserError(refused)
+
+    def release_run_dir(self) -> None:
+        """Give the lock back (an error before the run began also removes the directory the lock made)."""
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
     def _setup_policy(self, progress) -> None:
-        """The starting policy, the data, the run directory, the resume state and the reference model."""
+        """The starting policy, the data, the resume state and the reference model."""
         cfg, ckpt = self.cfg, self.ckpt
         with collectives.main_first():  # rank 0 builds the warm-start cache and the data caches; the others reuse them
             model, self.tokenizer = load_policy(cfg, progress)
@@ -67,14 +89,10 @@ class Setup:
         startup_notes(cfg, self.tokenizer)
         if lora.enabled(cfg):  # the base weights stay; the adapter is new, or the checkpoint's
             model = lora.wrap(model, cfg, resume_from=ckpt)
-        if self.main:
-            init_run_dir(self.run, cfg, self.overrides, ckpt)  # only now: a config, data or model error leaves nothing
-        self.log = MetricsLog(self.run, cfg, enabled=self.main)
         self.start, self.resume_state = 0, None
         if ckpt is not None:
             self.resume_state = load_state(ckpt, mmap=False)
             self.start = self.resume_state["step"]
-            self.log.keep_until(self.start, unfinished=not (self.run / "eval.json").exists())
         beta = cfg["update"].beta
         if lora.enabled(cfg):
             self.ref_model = lora.AdapterOff(model) if beta > 0 else None
@@ -108,6 +126,15 @@ class Setup:
             scheduler.load_state_dict(self.resume_state["scheduler"])
             torch.set_rng_state(self.resume_state["rng"])
         self.learner = Learner(self.model, optimizer, scheduler, self.accelerator, self.ref_model)
+
+    def _setup_run_files(self) -> None:
+        """The run directory's files, written only now: every check (config, data, model, the resume state and
+        the optimizer's) has passed, so an error leaves nothing behind and a resume that fails changes nothing."""
+        if self.main:
+            init_run_dir(self.run, self.cfg, self.overrides, self.ckpt)
+        self.log = MetricsLog(self.run, self.cfg, enabled=self.main)
+        if self.ckpt is not None:
+            self.log.keep_until(self.start, unfinished=not (self.run / "eval.json").exists())
 
     def _setup_loop(self, progress) -> None:
         cfg, policy = self.cfg, self.accelerator.unwrap_model(self.model)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +62,50 @@ def quiet_unless(main: bool) -> None:
     """Only rank 0 speaks: notes, progress and tables once, not once per process (errors still reach stderr)."""
     console.quiet = not main
     err_console.quiet = not main
+
+
+class _Survivor:
+    """A stdout/stderr that outlives its reader (`rredcot train | head`): once the pipe is closed, output goes
+    to /dev/null and the command carries on (a run keeps writing its run directory, where everything is).
+    Click would otherwise turn the first BrokenPipeError into exit 1, no message, no eval.json."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def _closed(self) -> None:
+        self._gone = True
+        try:  # the stream's buffered bytes, and the interpreter's flush at exit, then go to /dev/null
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def surviving_closed_output():
+    """sys.stdout and sys.stderr as _Survivor for the block (rich's consoles look them up at each write)."""
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Survivor(sys.stdout), _Survivor(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = old

@@ -41,8 +41,7 @@ def test_a_crafted_trainer_state_runs_nothing(shared_run, tmp_path):
     marker = tmp_path / "pwned"
     ckpt = sorted((shared_run / "checkpoints").glob("step_*"))[-1]
     torch.save({"step": 4, "payload": _Opens(marker)}, ckpt / "trainer_state.pt")
-    # run_dir= : eval still writes to the run_dir a copied run's config records (issue 21, family 2), not the copy
-    cli("eval", f"checkpoint={shared_run}", f"run_dir={shared_run}", "logging.progress=false")  # weights only
+    cli("eval", f"checkpoint={shared_run}", "logging.progress=false")  # weights only
     assert not marker.exists()
     proc = cli("train", "resume=true", f"run_dir={shared_run}", "train.steps=6", check=False)
     assert proc.returncode == 2 and "never unpickles" in _said(proc)
@@ -73,7 +72,7 @@ def test_plugins_named_by_a_run_are_imported_only_when_the_user_names_them(share
         assert f"'plugins=[{mod}]'" in _said(proc) and not marker.exists()
     proc = cli("train", "resume=true", f"run_dir={shared_run}", "train.steps=6", check=False)
     assert proc.returncode == 2 and not marker.exists()
-    cli("eval", f"checkpoint={shared_run}", f"run_dir={shared_run}", f"plugins=[{mod}]", "logging.progress=false")
+    cli("eval", f"checkpoint={shared_run}", f"plugins=[{mod}]", "logging.progress=false")
     assert marker.exists() == (where == "config.yaml")  # the saved config is the run's truth: [] in overrides' case
 
 
