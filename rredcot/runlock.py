@@ -3,7 +3,7 @@
 Two trains on one run_dir would interleave their metrics rows and overwrite each other's checkpoints, and
 both would exit 0. The lock is flock(2) on an open file: the kernel releases it when the process ends in any
 way (exit, exception, SIGKILL, a node that reboots), so a crashed run never leaves a stale lock to clear by
-hand. The file itself stays (deleting a lock file that another process may have opened lets two holders in);
+hand. The file stays once a run began (deleting a lock file that another process may have opened lets two holders in);
 it holds the last holder's pid, host and start time for the message a second writer gets. On NFS, Linux
 emulates flock with POSIX locks, which the server arbitrates across nodes.
 """
@@ -30,7 +30,8 @@ class RunLock:
     """`lock = RunLock(run); lock.acquire()` ... `lock.release()` (also on garbage collection: the fd closes)."""
 
     def __init__(self, run: Path):
-        self.run, self.fd, self.created = Path(run), None, False
+        self.run, self.fd, self.created, self.made_file = Path(run), None, False, False
+        self.began = False  # set once the run's files are written: from then on the lock file stays
 
     def acquire(self) -> None:
         """Take the lock or refuse (UserError) naming who holds it. Creates the directory if it is new
@@ -43,6 +44,7 @@ class RunLock:
                 "another run_dir=PATH, or leave run_dir out for a new runs/<date>_<time>."
             )
         self.created = not self.run.exists()
+        self.made_file = not (self.run / LOCK_FILE).exists()
         self.run.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -60,9 +62,10 @@ class RunLock:
             return
         os.close(self.fd)  # closing the only descriptor releases the flock
         self.fd = None
-        if self.created and [p.name for p in self.run.iterdir()] == [LOCK_FILE]:
+        if self.made_file and not self.began:
             (self.run / LOCK_FILE).unlink(missing_ok=True)  # an error before the run began leaves nothing behind
-            self.run.rmdir()
+            if self.created and not any(self.run.iterdir()):
+                self.run.rmdir()
 
     def __del__(self) -> None:
         if self.fd is not None:

@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from rredcot.errors import UserError
 
 CKPT_PREFIX = "step_"
+# What `train` writes at a run directory's top level: a new run never starts where one of them exists.
+RUN_FILES = {"config.yaml", "overrides.yaml", "metrics.jsonl", "eval.json", "eval_start.json", "resumes.jsonl"}
+RUN_FILES |= {"samples", "checkpoints", "tensorboard", "wandb"}
 RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the run's config.yaml as it was when the step was saved
 
 
@@ -30,7 +33,6 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
     """(the run directory, the checkpoint a resume starts from), checked before any work: never
     overwrites a run, resume needs an intact checkpoint and steps left."""
     run = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
-    read_metrics(run)  # a damaged metrics.jsonl is found before anything is written (a cut-off last line: a note)
     has_run = (run / "metrics.jsonl").exists() or (run / "checkpoints").exists()
     if has_run and not cfg.resume:
         if not checkpoints(run) and not (run / "eval.json").exists():
@@ -42,7 +44,14 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
             f"Run directory {str(run)!r} already holds a run. To continue it, add resume=true; "
             "to start a new one, choose another run_dir=PATH (nothing was overwritten)."
         )
+    taken = sorted(p.name for p in run.iterdir() if p.name in RUN_FILES) if run.is_dir() and not has_run else []
+    if taken and not cfg.resume:
+        raise UserError(
+            f"run_dir={str(run)!r} already holds {', '.join(taken)}, which a new run would overwrite (nothing was "
+            "changed). Choose another run_dir=PATH (a new or empty directory), or move those files away."
+        )
     if cfg.resume:
+        read_metrics(run)  # a damaged metrics.jsonl is found before anything is written (a cut-off last line: a note)
         ckpt = latest_checkpoint(run)
         if ckpt is None:
             raise UserError(

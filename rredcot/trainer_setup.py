@@ -131,6 +131,7 @@ class Setup:
         """The run directory's files, written only now: every check (config, data, model, the resume state and
         the optimizer's) has passed, so an error leaves nothing behind and a resume that fails changes nothing."""
         if self.main:
+            self.lock.began = True
             init_run_dir(self.run, self.cfg, self.overrides, self.ckpt)
         self.log = MetricsLog(self.run, self.cfg, enabled=self.main)
         if self.ckpt is not None:

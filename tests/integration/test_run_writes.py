@@ -160,3 +160,14 @@ def test_file_system_faults_name_the_path_the_meaning_and_the_fix(code, phrase):
     text = oserror_message(OSError(code, os.strerror(code), "/runs/x/checkpoints"))
     assert "'/runs/x/checkpoints'" in text and os.strerror(code) in text and phrase in text
     assert oserror_message(OSError(errno.ECONNRESET, "reset")) is None  # not a file-system fault: a bug, raised
+
+
+def test_a_new_run_never_starts_over_files_train_writes(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own")
+    (mine / "notes.txt").write_text("kept")
+    code, err = run_main(f"train debug=fast run_dir={mine}")
+    assert code == 2 and "already holds config.yaml, which a new run would overwrite" in " ".join(err.split())
+    assert (mine / "config.yaml").read_text() == "my: own"
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes.txt"]  # not even a lock file left
