@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rredcot.errors import UserError
 
 OVERRIDES_FILE = "overrides.yaml"
+RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the run's config.yaml as it was when the step was saved
 # Keys that say where and how a command runs, not what the run was: changing them is not worth a note.
 _QUIET = ("checkpoint", "run_dir", "resume", "logging.", "credit.")
 # Keys a resume may change: how long a run goes on and how it reports, never what it learns from.
@@ -62,7 +63,7 @@ def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: cfg}
 
 
-def _changes(before: DictConfig, after: DictConfig) -> dict[str, tuple[Any, Any]]:
+def changes(before: DictConfig, after: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (before, after) for every leaf the two configs disagree on."""
     a = flat(OmegaConf.to_container(before, resolve=True))
     b = flat(OmegaConf.to_container(after, resolve=True))
@@ -97,8 +98,6 @@ def _read_run(run: Path, resume: bool = False) -> tuple[DictConfig, list[str] | 
             bad = "config.yaml" if not isinstance(saved, DictConfig) else OVERRIDES_FILE
             raise ValueError(f"{bad} does not hold the mapping / list rredcot writes")
     except Exception as e:
-        from rredcot.runlog import RUN_CONFIG
-
         fix = (
             f"Restore it: each checkpoint holds the config it was trained with (cp "
             f"{run}/checkpoints/step_N/{RUN_CONFIG} {run / 'config.yaml'}), then resume again"
@@ -160,7 +159,7 @@ def _run_config(run: Path, mine: list[str], resume: bool = False) -> tuple[DictC
     refuse_code_from(run, saved, run_overrides or [], mine)
     base = load_config(run_overrides or [], check_entries=False, import_plugins=False)
     changed = (
-        _changes(
+        changes(
             base,
             load_config([*_superseded(run_overrides or [], mine), *mine], check_entries=False, import_plugins=False),
         )
@@ -181,7 +180,7 @@ def _run_config(run: Path, mine: list[str], resume: bool = False) -> tuple[DictC
     return cfg, changed
 
 
-def _said(changed: dict[str, tuple[Any, Any]]) -> str:
+def said(changed: dict[str, tuple[Any, Any]]) -> str:
     return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
@@ -207,7 +206,7 @@ def config_for_run(overrides: list[str], command: str) -> tuple[DictConfig, Path
     cfg, changed = _run_config(run, [o for o in overrides if not o.startswith("checkpoint=")])
     loud = {k: v for k, v in changed.items() if not k.startswith(_QUIET)}
     if loud:
-        note(f"{command} on {run} with settings that differ from the run's config: {_said(loud)}")
+        note(f"{command} on {run} with settings that differ from the run's config: {said(loud)}")
     OmegaConf.update(cfg, "checkpoint", arg, force_add=True)
     # Where the command writes: the directory the user named (run_dir=) or, by default, the run they passed,
     # never the run_dir its config.yaml recorded (a copied run would write into the original, a moved one
@@ -240,18 +239,17 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
             f"resume=true, but {str(run)!r} holds no run (no config.yaml). Point run_dir at a directory made "
             "by `rredcot train`, or drop resume=true to start a new run there."
         )
-    _check_edits(run)
-    cfg, changed = _run_config(run, overrides, resume=True)
+    cfg, changed = _run_config(run, overrides, resume=True)  # a hand-edited config.yaml: runlog.check_edits
     altering = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE)}
     if altering:
         raise UserError(
             f"resume=true continues the run in {str(run)!r} with its own config, and these overrides would "
-            f"change what it trains: {_said(altering)}. Drop them to resume (only {', '.join(RESUMABLE)} "
+            f"change what it trains: {said(altering)}. Drop them to resume (only {', '.join(RESUMABLE)} "
             "may change), or start a new run with them (another run_dir)."
         )
     told = {k: v for k, v in changed.items() if not k.startswith(("resume", "run_dir"))}
     if told:
-        note(f"resuming {run} with: {_said(told)}.")
+        note(f"resuming {run} with: {said(told)}.")
     if "train.steps" in told and (cfg.optim.schedule != "constant" or cfg.optim.warmup_ratio):
         note(
             f"optim.schedule={cfg.optim.schedule} (warmup_ratio={cfg.optim.warmup_ratio}) is stretched over the new "
@@ -270,33 +268,6 @@ def config_for_resume(overrides: list[str]) -> DictConfig:
     registry.load_plugins(cfg.get("plugins") or [])
     validate(cfg)
     return cfg
-
-
-def _check_edits(run: Path) -> None:
-    """config.yaml against the config the newest checkpoint was trained with (its run_config.yaml): a key a
-    resume may not change that differs was edited by hand, and is refused like such an override; others are said."""
-    from rredcot.runlog import RUN_CONFIG, checkpoints
-    from rredcot.ui import note
-
-    saved, _ = _read_run(run, resume=True)
-    for ckpt in reversed(checkpoints(run)):
-        try:
-            trained = OmegaConf.load(ckpt / RUN_CONFIG)
-        except Exception:  # absent (a checkpoint of an older rredcot) or damaged: nothing to compare with
-            continue
-        diff = _changes(trained, saved)
-        edited = {k: v for k, v in diff.items() if not k.startswith(RESUMABLE)}
-        if edited:
-            raise UserError(
-                f"{str(run / 'config.yaml')!r} differs from the config its checkpoint {ckpt.name} was trained with "
-                f"(edited by hand?): {_said(edited)}. A resume continues the run as it was trained. To resume, "
-                f"restore the file (cp {ckpt / RUN_CONFIG} {run / 'config.yaml'}); to train with the new values, "
-                "start a new run with them as overrides (another run_dir)."
-            )
-        told = {k: v for k, v in diff.items() if not k.startswith(("world_size", "resume", "run_dir"))}
-        if told:
-            note(f"{run / 'config.yaml'} differs from the config {ckpt.name} was saved with: {_said(told)}.")
-        return
 
 
 def unique_path(path: Path) -> Path:

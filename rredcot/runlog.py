@@ -17,12 +17,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rredcot.errors import UserError
+from rredcot.runconfig import RESUMABLE, RUN_CONFIG, changes, said
 
 CKPT_PREFIX = "step_"
 # What `train` writes at a run directory's top level: a new run never starts where one of them exists.
 RUN_FILES = {"config.yaml", "overrides.yaml", "metrics.jsonl", "eval.json", "eval_start.json", "resumes.jsonl"}
 RUN_FILES |= {"samples", "checkpoints", "tensorboard", "wandb"}
-RUN_CONFIG = "run_config.yaml"  # in each checkpoint: the run's config.yaml as it was when the step was saved
 
 
 def default_run_dir() -> Path:
@@ -59,6 +59,7 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
                 f"before its first one was written). Remove it (rm -r {run}) and start again without "
                 "resume=true, or point run_dir at another run."
             )
+        check_edits(run, ckpt)
         start = load_state(ckpt)["step"]
         if start > cfg.train.steps:
             raise UserError(
@@ -73,6 +74,28 @@ def check_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
             )
         return run, ckpt
     return run, None
+
+
+def check_edits(run: Path, ckpt: Path) -> None:
+    """config.yaml against the config `ckpt` was trained with (its run_config.yaml; a checkpoint of an older
+    rredcot has none): a key a resume may not change that differs was edited by hand, and is refused like such
+    an override; a resumable one is said."""
+    from rredcot.ui import note
+
+    if not (ckpt / RUN_CONFIG).exists():
+        return
+    diff = changes(OmegaConf.load(ckpt / RUN_CONFIG), OmegaConf.load(run / "config.yaml"))
+    edited = {k: v for k, v in diff.items() if not k.startswith(RESUMABLE)}
+    if edited:
+        raise UserError(
+            f"{str(run / 'config.yaml')!r} differs from the config its checkpoint {ckpt.name} was trained with "
+            f"(edited by hand?): {said(edited)}. A resume continues the run as it was trained. To resume, restore "
+            f"the file (cp {ckpt / RUN_CONFIG} {run / 'config.yaml'}); to train with the new values, start a new "
+            "run with them as overrides (another run_dir)."
+        )
+    told = {k: v for k, v in diff.items() if not k.startswith(("world_size", "resume", "run_dir"))}
+    if told:
+        note(f"{run / 'config.yaml'} differs from the config {ckpt.name} was saved with: {said(told)}.")
 
 
 def load_state(ckpt: Path, mmap: bool = True) -> dict[str, Any]:
