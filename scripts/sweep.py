@@ -5,8 +5,8 @@
         --variant anchored redistribute.mode=anchored -- +exp=builtin_hard eval.split=dev
 
 Each variant's overrides follow its name; everything after `--` is shared. Runs go to
-OUT/<variant>/seed<N>; a run whose eval.json exists is skipped, so an interrupted sweep continues where it
-stopped. --jobs N trains N runs at once with the CPU threads split between them (on 2 cores, two
+OUT/<variant>/seed<N>; a run whose eval.json exists is skipped and one that was interrupted after a checkpoint
+is resumed, so an interrupted sweep continues where it stopped (stop it with Ctrl-C: each run checkpoints). --jobs N trains N runs at once with the CPU threads split between them (on 2 cores, two
 1-thread runs finish sooner than one 2-thread run after another). The report (OUT/report.md) compares
 every variant against --baseline (a compare label; default grpo).
 """
@@ -52,21 +52,26 @@ def main() -> None:
     args, variants, shared = parse(sys.argv[1:])
     out = Path(args.out)
     todo = [
-        (out / name / f"seed{seed}", [*shared, *over], seed)
+        (run, [*shared, *over, *(["resume=true"] if (run / "checkpoints").is_dir() else [])], seed)
         for seed in args.seeds
         for name, over in variants.items()
-        if not (out / name / f"seed{seed}" / "eval.json").exists()
-    ]
+        if not ((run := out / name / f"seed{seed}") / "eval.json").exists()
+    ]  # an interrupted run (a checkpoint, no eval.json) is resumed with the same overrides
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     print(
         f"{len(todo)} runs to train ({len(variants)} variants x {len(args.seeds)} seeds, finished ones skipped)",
         flush=True,
     )
-    with ThreadPoolExecutor(args.jobs) as pool:
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
         for run, wall, rc in pool.map(lambda job: train_one(*job, threads), todo):
             print(
                 f"{run}: {'done' if rc == 0 else f'FAILED (exit {rc}), see its seed log'} in {wall:.0f} s", flush=True
             )
+    except KeyboardInterrupt:  # the running trains got the same Ctrl-C and checkpoint; queued ones never start
+        pool.shutdown(wait=True, cancel_futures=True)
+        sys.exit(130)
+    pool.shutdown()
     dirs = [
         str(out / name / f"seed{s}")
         for name in variants
