@@ -5,8 +5,9 @@
         --variant anchored redistribute.mode=anchored -- +exp=builtin_hard eval.split=dev
 
 Each variant's overrides follow its name; everything after `--` is shared. Runs go to
-OUT/<variant>/seed<N>; a run whose eval.json exists is skipped and one that was interrupted after a checkpoint
-is resumed, so an interrupted sweep continues where it stopped (stop it with Ctrl-C: each run checkpoints). --jobs N trains N runs at once with the CPU threads split between them (on 2 cores, two
+OUT/<variant>/seed<N>; a run whose eval.json exists is skipped and one that was interrupted after a
+checkpoint is resumed, so an interrupted sweep continues where it stopped (stop it with Ctrl-C: each run
+checkpoints). --jobs N trains N runs at once with the CPU threads split between them (on 2 cores, two
 1-thread runs finish sooner than one 2-thread run after another). The report (OUT/report.md) compares
 every variant against --baseline (a compare label; default grpo).
 """
