@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from rredcot import ranges, registry
-from rredcot.errors import UserError
+from rredcot import batch_fit, ranges, registry
+from rredcot.errors import UserError, brief
 from rredcot.estimator_spec import estimator_spec
 from rredcot.sections import rollout_options, stage_options
 
@@ -86,18 +86,18 @@ def _check_batches(cfg: DictConfig) -> None:
             "Set rollout.group_size=2 or more (8 is typical)."
         )
     ranges.check(cfg, ranges.RULES)
+    spg, micro = cfg["update"].steps_per_generation, cfg["update"].micro_batch_size
+    fix = batch_fit.either(batch_fit.fixes(n, g, spg, micro))
     if n % g:
         raise UserError(
-            f"train.generation_batch_size={n} is not a whole number of groups of rollout.group_size={g}. "
-            f"Make it a multiple of {g}, e.g. train.generation_batch_size={max(g, n - n % g)}."
+            f"train.generation_batch_size={brief(n)} is not a whole number of groups of rollout.group_size={g}. "
+            f"Make it a multiple of {g} that also splits into the update's micro-batches: {fix}."
         )
-    spg, micro = cfg["update"].steps_per_generation, cfg["update"].micro_batch_size
-    if spg < 1 or n % spg or (n // spg) % micro:
+    if not batch_fit.fits(n, g, spg, micro):
         raise UserError(
-            f"Each generation batch of {n} completions is split into update.steps_per_generation={spg} "
-            f"optimizer steps of micro-batches of update.micro_batch_size={micro}; {n} / {spg} must be a whole "
-            f"multiple of {micro}. Change update.micro_batch_size (a divisor of {n // max(spg, 1)}) "
-            "or steps_per_generation."
+            f"Each generation batch of {brief(n)} completions is split into update.steps_per_generation={spg} "
+            f"optimizer steps of micro-batches of update.micro_batch_size={micro}, so {brief(n)} must be a whole "
+            f"multiple of {spg} x {micro}. Set {fix}."
         )
 
 
@@ -109,29 +109,23 @@ def check_data_parallel(cfg: DictConfig, world: int | None = None) -> None:
     w = world or env_world_size()
     g, n = cfg.rollout.group_size, cfg.train.generation_batch_size
     spg, micro = cfg["update"].steps_per_generation, cfg["update"].micro_batch_size
-    if w == 1:
+    if w == 1 or batch_fit.fits(n, g, spg, micro, w):
         return
+    fix = batch_fit.either(batch_fit.fixes(n, g, spg, micro, w))
+    worlds = batch_fit.either(batch_fit.world_fixes(n, g, spg, micro, most=min(n // g, 64)))
     prompts = n // g
     if prompts % w:
-        fits = [k for k in range(1, prompts + 1) if prompts % k == 0]
         raise UserError(
             f"{w} processes share each step's {prompts} prompts (train.generation_batch_size={n} / rollout."
-            f"group_size={g}), and every process must own whole prompt groups. Make the prompts per step a "
-            f"multiple of {w} (train.generation_batch_size={g * w * max(1, round(prompts / w))}), or launch a "
-            f"number of processes that divides {prompts} ({', '.join(map(str, fits))})."
+            f"group_size={g}), and every process must own whole prompt groups. Set {fix}, or launch a number "
+            f"of processes that fits this batch ({worlds or 'none does'})."
         )
-    local = n // w // spg
-    if local % micro:
-        raise UserError(
-            f"On {w} processes each one's share of an optimizer step is {n} / {w} / update.steps_per_generation="
-            f"{spg} = {local} completions, not a whole number of micro-batches of update.micro_batch_size={micro} "
-            f"(a per-process size). Set update.micro_batch_size to a divisor of {local} "
-            f"(e.g. {_divisor(local, micro)})."
-        )
-
-
-def _divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+    raise UserError(
+        f"On {w} processes each one's share of a step is {n} / {w} = {n // w} completions, which "
+        f"update.steps_per_generation={spg} optimizer steps do not split into whole micro-batches of "
+        f"update.micro_batch_size={micro} (a per-process size). Set {fix}"
+        + (f", or launch {worlds} processes." if worlds else ".")
+    )
 
 
 def check_world_size(cfg: DictConfig, world: int) -> int:
@@ -164,6 +158,7 @@ def check_shardable(cfg: DictConfig) -> None:
 def _check_entries(cfg: DictConfig) -> None:
     """Each chosen entry's own options (imports the stage modules, so torch): names it takes, ranges."""
     from rredcot.stages.verify import build_reward_funcs
+    from rredcot.task.model import check_shape, is_builtin
 
     registry.check_options("rollout", cfg.rollout.name, rollout_options(cfg.rollout)[1], "rollout.")
     for stage in ("segment", "redistribute"):
@@ -173,6 +168,8 @@ def _check_entries(cfg: DictConfig) -> None:
         name, opts = estimator_spec(entry)
         registry.check_options("redistribute", name, opts, f"credit.estimators {entry!r}: ")
     build_reward_funcs(cfg.verify)  # a verifier checks its own options when it is built
+    if is_builtin(cfg.model.name):  # a pretrained model brings its own shape
+        check_shape(cfg.model)
     for stage, key in ENTRY_KEYS:
         name = OmegaConf.select(cfg, key)
         for need in registry.entry(stage, name, key).needs_task_keys:  # e.g. answer forcing needs task.forcing_text

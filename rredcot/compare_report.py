@@ -8,13 +8,17 @@ report.md, a self-contained report.html, PNG plots and summary.json. Curves are 
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import math
+import os
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from rredcot.runs import Run, group_runs, load_run
+from rredcot.errors import UserError
+from rredcot.runs import Run, distinct_dirs, group_runs, load_run
 from rredcot.stats import mean_ci, paired_t
 
 # The training figure's panels. Truncated share and mean token advantage are the signals that preceded the
@@ -110,19 +114,23 @@ def verdict(runs: list[Run], base: list[Run], name: str, baseline: str) -> dict[
         return {"text": f"{name} and {baseline} share no seed: no paired test.", "n": 0}
     t = paired_t([a for a, _ in pairs], [b for _, b in pairs])
     diff, p, n = 100 * t["diff"], t["p"], t["n"]
-    if n < 2 or math.isnan(p):
+    ci = f"95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}"
+    if n < 2:
         text = f"{name} vs {baseline}: {diff:+.1f} points on 1 seed; run more seeds for a test."
+    elif t["undefined"]:  # a p-value from zero variance would read 0.000 (or 1.000) for no evidence at all
+        text = (
+            f"{name} - {baseline} = {diff:+.1f} points of held-out greedy accuracy on each of {n} seeds; p = n/a "
+            f"({t['undefined']}). Evaluate on more prompts (eval.n_prompts) or run more seeds for a test."
+        )
     elif p < 0.05:
         text = (
             f"{name} {'beats' if diff > 0 else 'loses to'} {baseline} by {abs(diff):.1f} points of held-out greedy "
-            f"accuracy (95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test "
-            f"over {n} seeds, p = {p:.3f})."
+            f"accuracy ({ci}; paired t-test over {n} seeds, p = {p:.3f})."
         )
     else:
         text = (
             f"No significant difference: {name} - {baseline} = {diff:+.1f} points of held-out greedy accuracy "
-            f"(95% CI {100 * (t['diff'] - t['ci']):+.1f} to {100 * (t['diff'] + t['ci']):+.1f}; paired t-test over "
-            f"{n} seeds, p = {p:.2f})."
+            f"({ci}; paired t-test over {n} seeds, p = {p:.2f})."
         )
     return {**t, "text": text}
 
@@ -145,7 +153,7 @@ def _band(ax, xs, runs_curves, label):
     _draw(ax, x, [m for m, _ in stats], [h for _, h in stats], label, marker="o")
 
 
-def _finish(fig, axes, path: Path) -> Path:
+def _finish(fig, axes) -> bytes:
     """One legend for the whole figure, under it (method labels can be long: one per panel covered the curves)."""
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -158,11 +166,13 @@ def _finish(fig, axes, path: Path) -> Path:
         rows = math.ceil(len(labels) / ncol)
         fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
         fig.tight_layout(rect=(0, min(0.04 * rows + 0.02, 0.4), 1, 1))
-    fig.savefig(path, dpi=110)
-    return path
+    buf = io.BytesIO()  # files are written only once every one is made (write_report)
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
 
 
-def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
+def plot_all(groups: dict[str, list[Run]]) -> dict[str, bytes]:
+    """accuracy.png and training.png, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +193,7 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"greedy accuracy, {next(iter(groups.values()))[0].split} split")
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 200k, not 200000 run into its neighbours
-    files = [_finish(fig, axes, out / "accuracy.png")]
+    files = {"accuracy.png": _finish(fig, axes)}
     plt.close(fig)
     fig, axes = plt.subplots(2, 4, figsize=(19, 7))
     for ax, (key, title) in zip(axes.flat, CURVES):
@@ -197,13 +207,16 @@ def plot_all(groups: dict[str, list[Run]], out: Path) -> list[Path]:
             )
         ax.set_title(title + " (moving average)")
         ax.set_xlabel("step")
-    files.append(_finish(fig, list(axes.flat), out / "training.png"))
+    files["training.png"] = _finish(fig, list(axes.flat))
     plt.close(fig)
     return files
 
 
-def _pm(m: float, h: float, scale: float = 100.0) -> str:
-    return f"{scale * m:.1f}" + ("" if math.isnan(h) else f" ± {scale * h:.1f}")
+def _pm(m: float, h: float, n: int) -> str:
+    """mean ± half-width in points; n/a where seeds have no spread (a ± 0.0 would claim a certainty)."""
+    if math.isnan(h):
+        return f"{100 * m:.1f}" + (" ± n/a" if n > 1 else "")
+    return f"{100 * m:.1f} ± {100 * h:.1f}"
 
 
 def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
@@ -216,25 +229,26 @@ def markdown(s: dict[str, Any], groups: dict[str, list[Run]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in s["rows"].items():
+        n = len(r["seeds"])
         reach = (
             "-"
             if r["steps_to_baseline_final"] is None
-            else f"{r['steps_to_baseline_final']:.0f} ({r['runs_reaching_baseline_final']}/{len(r['seeds'])} seeds)"
+            else f"{r['steps_to_baseline_final']:.0f} ({r['runs_reaching_baseline_final']}/{n} seeds)"
         )
         lines.append(
-            f"| {label} | {len(r['seeds'])} | {_pm(r['accuracy'], r['accuracy_ci'])} | "
-            f"{_pm(r['pass@1'], r['pass@1_ci'])} | {reach} | {r.get('completion_length', math.nan):.1f} | "
+            f"| {label} | {n} | {_pm(r['accuracy'], r['accuracy_ci'], n)} | "
+            f"{_pm(r['pass@1'], r['pass@1_ci'], n)} | {reach} | {r.get('completion_length', math.nan):.1f} | "
             f"{r['seconds_per_step']:.2f} | "
             f"{r['step_time_ratio']:.2f} | {100 * r['redistribution_share']:.0f}% | "
             f"{r['peak_memory_mb']:.0f} |"
         )
-    lines += ["", "Intervals are 95% t-intervals over seeds. Runs:", ""]
+    lines += ["", "Intervals are 95% t-intervals over seeds (n/a: every seed scored the same, no variance). Runs:", ""]
     lines += [f"- {label}: " + ", ".join(str(r.path) for r in runs) for label, runs in groups.items()]
     lines += ["", "![accuracy](accuracy.png)", "", "![training curves](training.png)", ""]
     return "\n".join(lines)
 
 
-def html_report(md: str, pngs: list[Path]) -> str:
+def html_report(md: str, pngs: dict[str, bytes]) -> str:
     """report.md as a self-contained page (images inlined)."""
     import html as h
 
@@ -242,8 +256,7 @@ def html_report(md: str, pngs: list[Path]) -> str:
     for line in md.splitlines():
         if line.startswith("!["):
             name = line[line.index("(") + 1 : -1]
-            png = next(p for p in pngs if p.name == name)
-            data = base64.b64encode(png.read_bytes()).decode()
+            data = base64.b64encode(pngs[name]).decode()
             body.append(f'<img style="max-width:100%" src="data:image/png;base64,{data}">')
         elif line.startswith("|") and "---" not in line:
             cells = "".join(f"<td>{h.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
@@ -262,14 +275,93 @@ def build_report(
     run_dirs: list[Path], out: Path, baseline: str | None = None, split: str | None = None
 ) -> dict[str, Any]:
     """Load runs (their eval.split, or `split`), group them by method, write report.md / report.html / PNGs /
-    summary.json into `out`."""
+    summary.json into `out` (refused, before anything is written, where it would replace a file of the user's)."""
+    owned = check_report_dir(out)
+    distinct_dirs(run_dirs)
     groups = group_runs([load_run(Path(p), split) for p in run_dirs])
     baseline = baseline if baseline in groups else ("grpo" if "grpo" in groups else sorted(groups)[-1])
-    out.mkdir(parents=True, exist_ok=True)
     s = summary(groups, baseline)
-    pngs = plot_all(groups, out)
+    files = plot_all(groups)
     md = markdown(s, groups)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(html_report(md, pngs))
-    (out / "summary.json").write_text(json.dumps(s, indent=2, default=float))
+    files["report.md"] = md.encode()
+    files["report.html"] = html_report(md, files).encode()
+    files["summary.json"] = json.dumps(_finite(s), indent=2, default=float).encode()
+    write_report(out, files, owned)
     return s
+
+
+def _finite(x: Any) -> Any:
+    """NaN and inf as null: summary.json is strict JSON (an undefined p-value or interval is null, not NaN)."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+# ---- never over a user's file: compare replaces only report files it wrote and nobody changed since ----------
+
+MANIFEST = ".rredcot-compare.json"  # {"files": {name: [sha256, ...]}}: the report files compare wrote here
+REPORT_FILES = ("report.md", "report.html", "summary.json", "accuracy.png", "training.png")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest(out: Path) -> dict[str, list[str]]:
+    path = out / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        files = json.loads(path.read_text())["files"]
+        if all(isinstance(v, list) for v in files.values()):
+            return files
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not shaped like the manifest
+        pass
+    raise UserError(  # not a manifest this code wrote: nothing in `out` can be taken for compare's
+        f"{str(path)!r} is not the list of report files `rredcot compare` keeps (it does not parse as one), so "
+        f"compare cannot tell its own files in {str(out)!r} from yours (nothing was changed). Choose another "
+        "--out, or remove that file."
+    )
+
+
+def check_report_dir(out: Path) -> dict[str, list[str]]:
+    """The manifest of `out`, or a UserError if a report file there is not compare's own, unchanged (checked
+    before training and before writing: nothing a user wrote is ever replaced)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a directory (nothing was changed). Choose another --out.")
+    owned = _manifest(out) if out.is_dir() else {}
+    theirs = [
+        f"{n} ({'changed since compare wrote it' if n in owned else 'not written by compare'})"
+        for n in REPORT_FILES
+        if os.path.lexists(out / n) and not _unchanged(out / n, owned.get(n, []))
+    ]
+    if theirs:
+        raise UserError(
+            f"--out {str(out)!r} already holds {', '.join(theirs)}, which compare would overwrite; it replaces only "
+            "report files it wrote itself, unchanged (nothing was changed). Choose another --out, or move those "
+            "files away."
+        )
+    return owned
+
+
+def _unchanged(path: Path, hashes: list[str]) -> bool:
+    """A regular file (not a link to one elsewhere) whose contents are ones compare wrote."""
+    return not path.is_symlink() and path.is_file() and _sha256(path.read_bytes()) in hashes
+
+
+def write_report(out: Path, files: dict[str, bytes], owned: dict[str, list[str]]) -> None:
+    """Write the report files and record them. Until all are written the manifest accepts each file's old and
+    new contents, so a kill mid-way leaves a directory the next compare still recognises as its own."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, {n: sorted({*owned.get(n, []), _sha256(b)}) for n, b in files.items()})
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    _write_manifest(out, {n: [_sha256(b)] for n, b in files.items()})
+
+
+def _write_manifest(out: Path, files: dict[str, list[str]]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    tmp.replace(out / MANIFEST)  # a kill mid-write never leaves a manifest that does not parse

@@ -10,6 +10,7 @@ which `load_config` runs last.
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rredcot import registry
 from rredcot.checks import validate
-from rredcot.errors import UserError
+from rredcot.errors import UserError, brief
+from rredcot.ranges import RULES
 
 CONFIG_NAME = "train"
 OPEN_MAPPINGS = ("verify.options",)  # mappings whose keys are the user's (a verifier's arguments)
@@ -85,13 +87,44 @@ def _flat_keys(cfg: Any, prefix: str = "") -> list[str]:
 def parse_overrides(overrides: list[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
-        return OverridesParser.create().parse_overrides(overrides)
+        return parser.parse_overrides(overrides)
     except Exception as e:
+        bad = next((ov for ov in overrides if not _parses(parser, ov)), None)
+        if bad is not None and not bad.isascii():
+            raise UserError(non_ascii_message(bad)) from None
         raise UserError(
-            f"Could not parse the overrides {overrides}: {str(e).splitlines()[0]} "
+            f"Could not parse the overrides: {brief(bad or overrides, 80)}: {str(e).splitlines()[0]} "
             "Write them as key=value (e.g. rollout.temperature=0.8), +key=value to add a key."
         ) from None
+
+
+def _parses(parser: Any, override: str) -> bool:
+    try:
+        parser.parse_overrides([override])
+        return True
+    except Exception:
+        return False
+
+
+def non_ascii_message(override: str) -> str:
+    """Hydra's grammar reads non-ASCII characters only inside quotes, and never in a key."""
+    key, sep, value = override.partition("=")
+    odd = next(ch for ch in override if not ch.isascii())
+    if not key.isascii():
+        folded = unicodedata.normalize("NFKD", key.lstrip("+~")).encode("ascii", "ignore").decode()
+        close = difflib.get_close_matches(folded, _flat_keys(OmegaConf.load(config_dir() / f"{CONFIG_NAME}.yaml")))
+        hint = f" Did you mean {close[0]}?" if close else ""
+        return (
+            f"{brief(override)}: the key {key!r} has the non-ASCII character {odd!r} (U+{ord(odd):04X}); config keys "
+            f"are ASCII letters, digits, '_' and '-'.{hint} `rredcot config show` prints every valid key."
+        )
+    return (
+        f"{brief(override)}: the value has the non-ASCII character {odd!r} (U+{ord(odd):04X}), which the "
+        f"override grammar reads only inside quotes. Quote the value: '{key}{sep}\"{value}\"' (the outer "
+        "single quotes are for the shell, the inner double quotes for rredcot)."
+    )
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -121,6 +154,8 @@ def _check_override_keys(parsed: list[Any], reference: DictConfig) -> None:
     known = _flat_keys(reference)
     for o in parsed:
         key = o.key_or_group
+        if o.is_delete():
+            _check_delete(key, grp, reference)
         if o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra."):
             continue
         if key in grp:
@@ -137,6 +172,37 @@ def _check_override_keys(parsed: list[Any], reference: DictConfig) -> None:
                 f"Unknown config key '{key}'.{hint} If you mean to add a new key, write +{key}=... "
                 f"(`rredcot config show` prints every valid key)."
             )
+
+
+def _check_delete(key: str, grp: dict[str, list[str]], reference: DictConfig) -> None:
+    """`~key` may drop a preset group (exp, debug, algo: they make no section of their own), a verifier argument
+    or an option of a group's config (a task's forcing_text: what needs it says so). A key of train.yaml itself
+    or an entry's name is read by the code wherever it runs, so deleting one would crash the run there."""
+    if key.startswith("hydra.") or any(key.startswith(m + ".") for m in OPEN_MAPPINGS):
+        return
+    if key not in grp and not key.endswith(".name") and key not in _base_keys():
+        return
+    if key in grp:
+        if key in reference:
+            raise UserError(
+                f"~{key} removes the {key} config, which every run needs. Choose another one with {key}=NAME "
+                f"(options: {', '.join(grp[key])}), or leave the override out for the default."
+            )
+        return
+    default = OmegaConf.select(reference, key, default="__missing__")
+    if default == "__missing__":
+        return  # Hydra's own error names a key that is not there
+    setting = f"empty it with '{key}={{}}'" if isinstance(default, DictConfig) else f"set it: {key}=VALUE"
+    raise UserError(
+        f"~{key} deletes a key the code reads in every run, so the run would crash where it is first needed. "
+        f"Leave the override out to keep its default, or {setting}."
+    )
+
+
+def _base_keys() -> set[str]:
+    """The keys train.yaml defines for every run (its defaults list aside)."""
+    base = OmegaConf.load(config_dir() / f"{CONFIG_NAME}.yaml")
+    return {k for k in _flat_keys(base) if k != "defaults"}
 
 
 def _kind(v: Any) -> str:
@@ -159,11 +225,20 @@ def _check_types(parsed: list[Any], cfg: DictConfig, reference: DictConfig) -> N
         if key in grp or o.is_add() or o.is_force_add() or o.is_delete() or key.startswith("hydra."):
             continue
         want, got = _kind(OmegaConf.select(reference, key)), _kind(OmegaConf.select(cfg, key))
+        if (key.endswith(".name") or key == "update.loss_type") and got in ("number", "int", "bool"):
+            raise UserError(  # a registry entry named nan, inf, true or 1e3: the grammar reads a number or a bool
+                f"{key}={o.value()} is read as a {got}, not a name. Quote it: '{key}=\"{o.value()}\"' (the outer "
+                "single quotes are for the shell)."
+            )
         if want in ("null", "str") or got == "null" or want == got or (want, got) == ("number", "int"):
             continue
+        rule = RULES.get(key)
+        if (want, got) == ("int", "number") and rule is not None and not rule.integral:
+            continue  # an int default of a key whose range is a number (verify.timeout_s: 10, 0.5 is fine)
+        article = "an" if want[0] in "aeiou" else "a"
         raise UserError(
-            f"{key}={o.value()!s} has the wrong type: expected {want} (the default is "
-            f"{OmegaConf.select(reference, key)!r}). Give a {want} value, "
+            f"{key}={brief(o.value())} has the wrong type: expected {want} (the default is "
+            f"{OmegaConf.select(reference, key)!r}). Give {article} {want} value, "
             f"e.g. {key}={OmegaConf.select(reference, key)}."
         )
 

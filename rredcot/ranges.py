@@ -15,13 +15,14 @@ from typing import Any, Callable, Mapping
 
 from omegaconf import ListConfig
 
-from rredcot.errors import UserError
+from rredcot.errors import UserError, brief
 
 
 @dataclass(frozen=True)
 class Rule:
     ok: Callable[[Any], bool]
     text: str  # what a valid value is, as the message says it: "an integer >= 1"
+    integral: bool = False  # only integers (a float where an int default was is refused, else it is fine)
 
 
 def _num(v: Any) -> bool:
@@ -31,7 +32,9 @@ def _num(v: Any) -> bool:
 def integer(lo: int, hi: int | None = None) -> Rule:
     """An integer in [lo, hi] (no upper bound when hi is None)."""
     text = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
-    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi), text)
+    return Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi), text, True
+    )
 
 
 def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False) -> Rule:
@@ -70,10 +73,11 @@ def list_of(rule: Rule, min_len: int = 0) -> Rule:
 
 POSITIVE, NON_NEGATIVE, FRACTION = number(0, lo_open=True), number(0), number(0, 1)
 COUNT, NATURAL = integer(1), integer(0)  # COUNT: at least one; NATURAL: 0 allowed (0 = off / none)
+SEED = integer(0, 2**32 - 1)  # numpy's legacy seeding (accelerate's set_seed) takes no more
 
 # Keys of conf/train.yaml outside the stage entries' own options. Checked when present.
 RULES: dict[str, Rule] = {
-    "seed": NATURAL,
+    "seed": SEED,
     "device": one_of("auto", "cpu", "cuda"),
     "resume": one_of(True, False),
     "world_size": optional(COUNT),
@@ -85,7 +89,7 @@ RULES: dict[str, Rule] = {
     "rollout.chunk_size": COUNT,
     "verify.weight": number(),
     "verify.format_weight": NON_NEGATIVE,
-    "verify.timeout_s": NON_NEGATIVE,
+    "verify.timeout_s": number(0, 86400),  # a day; a wait past ~24 days overflows the pipe's poll
     "verify.budget_s": NON_NEGATIVE,
     "update.eps_low": NON_NEGATIVE,
     "update.eps_high": NON_NEGATIVE,
@@ -134,7 +138,7 @@ RULES: dict[str, Rule] = {
     "warmstart.flaw_rate": FRACTION,
     "warmstart.misconception_frac": FRACTION,
     "warmstart.misconception_rate": FRACTION,
-    "warmstart.seed": NATURAL,
+    "warmstart.seed": SEED,
     "model.dtype": one_of("float32", "bfloat16", "float16"),
     "model.trust_remote_code": one_of(True, False),
     "model.arch": one_of("llama", "qwen2"),
@@ -160,6 +164,6 @@ def check(values: Mapping[str, Any], rules: Mapping[str, Rule], prefix: str = ""
         if v is missing or rule.ok(v):
             continue
         raise UserError(
-            f"{prefix}{key}={v!r} is out of range: it must be {rule.text}. Set it on the command line "
+            f"{prefix}{key}={brief(v)} is out of range: it must be {rule.text}. Set it on the command line "
             f"({prefix}{key}=...) or in your config; `rredcot config show` prints the current values."
         )

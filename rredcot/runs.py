@@ -155,6 +155,38 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.label, []).append(r)
+    _one_run_per_seed(groups)
     if len(groups) < 2:
         raise UserError(f"All runs are of one method ({next(iter(groups))}); compare needs a method and a baseline.")
     return groups
+
+
+def distinct_dirs(paths: list[Path]) -> None:
+    """Each run directory once: `--runs W W G G` would count one run as two seeds, and a paired test over
+    copies reports a certainty the runs do not have."""
+    seen: dict[Path, str] = {}
+    for p in paths:
+        key = Path(p).expanduser().resolve()
+        if key in seen:
+            twice = f"{str(p)!r} twice" if seen[key] == str(p) else f"{seen[key]!r} and {str(p)!r}, both {str(key)!r}"
+            raise UserError(
+                f"compare --runs names one run directory twice ({twice}): it would count as two seeds, and the "
+                "test over seeds would be over copies of one run. Pass each run directory once."
+            )
+        seen[key] = str(p)
+
+
+def _one_run_per_seed(groups: dict[str, list[Run]]) -> None:
+    """Two runs of one method with one seed are one seed twice (a copied run directory, or a rerun): refused."""
+    for label, runs in groups.items():
+        by_seed: dict[int, list[str]] = {}
+        for r in runs:
+            by_seed.setdefault(r.seed, []).append(str(r.path))
+        twice = {seed: paths for seed, paths in by_seed.items() if len(paths) > 1}
+        if twice:
+            seed, paths = next(iter(twice.items()))
+            raise UserError(
+                f"Runs {' and '.join(map(repr, paths))} are both {label} with seed {seed}: compare pairs seeds "
+                "and would count one seed twice. Pass one run per method and seed (train another seed with "
+                "seed=N for more)."
+            )

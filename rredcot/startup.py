@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from rredcot.errors import UserError
+from rredcot.errors import UserError, brief
 from rredcot.registry import get
 from rredcot.stages.segment import think_marker
 from rredcot.task.hub import source_of
 from rredcot.task.model import is_builtin
+from rredcot.task.rows import check_samples
 from rredcot.task.splits import check_disjoint, drop_long_prompts
 from rredcot.types import Sample
 from rredcot.ui import note
@@ -49,17 +50,59 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
 def prompt_limit(cfg: DictConfig, model) -> int:
     """The longest prompt a step can take: train.max_prompt_tokens, within the model's context less the
     completion budget."""
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = model_context(model)
     if context is not None and cfg.rollout.max_new_tokens >= context:
         raise UserError(
-            f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the model's "
-            f"context of {context} positions. Lower it (e.g. rollout.max_new_tokens={context // 4})."
+            f"rollout.max_new_tokens={brief(cfg.rollout.max_new_tokens)} leaves no room for a prompt in the model's "
+            f"context of {context} positions. Lower it (e.g. rollout.max_new_tokens={max(context // 4, 1)})."
         )
-    return (
-        min(cfg.train.max_prompt_tokens, context - cfg.rollout.max_new_tokens)
-        if context
-        else cfg.train.max_prompt_tokens
-    )
+    cap = cfg.train.max_prompt_tokens
+    return PromptLimit(min(cap, context - cfg.rollout.max_new_tokens) if context else cap, context)
+
+
+class PromptLimit(int):
+    """A prompt limit that remembers the model's context, so that a message about long prompts can name the
+    knob that binds (task_sets takes the limit from callers that know nothing of contexts)."""
+
+    context: int | None
+
+    def __new__(cls, value: int, context: int | None):
+        limit = super().__new__(cls, value)
+        limit.context = context
+        return limit
+
+
+def model_context(model) -> int | None:
+    """The model's context in positions (config.max_position_embeddings), None when it declares none."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def long_prompt_advice(cfg: DictConfig, context: int | None):
+    """The fix for too many prompts over the limit, naming the knob that binds with a value that works:
+    `needed` tokens must fit in train.max_prompt_tokens and, with the completion, in the model's context."""
+    new, cap = cfg.rollout.max_new_tokens, cfg.train.max_prompt_tokens
+
+    def advice(needed: int | None) -> str:
+        if needed is None:
+            return "Shorten the prompts."
+        if context is not None and needed >= context:
+            return (
+                f"Enough of them to train on need {needed} tokens, and the model's whole context is {context} "
+                "positions: shorten the prompts, or use a model with a longer context."
+            )
+        sets = [f"train.max_prompt_tokens={needed}"] if needed > cap else []
+        if context is not None and needed + new > context:
+            sets.append(f"rollout.max_new_tokens={context - needed}")
+        why = (
+            f" (the model's context of {context} positions holds the prompt and the {new} completion tokens "
+            "rollout.max_new_tokens allows now)"
+            if context is not None and needed + new > context
+            else ""
+        )
+        return f"Set {' '.join(sets)}{why}, or shorten the prompts."
+
+    return advice
 
 
 def task_sets(cfg: DictConfig, tokenizer, limit: int | None = None) -> tuple[list[Sample], dict[str, list[Sample]]]:
@@ -68,10 +111,13 @@ def task_sets(cfg: DictConfig, tokenizer, limit: int | None = None) -> tuple[lis
     prompts longer than `limit` tokens are skipped and counted (drop_long_prompts)."""
     task = get("task", cfg.task.name)
     max_bad = cfg.task.get("max_bad_fraction", 0.01)
+    advice = long_prompt_advice(cfg, getattr(limit, "context", None))
 
     def load(split: str) -> list[Sample]:
-        samples = task(cfg.task, split, tokenizer)
-        return drop_long_prompts(samples, tokenizer, limit, f"the {split} split", max_bad) if limit else samples
+        samples = check_samples(cfg.task.name, split, task(cfg.task, split, tokenizer))
+        if not limit:
+            return samples
+        return drop_long_prompts(samples, tokenizer, limit, f"the {split} split", max_bad, advice)
 
     splits = [cfg.eval.split] + [s for s in cfg.eval.extra_splits if s != cfg.eval.split]
     held_out = {s: load(s)[: cfg.eval.n_prompts] for s in splits}

@@ -53,23 +53,33 @@ def t_quantile_975(df: int) -> float:
     return (lo + hi) / 2
 
 
+# A spread below this is rounding residue, not variance: accuracies are fractions k/n, so 0.3 - 0.1 and
+# 0.5 - 0.3 differ by 1e-17 and would give t ~ 1e16, p = 0.000 for differences that are all the same.
+NO_SPREAD = 1e-9
+NO_VARIANCE = "all seeds differ by the same amount; no variance to test"
+NO_DIFFERENCE = "both methods score the same on every seed; no variance to test"
+
+
 def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """(mean, half-width of the 95% t-interval); half-width NaN for fewer than 2 values."""
+    """(mean, half-width of the 95% t-interval); half-width NaN (undefined) for fewer than 2 values or values
+    that are all the same (a +-0.0 interval would claim a certainty that 2 equal seeds do not give)."""
     if not xs:
         return math.nan, math.nan
-    if len(xs) < 2:
-        return xs[0], math.nan
+    if len(xs) < 2 or stdev(xs) <= NO_SPREAD:
+        return mean(xs), math.nan
     return mean(xs), t_quantile_975(len(xs) - 1) * stdev(xs) / math.sqrt(len(xs))
 
 
-def paired_t(a: list[float], b: list[float]) -> dict[str, float]:
-    """Paired t-test of a - b (one pair per seed): mean difference, its 95% interval, t and two-sided p."""
+def paired_t(a: list[float], b: list[float]) -> dict[str, float | str | None]:
+    """Paired t-test of a - b (one pair per seed): mean difference, its 95% interval, t and two-sided p.
+    Where the test is undefined (one pair, or differences without variance) ci, t and p are NaN and
+    `undefined` says why; it is None otherwise."""
     d = [x - y for x, y in zip(a, b)]
     m, half = mean_ci(d)
     if len(d) < 2:
-        return {"diff": m, "ci": half, "t": math.nan, "p": math.nan, "n": len(d)}
-    sd = stdev(d)
-    if sd == 0:
-        return {"diff": m, "ci": 0.0, "t": math.inf if m else 0.0, "p": 0.0 if m else 1.0, "n": len(d)}
-    t = m / (sd / math.sqrt(len(d)))
-    return {"diff": m, "ci": half, "t": t, "p": t_two_sided_p(t, len(d) - 1), "n": len(d)}
+        return {"diff": m, "ci": math.nan, "t": math.nan, "p": math.nan, "n": len(d), "undefined": "one seed"}
+    if math.isnan(half):
+        why = NO_VARIANCE if abs(m) > NO_SPREAD else NO_DIFFERENCE
+        return {"diff": m, "ci": math.nan, "t": math.nan, "p": math.nan, "n": len(d), "undefined": why}
+    t = m / (stdev(d) / math.sqrt(len(d)))
+    return {"diff": m, "ci": half, "t": t, "p": t_two_sided_p(t, len(d) - 1), "n": len(d), "undefined": None}

@@ -145,8 +145,9 @@ class Trainer(Setup):
         if self.nonfinite >= limit:
             raise UserError(
                 f"{self.nonfinite} steps in a row had non-finite gradients (NaN or inf) and were skipped "
-                f"(train.max_nonfinite_steps={limit}); the weights are the last finite ones. Lower optim.lr "
-                "or update.max_grad_norm, and resume from the last checkpoint."
+                f"(train.max_nonfinite_steps={limit}); the weights are the last finite ones. The rewards were "
+                "finite (a verifier's NaN or inf is refused where it is returned), so the update diverged: lower "
+                "optim.lr or update.max_grad_norm (or use update.autocast=null), and resume from the last checkpoint."
             )
 
     # ---- evaluation and checkpoints ------------------------------------------------------------------------

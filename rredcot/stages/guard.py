@@ -8,6 +8,9 @@ the next call) and scores 0 with the extractor name "timeout" (extract: no answe
 `run_guarded` adds a time budget per batch: once it is spent,
 the remaining completions score 0 as "over_budget" without being run. Both are counted in the step's
 metrics (extractor/timeout, extractor/over_budget).
+A worker that dies in a call (a segfault in a C extension, the out-of-memory killer, a plug-in's
+os._exit) scores that call 0 as "crashed" and a fresh one serves the next; a worker that dies on
+`MAX_DEATHS` calls in a row is the verifier's doing, not one completion's, and raises VerifierDied.
 A round trip costs well under a millisecond; a step makes a few hundred.
 """
 
@@ -22,7 +25,8 @@ from typing import Any
 
 from rredcot.types import Sample, Score
 
-TIMEOUT, OVER_BUDGET = "timeout", "over_budget"
+TIMEOUT, OVER_BUDGET, CRASHED = "timeout", "over_budget", "crashed"
+MAX_DEATHS = 3
 IN_WORKER = False  # True inside a worker: verifiers may then skip their own (signal-based) timeouts
 
 
@@ -41,8 +45,31 @@ def _serve(verifier: Any, conn: Any, parent_end: Any) -> None:
             return
         try:
             conn.send(("ok", getattr(verifier, method)(*args)))
-        except Exception:
-            conn.send(("error", traceback.format_exc(limit=4)))
+        except Exception as e:
+            conn.send(("error", (summary(e), traceback.format_exc(limit=4))))
+
+
+def summary(e: BaseException) -> str:
+    """'ValueError: boom (at /path/plugin.py:16, in __call__)': the exception and the frame that raised it."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}{where}"
+
+
+class VerifierRaised(RuntimeError):
+    """The verifier raised in its worker; `summary` is one line (the full traceback is the message)."""
+
+    def __init__(self, summary: str, text: str):
+        super().__init__(text)
+        self.summary = summary
+
+
+class VerifierDied(RuntimeError):
+    """The worker died on MAX_DEATHS calls in a row; `status` is its exit status (negative: the signal)."""
+
+    def __init__(self, status: int | None):
+        super().__init__(f"the verifier's worker process died (exit status {status})")
+        self.status = status
 
 
 class Guarded:
@@ -53,6 +80,7 @@ class Guarded:
         self._proc: Any = None
         self._conn: Any = None
         self._pid = os.getpid()
+        self.deaths = 0  # calls in a row whose worker died
 
     def __getattr__(self, name: str) -> Any:  # anything else a plug-in verifier has
         return getattr(self.__dict__["verifier"], name)
@@ -73,26 +101,39 @@ class Guarded:
             self._proc.join()
         self._proc = self._conn = None
 
-    def _run(self, method: str, args: tuple, on_timeout: Any) -> Any:
+    def _run(self, method: str, args: tuple, on_timeout: Any, on_crash: Any) -> Any:
         if self._proc is None or not self._proc.is_alive() or self._pid != os.getpid():
             self._start()
-        self._conn.send((method, args))
-        if not self._conn.poll(self.timeout_s):
-            self.stop()  # the call is stuck: kill it; the next call starts a fresh worker
-            return on_timeout
-        status, value = self._conn.recv()
+        try:
+            self._conn.send((method, args))
+            if not self._conn.poll(self.timeout_s):
+                self.stop()  # the call is stuck: kill it; the next call starts a fresh worker
+                return on_timeout
+            status, value = self._conn.recv()
+        except (EOFError, OSError):  # the worker died in the call (poll reads its end of the pipe as ready)
+            return self._died(on_crash)
+        self.deaths = 0
         if status == "error":
-            raise RuntimeError(f"The verifier {type(self.verifier).__name__}.{method} raised:\n{value}")
+            raise VerifierRaised(value[0], f"The verifier {type(self.verifier).__name__}.{method} raised:\n{value[1]}")
         return value
 
+    def _died(self, on_crash: Any) -> Any:
+        self._proc.join(5)
+        status = self._proc.exitcode
+        self.stop()
+        self.deaths += 1
+        if self.deaths >= MAX_DEATHS:
+            raise VerifierDied(status)
+        return on_crash
+
     def __call__(self, completion: str, sample: Sample):
-        return self._run("__call__", (completion, sample), Score(0.0, TIMEOUT))
+        return self._run("__call__", (completion, sample), Score(0.0, TIMEOUT), Score(0.0, CRASHED))
 
     def extract(self, completion: str) -> tuple[str | None, str]:
-        return self._run("extract", (completion,), (None, TIMEOUT))
+        return self._run("extract", (completion,), (None, TIMEOUT), (None, CRASHED))
 
     def judge(self, answer: str | None, sample: Sample) -> float | None:
-        return self._run("judge", (answer, sample), 0.0)
+        return self._run("judge", (answer, sample), 0.0, 0.0)
 
     def __del__(self) -> None:
         try:

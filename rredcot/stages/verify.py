@@ -25,7 +25,9 @@ import torch
 from rredcot.errors import UserError
 from rredcot.registry import get, register
 from rredcot.stages import guard
-from rredcot.stages.guard import OVER_BUDGET, TIMEOUT, Guarded, run_guarded
+from rredcot.stages.contract import Checked
+from rredcot.stages.contract import check_golds as check_golds  # re-exported: its callers import it from here
+from rredcot.stages.guard import CRASHED, OVER_BUDGET, TIMEOUT, Guarded, run_guarded
 from rredcot.task.arith import THINK_CLOSE, extract_answer
 from rredcot.types import Sample, Score, Verified
 from rredcot.ui import note
@@ -212,9 +214,13 @@ def build_reward_funcs(cfg: Any) -> RewardFuncs:
     """The task's verifier (verify.name) and, with verify.format_weight > 0, a format reward. With
     verify.timeout_s > 0 each runs in a worker process under that hard timeout (stages/guard.py)."""
     timeout = cfg.get("timeout_s", 0)
-    guard_ = (lambda v: Guarded(v, timeout)) if timeout else (lambda v: v)
-    extra = {"format": (guard_(build_verifier("format")), float(cfg.format_weight))} if cfg.format_weight else {}
-    return RewardFuncs(guard_(build_verifier(cfg.name, cfg.options)), float(cfg.weight), extra)
+
+    def guarded(name: str, options: Any = None) -> Checked:  # every call is held to the contract (contract.py)
+        v = build_verifier(name, options)
+        return Checked(Guarded(v, timeout) if timeout else v, name)
+
+    extra = {"format": (guarded("format"), float(cfg.format_weight))} if cfg.format_weight else {}
+    return RewardFuncs(guarded(cfg.name, cfg.options), float(cfg.weight), extra)
 
 
 _told: set[str] = set()
@@ -225,6 +231,7 @@ def _say_timeouts(name: str, scores: list[Score]) -> None:
     for kind, what in (
         (TIMEOUT, "ran past verify.timeout_s"),
         (OVER_BUDGET, "were left unchecked past verify.budget_s"),
+        (CRASHED, "ended the verifier's worker process (a crash, or the out-of-memory killer)"),
     ):
         n = sum(sc.extractor == kind for sc in scores)
         if n and kind not in _told:
@@ -233,6 +240,19 @@ def _say_timeouts(name: str, scores: list[Score]) -> None:
                 f"{n} completion(s) {what} in the {name} reward and scored 0; every step counts them "
                 f"(metrics: extractor/{kind})."
             )
+
+
+def _say_undefined(name: str, rewards: torch.Tensor) -> None:
+    """Once per run: a batch whose every reward is undefined (None) teaches nothing. Said, not refused: None is
+    the contract's "this row cannot be judged", and a few such rows can fill a small batch; a verifier that
+    judges its gold is held to it at start-up (check_golds), and a NaN reward is refused where it is returned."""
+    if len(rewards) and bool(rewards.isnan().all()) and "undefined" not in _told:
+        _told.add("undefined")
+        note(
+            f"the {name!r} verifier's reward was undefined (None) for all {len(rewards)} completions of a batch: "
+            "those rows are skipped, so nothing is learned from them (metrics: frac_reward_undefined). Its "
+            "judge returns None only where a row's gold cannot be judged; check the data's gold answers."
+        )
 
 
 def run_verify(texts: list[str], samples: list[Sample], funcs: RewardFuncs, budget_s: float = 0.0) -> Verified:
@@ -246,30 +266,11 @@ def run_verify(texts: list[str], samples: list[Sample], funcs: RewardFuncs, budg
         if i == 0:  # the verifier's
             extractor = [sc.extractor for sc in scores]
         _say_timeouts(name, scores)
+        _say_undefined(getattr(fn, "name", name), per_func[name])
     total = sum(w * per_func[name] for name, (_, w) in funcs.items())
-    return Verified(rewards=total, per_func=per_func, correct=per_func[funcs.name] == 1.0, extractor=extractor)
-
-
-def check_golds(sets: dict[str, list[Sample]], verifier: Verifier, max_bad: float, n: int = 200) -> None:
-    """The verifier must judge each row's own gold answer right. When it cannot (a gold format it does
-    not read, the wrong verifier for the task), every reward is 0 or undefined and a run trains on
-    nothing while looking healthy. Checked on the first `n` rows of each split; refused above `max_bad`."""
-    if not getattr(verifier, "judges_gold", True):
-        return
-    for split, samples in sets.items():
-        rows = samples[:n]
-        bad = [s.meta.get("row", i) for i, s in enumerate(rows) if verifier.judge(s.gold, s) != 1.0]
-        if not bad:
-            continue
-        example = rows[[s.meta.get("row", i) for i, s in enumerate(rows)].index(bad[0])].gold
-        if len(bad) > max_bad * len(rows):
-            raise UserError(
-                f"The {split} split's gold answers do not pass the verifier's own check for {len(bad)} of the "
-                f"first {len(rows)} rows (rows {bad[:8]}; e.g. gold {example[:60]!r}), so their rewards would be "
-                "0 or undefined. Check that verify.name fits the task and that task.answer_format extracts the "
-                "answer the verifier reads."
-            )
-        note(
-            f"the {split} split has {len(bad)} row(s) among its first {len(rows)} whose gold the verifier cannot "
-            f"judge (rows {bad[:8]}); they can never be rewarded."
+    if bool(total.isinf().any()):  # finite rewards past float32's range, or times a large weight
+        raise UserError(
+            f"The weighted rewards overflow float32 (verify.weight={funcs.weight}): its range ends near 3e38. "
+            "Keep the verifiers' rewards and verify.weight / verify.format_weight to sizes near 1."
         )
+    return Verified(rewards=total, per_func=per_func, correct=per_func[funcs.name] == 1.0, extractor=extractor)

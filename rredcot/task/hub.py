@@ -6,7 +6,6 @@ Every task entry is (cfg, split, tokenizer) -> list[Sample], for split in train 
 
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from rredcot import ranges
 from rredcot.errors import UserError
 from rredcot.ranges import COUNT, FRACTION, NATURAL, one_of, optional
 from rredcot.registry import register
+from rredcot.task.rows import diagnose_file, load_error, not_a_file, not_text
 from rredcot.task.splits import carve_dev
 from rredcot.types import Sample
 from rredcot.ui import note
@@ -64,12 +64,24 @@ def format_prompt(question: str, cfg: Any, tokenizer: Any) -> str:
     """The question plus the task's instruction, through the model's chat template when it has one."""
     text = f"{question}\n{cfg.instruction}".strip() if cfg.instruction else question
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            **(cfg.get("chat_template_kwargs") or {}),
-        )  # e.g. Qwen3's enable_thinking
+        kwargs = dict(cfg.get("chat_template_kwargs") or {})  # e.g. Qwen3's enable_thinking
+        try:
+            out = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
+            )
+        except Exception as e:  # a template's raise_exception(...), a syntax error, a variable it lacks
+            raise UserError(
+                f"The chat template of {tokenizer.name_or_path!r} fails on a one-message prompt (role user"
+                f"{', with ' + str(kwargs) if kwargs else ''}): {type(e).__name__}: {' '.join(str(e).split())[:200]}. "
+                "Use plain-text prompts with task.chat_template=false, or fix the template (chat_template in the "
+                "model's tokenizer_config.json or chat_template.jinja); its arguments are model.chat_template_kwargs."
+            ) from None
+        if not isinstance(out, str):
+            raise UserError(
+                f"The chat template of {tokenizer.name_or_path!r} gave a {type(out).__name__}, not the prompt text. "
+                "Use task.chat_template=false, or a template that renders one conversation to text."
+            )
+        return out
     return text + "\n"
 
 
@@ -90,48 +102,6 @@ def source_of(cfg: Any, split: str) -> dict[str, Any] | None:
     return src
 
 
-def diagnose_file(local: Path) -> str | None:
-    """What is wrong with a local data file, in one sentence naming the line (None if nothing is found)."""
-    if local.stat().st_size == 0:
-        return "it is empty"
-    if local.suffix not in (".jsonl", ".json", ".csv"):
-        return None
-    with local.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (
-                    f"line {n} is not UTF-8 text (byte {e.start}: {raw[max(e.start - 12, 0) : e.start + 12]!r}); "
-                    "re-save "
-                    "the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
-                )
-            if local.suffix == ".jsonl" and line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    return (
-                        f"line {n} is not JSON ({e.msg}, column {e.colno}: {line.strip()[:60]!r}); "
-                        "a .jsonl file has one JSON object per line"
-                    )
-                if not isinstance(row, dict):
-                    kind = type(row).__name__
-                    return f'line {n} is a JSON {kind}, not an object of fields ({{"question": ..., "answer": ...}})'
-    return None
-
-
-def _load_error(path: str, split: str, e: Exception) -> UserError:
-    local = Path(path).expanduser()
-    why = diagnose_file(local) if local.is_file() else None
-    if why is None:
-        causes = [c for c in (e, e.__cause__, e.__context__) if c is not None and str(c).strip()]
-        why = " ".join(str(causes[-1] if causes else e).split())[:300] or type(e).__name__
-    return UserError(
-        f"Could not load dataset {path!r} (split {split!r}): {why}. Set task.path or task.sources.<split>.path "
-        "to a local file with the same fields, or check the name and split."
-    )
-
-
 @lru_cache(maxsize=8)
 def load_rows(path: str, config_name: str | None, split: str) -> list[dict[str, Any]]:
     """The rows of a whole local file (any split name), or of one split of a hub dataset."""
@@ -149,7 +119,7 @@ def load_rows(path: str, config_name: str | None, split: str) -> list[dict[str, 
     except UserError:
         raise
     except Exception as e:  # hub unreachable, unknown split, bad file: one clear paragraph, not a traceback
-        raise _load_error(path, split, e) from None
+        raise load_error(path, split, e) from None
 
 
 def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, where: str) -> list[Sample]:
@@ -166,8 +136,11 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
             f"{where} has no field(s) {missing}; it has {columns}. Set task.question_field and "
             "task.answer_field (or task.sources.<split>.question_field / answer_field) to the right names."
         )
+    odd = not_text(rows, src, where, cfg.get("max_bad_fraction", 0.01))
     out, bad = [], []
     for i, row in enumerate(rows):
+        if i in odd:
+            continue
         q, a = row[src["question_field"]], row[src["answer_field"]]
         gold = gold_from(str(a), src["answer_format"]) if a is not None else ""
         if q is None or not str(q).strip() or not gold:
@@ -193,12 +166,9 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
 def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     src = source_of(cfg, split)
     local = Path(str(src["path"])).expanduser()
-    if local.suffix in _LOCAL_FORMATS and not local.exists():
-        key = "task.path" if cfg.get("sources", {}).get(split, {}).get("path") is None else f"task.sources.{split}.path"
-        raise UserError(
-            f"{key}={src['path']}: there is no such file. Set {key} to an existing jsonl/json/parquet/csv "
-            "file, or to a hub dataset name."
-        )
+    key = "task.path" if cfg.get("sources", {}).get(split, {}).get("path") is None else f"task.sources.{split}.path"
+    if local.suffix in _LOCAL_FORMATS and not local.is_file():
+        raise UserError(f"{key}={src['path']}: {not_a_file(local)}")
     rows = load_rows(str(src["path"]), src["config_name"], str(src["split"] or split))
     return _rows_to_samples(rows, src, cfg, tokenizer, f"task.sources.{split} ({src['path']}, split {src['split']})")
 

@@ -18,12 +18,35 @@ _ARCHS = ("llama", "qwen2")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_shape(cfg: Any) -> None:
+    """The built-in model's attention splits model.hidden_size over model.heads, and rotary position
+    embeddings rotate pairs of each head's dimensions: hidden_size / heads must be a whole, even number."""
+    hidden, heads = cfg.hidden_size, cfg.heads
+    if hidden % heads == 0 and (hidden // heads) % 2 == 0:
+        return
+    fits = [h for h in range(1, hidden // 2 + 1) if hidden % (2 * h) == 0]
+    fit_heads = min(fits, key=lambda h: (abs(h - heads), -h)) if fits else None
+    fit_hidden = max(2 * heads, hidden - hidden % (2 * heads))
+    why = (
+        f"does not divide into model.heads={heads} attention heads (each head gets hidden_size / heads dimensions)"
+        if hidden % heads
+        else f"gives each of model.heads={heads} attention heads {hidden // heads} dimensions, an odd number"
+    )
+    raise UserError(
+        f"model.hidden_size={hidden} {why}; rotary position embeddings rotate pairs of a head's dimensions, so "
+        "hidden_size / heads must be a whole, even number. Set "
+        + (f"model.heads={fit_heads} or " if fit_heads else "")
+        + f"model.hidden_size={fit_hidden}."
+    )
+
+
 def build_tiny(cfg: Any, vocab_size: int, seed: int) -> PreTrainedModel:
     """A randomly initialised small Llama or Qwen2 (the built-in policy before its warm start)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if cfg.arch not in _ARCHS:
         raise UserError(f"Unknown model.arch {cfg.arch!r}; the built-in model can be one of {', '.join(_ARCHS)}.")
+    check_shape(cfg)
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if cfg.arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = config_cls(
         vocab_size=vocab_size,
@@ -127,15 +150,51 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
                 f"Could not load the tokenizer of {name_or_path!r}: {_first_line(e)} "
                 + ("" if local else _hub_hint(name_or_path))
             ) from None
+    if tok.eos_token is None or _eos_invented(tok):
+        raise UserError(_no_eos(name_or_path, tok))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if tok.eos_token is None:
-        raise UserError(
-            f"The tokenizer of {name_or_path!r} has no EOS token, so completions could never end. "
-            "Use the model's own tokenizer (its tokenizer_config.json names eos_token)."
-        )
     tok.padding_side = "left"
     return tok
+
+
+def _eos_invented(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether the EOS token is one the loader made up (transformers' backend falls back to a default such as
+    '<|endoftext|>' when the files name none): in neither the vocabulary nor the files' added tokens, so the
+    model has never seen it and would never write it."""
+    eid = tok.eos_token_id
+    return eid is not None and eid >= tok.vocab_size and eid not in (tok.init_kwargs.get("added_tokens_decoder") or {})
+
+
+def _no_eos(name: str, tok: PreTrainedTokenizerBase) -> str:
+    """The message for a tokenizer without an EOS token of its own, naming the one the model ends with if known."""
+    ends = _model_eos_token(name, tok)
+    fix = (
+        f'add "eos_token": "{ends}" (the token its generation_config.json / config.json ends sequences with) to '
+        "its tokenizer_config.json"
+        if ends
+        else "name the token the model ends its sequences with as eos_token in its tokenizer_config.json"
+    )
+    return (
+        f"The tokenizer of {name!r} names no end-of-sequence (EOS) token"
+        + (f" (transformers made up {tok.eos_token!r}, which is not in its vocabulary)" if tok.eos_token else "")
+        + f", so completions could never end. Save the model's own tokenizer next to it, or {fix}."
+    )
+
+
+def _model_eos_token(name: str, tok: PreTrainedTokenizerBase) -> str | None:
+    import json
+
+    local = _local(name)
+    for f in ("generation_config.json", "config.json") if local else ():
+        try:
+            eid = json.loads((local / f).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        eid = eid[0] if isinstance(eid, list) and eid else eid
+        if isinstance(eid, int) and 0 <= eid < tok.vocab_size:
+            return tok.convert_ids_to_tokens(eid)
+    return None
 
 
 def _first_line(e: Exception) -> str:
@@ -191,7 +250,10 @@ def check_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
     """Every token id the tokenizer can produce has a row in the model's embedding table."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
+        extra = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 4))))
         raise UserError(
             f"The tokenizer of {name!r} has {len(tokenizer)} tokens, but the model's embedding has {rows} "
-            "rows: they are not a pair. Save the model's own tokenizer in its folder."
+            f"rows, so tokens from id {rows} on ({', '.join(map(repr, extra))}"
+            f"{', ...' if len(tokenizer) > rows + 4 else ''}) have none: they are not a pair. Save the model's "
+            "own tokenizer in its folder."
         )

@@ -59,10 +59,11 @@ def check_disjoint(train: list[Sample], held_out: dict[str, list[Sample]]) -> li
 
 
 def drop_long_prompts(
-    samples: list[Sample], tokenizer: Any, limit: int, where: str, max_fraction: float
+    samples: list[Sample], tokenizer: Any, limit: int, where: str, max_fraction: float, advice: Any = None
 ) -> list[Sample]:
     """The samples whose prompt fits in `limit` tokens; the rest are named in a note, and refused when they
-    are more than `max_fraction` of the split (then the limit, not the data, is probably wrong)."""
+    are more than `max_fraction` of the split (then the limit, not the data, is probably wrong).
+    advice(needed): the fix, given the limit that would keep enough prompts (None: no limit would)."""
     # A token is rarely more than 64 characters: longer prompts are dropped without tokenizing megabytes.
     short = [i for i, s in enumerate(samples) if len(s.prompt) <= 64 * limit]
     lengths = dict(
@@ -73,11 +74,19 @@ def drop_long_prompts(
         return samples
     rows = [samples[i].meta.get("row", i) for i in long]
     if len(long) > max_fraction * len(samples):
+        needed = needed_limit(lengths, len(samples), max_fraction)
+        fix = advice(needed) if advice else f"Raise train.max_prompt_tokens (to {needed}) or shorten the prompts."
         raise UserError(
-            f"{where}: {len(long)} of {len(samples)} prompts are longer than {limit} tokens (rows {rows[:8]}). "
-            "Raise train.max_prompt_tokens (within the model's context, less rollout.max_new_tokens) "
-            "or shorten the prompts."
+            f"{where}: {len(long)} of {len(samples)} prompts are longer than {limit} tokens (rows {rows[:8]}). {fix}"
         )
     note(f"{where}: skipped {len(long)} prompt(s) longer than {limit} tokens (rows {rows[:8]}).")
     skip = set(long)
     return [s for i, s in enumerate(samples) if i not in skip]
+
+
+def needed_limit(lengths: dict[int, int], n: int, max_fraction: float) -> int | None:
+    """The smallest prompt limit that skips at most `max_fraction` of `n` prompts (`lengths`: the measured ones;
+    the rest count as too long for any limit). Example: lengths 10, 20, 30, 40, max_fraction 0.25 -> 30."""
+    keep = n - int(max_fraction * n)
+    known = sorted(lengths.values())
+    return known[keep - 1] if 0 < keep <= len(known) else None

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from rredcot.errors import UserError
 from rredcot.task.model import build_tiny, check_fits, is_builtin, load_pretrained, load_tokenizer, trusts_remote_code
+from rredcot.task.rows import check_samples
 
 CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 
@@ -45,11 +46,12 @@ def warmstart_samples(cfg: Any, tokenizer) -> list:
     from rredcot.registry import entry
 
     task = entry("task", cfg.task.name)  # its declared warm-start hook, or its training rows' traces
-    samples = (
-        task.warmstart(cfg, tokenizer)
-        if task.warmstart
-        else [s for s in task.obj(cfg.task, "train", tokenizer) if s.meta.get("trace")]
+    samples = check_samples(
+        cfg.task.name,
+        "train" if not task.warmstart else "warm-start",
+        task.warmstart(cfg, tokenizer) if task.warmstart else task.obj(cfg.task, "train", tokenizer),
     )
+    samples = [s for s in samples if isinstance(s.meta.get("trace"), str) and s.meta["trace"]]
     if not samples:
         raise UserError(
             f"The task {cfg.task.name!r} has no reference traces to warm-start the built-in model on. Give its "

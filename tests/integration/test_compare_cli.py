@@ -38,7 +38,8 @@ def test_report_files_exist_and_numbers_match_the_runs(tiny_compare):
         finals = [json.loads((out / label / f"seed{s}" / "eval.json").read_text())["final"]["accuracy"] for s in (0, 1)]
         assert summary["rows"][label]["accuracy"] == pytest.approx(sum(finals) / 2)
         assert summary["rows"][label]["seeds"] == [0, 1]
-    assert "paired t-test over 2 seeds" in summary["verdicts"]["rredcot"]["text"] or "difference" in proc.stdout
+    text = summary["verdicts"]["rredcot"]["text"]
+    assert "paired t-test over 2 seeds" in text or "on each of 2 seeds; p = n/a" in text  # n/a: no variance
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table" in html
 
@@ -121,3 +122,150 @@ def test_eval_then_compare_still_works(tiny_compare, tmp_path):
     shutil.copytree(out / "grpo" / "seed0", run)
     cli("eval", f"checkpoint={run}", "eval.n_prompts=4")
     cli("compare", "--runs", str(out / "rredcot" / "seed0"), str(run), "--out", str(tmp_path / "r"))
+
+
+# ---- issue 21: one run counted twice, p-values from no variance, a user's files, Ctrl-C and continuing --------
+
+RUNS = [f"{m}/seed{s}" for m in ("rredcot", "grpo") for s in (0, 1)]
+TINY = ["debug=fast", "train.steps=2", "eval.n_samples=1", "eval.ks=[1]", "eval.extra_splits=[dev]"]
+
+
+def _hashes(root) -> dict:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def _set_accuracy(run, acc: float) -> None:
+    result = json.loads((run / "eval.json").read_text())
+    result["final"]["accuracy"] = acc
+    (run / "eval.json").write_text(json.dumps(result))
+
+
+def test_one_run_passed_twice_is_refused(tiny_compare, tmp_path):
+    # `--runs W W G G` once reported a paired t-test over 2 "seeds" with +-0.0 intervals
+    out, _ = tiny_compare
+    w, g = str(out / "rredcot" / "seed0"), str(out / "grpo" / "seed0")
+    proc = cli("compare", "--runs", w, w, g, g, "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "names one run directory twice" in proc.stderr and w in proc.stderr
+    assert not (tmp_path / "r").exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(w, copy)
+    proc = cli("compare", "--runs", w, str(copy), g, "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "are both rredcot with seed 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_differences_without_variance_print_no_p_value(tiny_compare, tmp_path):
+    # every seed 20 points apart (0.3 - 0.1 and 0.5 - 0.3 differ by float noise): a t-test would say p = 0.000
+    out, _ = tiny_compare
+    runs = []
+    for name, acc in zip(RUNS, (0.3, 0.5, 0.1, 0.3)):
+        shutil.copytree(out / name, tmp_path / name)
+        _set_accuracy(tmp_path / name, acc)
+        runs.append(str(tmp_path / name))
+    said = " ".join(cli("compare", "--runs", *runs, "--out", str(tmp_path / "r")).stdout.split())
+    assert "p = n/a (all seeds differ by the same amount; no variance to test)" in said and "p = 0.0" not in said
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    v = summary["verdicts"]["rredcot"]
+    assert v["p"] is None and v["ci"] is None and v["t"] is None and "no variance" in v["undefined"]
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / "r" / name).read_text()
+        assert "p = n/a" in text and "p = 0.0" not in text and "± 0.0" not in text
+
+
+@pytest.mark.slow  # trains or builds several reports: make test-all
+def test_a_report_file_of_the_user_is_never_overwritten(tiny_compare, tmp_path):
+    out, _ = tiny_compare
+    runs, report = [str(out / r) for r in RUNS], tmp_path / "r"
+    report.mkdir()
+    (report / "report.md").write_text("my notes")
+    proc = cli("compare", "--runs", *runs, "--out", str(report), check=False)
+    assert proc.returncode == 2 and "report.md" in proc.stderr and "another --out" in proc.stderr
+    assert (report / "report.md").read_text() == "my notes" and sorted(p.name for p in report.iterdir()) == [
+        "report.md"
+    ]
+    (report / "report.md").unlink()
+    cli("compare", "--runs", *runs, "--out", str(report))
+    cli("compare", "--runs", *runs, "--out", str(report))  # its own, unchanged report: replaced
+    (report / "summary.json").write_text("{}")  # edited since: the user's now
+    mine = _hashes(report)
+    proc = cli("compare", "--runs", *runs, "--out", str(report), check=False)
+    assert proc.returncode == 2 and "summary.json" in proc.stderr and _hashes(report) == mine
+
+
+@pytest.mark.slow  # trains or builds several reports: make test-all
+def test_a_rerun_keeps_finished_seeds_and_refuses_other_overrides(tiny_compare, tmp_path):
+    out, _ = tiny_compare
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    runs = {r: _hashes(again / r) for r in RUNS}
+    proc = cli("compare", "--seeds", "2", "--out", str(again), *TINY)
+    assert "keeping rredcot seed 0, grpo seed 0, rredcot seed 1, grpo seed 1 (finished)" in proc.stdout
+    assert {r: _hashes(again / r) for r in RUNS} == runs  # nothing retrained
+    proc = cli("compare", "--seeds", "2", "--out", str(again), *TINY, "train.steps=3", check=False)
+    assert proc.returncode == 2 and "train.steps: 2 -> 3" in proc.stderr and "another --out" in proc.stderr
+
+
+@pytest.mark.slow  # trains or builds several reports: make test-all
+def test_a_run_that_stopped_before_its_first_checkpoint_is_restarted_only_if_nothing_else_is_there(
+    tiny_compare, tmp_path
+):
+    out, _ = tiny_compare
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    dead = again / "grpo" / "seed1"  # as a run killed before its first checkpoint leaves it
+    (dead / "eval.json").unlink()
+    shutil.rmtree(dead / "checkpoints")
+    (dead / "notes.txt").write_text("mine")
+    proc = cli("compare", "--seeds", "2", "--out", str(again), *TINY, check=False)
+    assert proc.returncode == 2 and "notes.txt" in proc.stderr and (dead / "notes.txt").read_text() == "mine"
+    (dead / "notes.txt").unlink()
+    kept = {r: _hashes(again / r) for r in RUNS[:3]}
+    proc = cli("compare", "--seeds", "2", "--out", str(again), *TINY)
+    assert "restarting grpo seed 1 (stopped before its first checkpoint)" in proc.stdout
+    assert (dead / "eval.json").exists() and {r: _hashes(again / r) for r in RUNS[:3]} == kept
+
+
+@pytest.mark.slow  # two real trains (~65 s on 2 busy cores); its cheap part: test_compare_safety.py
+def test_ctrl_c_checkpoints_the_training_seed_and_the_same_command_continues(fast_run, tmp_path):
+    # Ctrl-C once killed the child 0.25 s later (no checkpoint), and a rerun could not continue
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    out = tmp_path / "cmp"
+    shutil.copytree(fast_run, out / "rredcot" / "seed0")  # seed 0 of the method, finished: `debug=fast` seed 0
+    kept = _hashes(out / "rredcot" / "seed0")
+    args = ["compare", "--seeds", "1", "--out", str(out), "debug=fast"]
+    proc = subprocess.Popen(  # its own group, as a terminal's foreground job: Ctrl-C goes to the whole group
+        [sys.executable, "-m", "rredcot", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
+    )
+    run, deadline = out / "grpo" / "seed0", time.time() + 300
+    while not (run / "samples" / "step_000001.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # in training: 4 steps, so the stop lands before the last one
+    text = " ".join(proc.communicate(timeout=300)[0].split())
+    assert proc.returncode == 130 and f"--out {out}" in text and "Traceback" not in text, text[-3000:]
+    assert "grpo seed 0 finishes its step and saves a checkpoint" in text
+    assert (
+        (run / "checkpoints").is_dir()
+        and any((run / "checkpoints").glob("step_*"))
+        and not (run / "eval.json").exists()
+    )
+    proc = cli(*args)
+    assert "keeping rredcot seed 0 (finished)" in proc.stdout and "resuming grpo seed 0" in proc.stdout
+    assert (run / "eval.json").exists() and (run / "resumes.jsonl").exists() and (out / "report.md").exists()
+    assert _hashes(out / "rredcot" / "seed0") == kept

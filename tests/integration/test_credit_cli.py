@@ -103,5 +103,5 @@ def test_the_reference_solution_bank_trains_and_is_in_the_credit_table(tmp_path)
     assert len(rows) == 2 and all(r["credit/bank_groups_frac"] == 1.0 for r in rows)
     assert rows[0]["credit/probe_tokens_per_trace"] > 0
     cli("credit", f"checkpoint={run}", "credit.prompts=1")
-    report = json.loads((run / "credit.json").read_text())
+    report = json.loads((run / "credit" / "credit.json").read_text())
     assert report["redistribute"] == "reference" and report["stats"]["credit/bank_groups_frac"] == 1.0

@@ -42,6 +42,7 @@ def copied_run(fast_run, tmp_path) -> Path:
     return run
 
 
+@pytest.mark.slow  # a real train or several evaluations: make test-all
 def test_eval_and_credit_write_into_the_run_passed_never_the_recorded_one(fast_run, copied_run, tmp_path):
     original = _digest(fast_run)
     cli("eval", f"checkpoint={copied_run}", "logging.progress=false")
@@ -95,6 +96,7 @@ def test_a_resume_checks_metrics_before_it_writes(copied_run):
     assert [r["step"] for r in rows if r["step"] > 4] == [5, 6, 6]  # step rows, then the final evaluation's
 
 
+@pytest.mark.slow  # a real train or several evaluations: make test-all
 def test_a_hand_edited_config_is_refused_with_the_way_back(copied_run):
     cfg = yaml.safe_load((copied_run / "config.yaml").read_text())
     cfg["optim"]["lr"] = 0.5
@@ -108,6 +110,7 @@ def test_a_hand_edited_config_is_refused_with_the_way_back(copied_run):
     assert yaml.safe_load((copied_run / "config.yaml").read_text())["optim"]["lr"] != 0.5
 
 
+@pytest.mark.slow  # a real train or several evaluations: make test-all
 def test_a_closed_stdout_does_not_end_the_run(tmp_path):
     run = tmp_path / "piped"
     cmd = f"set -o pipefail; {sys.executable} -m rredcot train debug=fast run_dir={run} | head -c 1"

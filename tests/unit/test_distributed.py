@@ -99,11 +99,22 @@ def _cfg(n=128, g=8, spg=1, micro=64):
 @pytest.mark.parametrize(
     "world, cfg, said",
     [
-        (3, _cfg(), ["3 processes", "16 prompts", "train.generation_batch_size=120", "1, 2, 4, 8, 16"]),
+        # 5 prompts a rank would be 40 completions: micro-batches of 64 do not fit, so 120 needs micro 40;
+        # 4, 8 or 16 ranks would split the prompts but not the micro-batches (tests/unit/test_batch_fit.py)
+        (
+            3,
+            _cfg(),
+            [
+                "3 processes",
+                "16 prompts",
+                "train.generation_batch_size=120 with update.micro_batch_size=40",
+                "(1 or 2)",
+            ],
+        ),
         # 128 / 4 ranks / 1 step = 32 rows per rank and step: micro-batches of 64 do not fit
-        (4, _cfg(), ["128 / 4 / update.steps_per_generation=1 = 32", "e.g. 32"]),
-        # 128 / 2 / 4 = 16 rows: 12 does not divide them; the largest divisor under 12 is 8
-        (2, _cfg(spg=4, micro=12), ["= 16 completions", "e.g. 8"]),
+        (4, _cfg(), ["128 / 4 = 32 completions", "update.micro_batch_size=32"]),
+        # 128 / 2 / 4 = 16 rows a step: 12 does not divide them; the largest divisor under 12 is 8
+        (2, _cfg(spg=4, micro=12), ["128 / 2 = 64 completions", "update.micro_batch_size=8"]),
     ],
 )
 def test_data_parallel_config_errors_say_what_to_change(world, cfg, said):

@@ -25,13 +25,17 @@ LAYERS = [
             "sections",
             "estimator_spec",
             "oserrors",
+            "batch_fit",
         },
     ),
     ("collectives", {"collectives", "sharding"}),
     ("log-probs and losses", {"logprobs", "losses", "advantages", "lora", "optim"}),
     ("stages and tasks", {"stages", "stages.*", "task", "task.*"}),
     ("config", {"compose", "checks", "startup"}),
-    ("metrics and run directory", {"metrics", "evaluate", "runlog", "runlock", "runconfig", "runs", "critic", "assemble"}),
+    (
+        "metrics and run directory",
+        {"metrics", "evaluate", "runlog", "runlock", "runconfig", "runs", "critic", "assemble"},
+    ),
     ("trainer", {"trainer", "trainer_setup"}),
     ("commands", {"credit_report", "compare", "compare_report", "cli", "__main__"}),
 ]

@@ -32,6 +32,24 @@ def test_paired_t():
     assert t["t"] == pytest.approx(4.0) and t["p"] == pytest.approx(0.0572, abs=1e-3) and t["n"] == 3
 
 
+def test_no_p_value_or_interval_from_zero_variance():
+    # 0.3 - 0.1 and 0.5 - 0.3 differ by float noise (1e-17): a t-test on them once said t ~ 1e16, p = 0.000
+    t = paired_t([0.3, 0.5, 0.7], [0.1, 0.3, 0.5])
+    assert t["diff"] == pytest.approx(0.2) and t["n"] == 3
+    assert math.isnan(t["p"]) and math.isnan(t["ci"]) and math.isnan(t["t"])
+    assert t["undefined"] == "all seeds differ by the same amount; no variance to test"
+    assert "same on every seed" in paired_t([0.4, 0.6], [0.4, 0.6])["undefined"]
+    assert paired_t([0.9, 0.8, 0.85], [0.8, 0.75, 0.8])["undefined"] is None
+    assert math.isnan(mean_ci([0.4, 0.4, 0.4])[1])  # equal seeds: no ± 0.0
+
+
+def test_one_method_and_seed_twice_is_refused():
+    from rredcot.errors import UserError
+
+    with pytest.raises(UserError, match="both grpo with seed 0"):
+        group_runs([_run("uniform", 0), _run("uniform", 0), _run("rredcot", 0)])
+
+
 def _run(name, seed, **redistribute):
     cfg = {
         "seed": seed,
