@@ -20,7 +20,7 @@ from rredcot.compose import groups, load_config
 from rredcot.errors import UserError
 from rredcot.runconfig import RESUMABLE
 from rredcot.runlock import LOCK_FILE
-from rredcot.stopping import STOP_FILE
+from rredcot.stopping import STOP_FILE, install, restore
 from rredcot.ui import make_progress
 
 
@@ -289,13 +289,8 @@ class Forward:
         )
 
     def __enter__(self) -> Forward:
-        for sig in self.SIGNALS:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
+        self._old = install(self.SIGNALS, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        restore(self._old)

@@ -50,13 +50,25 @@ class GracefulStop:
         )
 
     def __enter__(self) -> "GracefulStop":
-        for sig in self.SIGNALS:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
+        self._old = install(self.SIGNALS, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        restore(self._old)
+
+
+def install(signals, handler) -> dict[int, object]:
+    """`handler` for each of `signals`; returns the handlers it replaced (for `restore`). Outside the main
+    thread signals cannot be caught there, and stay as they are."""
+    old = {}
+    for sig in signals:
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:
+            pass
+    return old
+
+
+def restore(old: dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from omegaconf import OmegaConf
 
 from rredcot.batch_fit import batch_size_fix, either, fits, fixes, micro_fix, steps_fix, world_fixes
 from rredcot.checks import _check_batches, check_data_parallel
 from rredcot.errors import UserError
+from tests.unit.test_distributed import _cfg  # the batch keys the checks read
 
 GRID = list(itertools.product(range(1, 49), (2, 3, 4, 8), (1, 2, 3), (1, 2, 3, 8, 12, 64), (1, 2, 3, 4)))
 
@@ -52,16 +52,6 @@ def test_a_huge_batch_is_answered_at_once():
 
 def test_either():
     assert either([1]) == "1" and either([1, 2]) == "1 or 2" and either([1, 2, 3]) == "1, 2 or 3"
-
-
-def _cfg(n=128, g=8, spg=1, micro=64):
-    return OmegaConf.create(
-        {
-            "rollout": {"group_size": g},
-            "train": {"generation_batch_size": n},
-            "update": {"steps_per_generation": spg, "micro_batch_size": micro},
-        }
-    )
 
 
 @pytest.mark.parametrize(
