@@ -2,7 +2,7 @@
 
 A backend (registry stage `rollout`, chosen by `rollout=NAME`) generates token ids and their
 log-probs: `sample` is the reference, the trainer's model with its KV cache; `vllm`
-(stages/vllm_backend.py) is a colocated vLLM engine. `sample_rollout` turns any backend's output into the
+(stages/vllm_backend.py) is vLLM, colocated or a server. `sample_rollout` turns any backend's output into the
 Rollout the other stages read. Sampling arithmetic and seeds: stages/sampling.py.
 
 The reference loop keeps, for free, each sampled token's log-prob and the entropy of the distribution

@@ -1,37 +1,50 @@
-"""rollout=vllm: a colocated vLLM engine as the rollout backend (pip install 'rredcot[vllm]', CUDA only).
+"""rollout=vllm: vLLM as the rollout backend (pip install 'rredcot[vllm]', CUDA only), in one of two modes.
 
-The engine lives in the trainer's process and on its GPU, with its own copy of the weights:
+rollout.mode=colocate (default): a vLLM engine in the trainer's process, on its GPU, with its own copy of
+the weights:
 - it loads the model the run started from, then takes the trainer's weights before its first sample
   (a LoRA adapter is merged for the copy; a resumed run's weights are not what it loaded);
 - after every optimizer step the copy is marked stale and refreshed before the next sample (`sync`);
 - with `sleep=true` it sleeps (vLLM sleep mode, level 1: weights to CPU, KV cache freed) while the
   trainer runs its gradient passes, and wakes for sampling, Monte Carlo values and evaluation;
 - it returns token ids and its own log-probs ("processed": after temperature, as the trainer's are).
-The trainer re-scores the tokens (rollout.sample_rollout) and the update multiplies each token's
+rollout.mode=server: a `vllm serve` server on GPUs of its own (stages/vllm_server.py).
+Either way the trainer re-scores the tokens (rollout.sample_rollout) and the update multiplies each token's
 surrogate by min(p_trainer / p_engine, update.is_cap) (update.sampler_correction).
 
-vLLM is imported only when this backend is chosen; its version must be in SUPPORTED (the engine API
-used here: LLM(enable_sleep_mode, logprobs_mode, skip_tokenizer_init), sleep/wake_up, reset_prefix_cache,
-and the driver worker's model.load_weights, as TRL's colocate mode uses them).
+The weight push follows TRL 1.16's colocate mode (trl/generation/vllm_generation.py, VLLMGeneration._init_vllm
+and sync_weights): the engine is built with distributed_executor_backend="external_launcher" even on one GPU.
+That keeps vLLM's engine core in this process: ParallelConfig sets VLLM_ENABLE_V1_MULTIPROCESSING=0 for it
+(vllm/config/parallel.py), and only an in-process core gives LLMEngine a `model_executor`
+(vllm/v1/engine/llm_engine.py); by default (VLLM_ENABLE_V1_MULTIPROCESSING=1) V1 runs the core in a child
+process, where the trainer's tensors cannot reach the worker by reference. TRL then calls
+llm_engine.model_executor.driver_worker.model_runner.model.load_weights; here the same call goes through the
+public LLM.collective_rpc, which in-process hands a callable the driver worker (run_method in
+vllm/v1/serial_utils.py). Read against vLLM 0.22.0 and 0.31.0 (TRL 1.16's range) and 0.33.0. vLLM is imported
+only when this backend is chosen; its version must be in SUPPORTED.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy
 import torch
 
 from rredcot import collectives
 from rredcot.errors import UserError
 from rredcot.lora import base_model
-from rredcot.ranges import COUNT, FRACTION, integer, one_of, optional
+from rredcot.ranges import COUNT, FRACTION, NON_NEGATIVE, Rule, integer, one_of, optional
 from rredcot.registry import register
 from rredcot.stages.rollout import Generations, RolloutBackend, Sampling, stop_ids
-from rredcot.ui import note
+from rredcot.stages.vllm_common import SUPPORTED, FilterNote, generations, merged_weights, request_seeds
 
-SUPPORTED = (">=0.10.2", "<0.12")  # also the `vllm` extra in pyproject.toml
+__all__ = ["SUPPORTED", "VLLMBackend", "engine_source", "merged_weights", "vllm_backend"]
 
 
 def _import_vllm():
@@ -49,8 +62,9 @@ def _import_vllm():
         ) from None
     if getattr(vllm, "__version__", "0") not in SpecifierSet(want, prereleases=True):
         raise UserError(
-            f"rollout=vllm supports vLLM {want}; this environment has {vllm.__version__}. Install a "
-            "supported one with pip install 'rredcot[vllm]', or use rollout=sample."
+            f"rollout=vllm supports vLLM {want} (the range TRL 1.16 supports, whose weight-update calls it uses); "
+            f"this environment has {vllm.__version__}. Install a supported one with pip install 'rredcot[vllm]', "
+            "or use rollout=sample."
         )
     return vllm
 
@@ -64,29 +78,16 @@ def _require_cuda() -> None:
 
 
 def _check(options, prefix: str) -> None:
-    """Config time: vLLM importable in a supported version, and a GPU to run it on."""
+    """Config time, before anything is written: vLLM importable in a supported version, a GPU (server mode: for
+    the NCCL weight push), and in server mode a server that answers."""
     _import_vllm()
     _require_cuda()
+    if options.get("mode") == "server":
+        from rredcot.stages.vllm_server import wait_for
 
-
-@contextmanager
-def merged_weights(model):
-    """(name, tensor) pairs named as in a plain transformers checkpoint of `model`; a peft model's
-    adapter is merged for the duration (the engine has no LoRA layers) and unmerged after."""
-    if not hasattr(model, "merge_adapter"):
-        yield [(n.replace("_checkpoint_wrapped_module.", ""), p.data) for n, p in model.named_parameters()]
-        return
-    model.merge_adapter()
-    try:
-        pairs = []
-        for name, p in model.named_parameters():
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            if model.prefix in name or "original_module" in name:  # adapter tensors: already merged in
-                continue
-            pairs.append((name.replace("modules_to_save.default.", ""), p.data))
-        yield pairs
-    finally:
-        model.unmerge_adapter()
+        wait_for(
+            f"http://{options.get('host', 'localhost')}:{options.get('port', 8000)}", options.get("server_timeout", 0)
+        )
 
 
 def engine_source(model, scratch: Path) -> str:
@@ -100,6 +101,47 @@ def engine_source(model, scratch: Path) -> str:
     return str(scratch)
 
 
+@contextmanager
+def kept_rng_state():
+    """The trainer's global RNGs as they were: building an engine reseeds python's, numpy's and torch's (CPU and
+    CUDA) with its own seed (vllm.utils.torch_utils.set_random_seed, from Worker.init_device and
+    compile_or_warm_up_model, 0.22.0 and 0.31.0), and in this process they are the trainer's."""
+    py, np_state = random.getstate(), numpy.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py)
+        numpy.random.set_state(np_state)
+
+
+@contextmanager
+def launcher_env():
+    """The torchrun variables external_launcher reads while the engine is built (ExecutorWithExternalLauncher:
+    RANK, LOCAL_RANK; init_process_group("env://"): MASTER_ADDR, MASTER_PORT), set where no launcher did (one
+    process) and removed after, as TRL's ensure_master_addr_port picks a free port."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    local = os.environ.get("LOCAL_RANK", "0")
+    want = {"RANK": str(collectives.rank()), "LOCAL_RANK": local, "WORLD_SIZE": str(collectives.size())}
+    want.update(MASTER_ADDR="localhost", MASTER_PORT=port)
+    added = [k for k in want if k not in os.environ]
+    os.environ.update({k: want[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _load_weights(worker, pairs) -> None:
+    """Runs on vLLM's worker (collective_rpc passes it as `self`): the model's own loader, as TRL 1.16 calls it
+    (model_runner.model.load_weights; the worker wrapper forwards model_runner to the worker, 0.22.0-0.31.0)."""
+    worker.model_runner.model.load_weights(pairs)
+
+
 class VLLMBackend(RolloutBackend):
     """A vLLM `LLM` (or an object with its interface: tests use a fake engine) behind RolloutBackend."""
 
@@ -110,8 +152,14 @@ class VLLMBackend(RolloutBackend):
     ):
         self.model, self.tokenizer, self.llm, self.params_cls = model, tokenizer, llm, params_cls
         self.chunk_size, self.sleep_mode, self.score_batch_size = chunk_size, sleep, score_batch_size
-        self.stale, self.asleep, self.pushes, self.noted = True, False, 0, False  # stale: the trainer's weights
-        # (a LoRA adapter, a resumed run) are not what the engine loaded, so they are pushed before the first sample
+        self.stale, self.asleep, self.pushes, self.note = True, False, 0, FilterNote()  # stale: the trainer's
+        # weights (a LoRA adapter, a resumed run) are not what the engine loaded: pushed before the first sample
+        if getattr(llm.llm_engine, "model_executor", None) is None:  # in-process engine cores only have one
+            raise RuntimeError(
+                "vLLM built its engine core in another process (V1 multiprocessing), where the trainer's weights "
+                "cannot be pushed by reference, although rollout=vllm asks for distributed_executor_backend="
+                "'external_launcher', which keeps it in this process in every supported vLLM."
+            )
         self.sleep()
 
     def sync(self, model) -> None:
@@ -130,7 +178,7 @@ class VLLMBackend(RolloutBackend):
             self.asleep = False
         if self.stale:
             with merged_weights(self.model) as pairs:
-                self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(pairs)
+                self.llm.collective_rpc(_load_weights, args=(pairs,))
             self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
             self.stale, self.pushes = False, self.pushes + 1
 
@@ -142,63 +190,59 @@ class VLLMBackend(RolloutBackend):
         budgets: list[int] | None = None,
         seeds: list[int] | None = None,
     ) -> Generations:
-        """One request per row (rows are already repeated per group), each with its own seed: the keyed one
-        (the same completions at any world size) or one drawn from torch's generator."""
+        """One request per row (rows are already repeated per group), each with its own seed."""
         self.wake()
-        if not sampling.greedy and (sampling.top_p < 1 or sampling.top_k) and not self.noted:
-            note(
-                "rollout=vllm with rollout.top_p < 1 or top_k > 0: the engine's log-probs are taken after that filter, "
-                "the trainer's before it, so the importance weights (update.is_cap) also carry that difference."
-            )
-            self.noted = True
+        self.note(sampling)
         n = prompt_ids.shape[0]
         budgets = budgets or [sampling.max_new_tokens] * n
-        seeds = [s % (2**31 - 1) for s in seeds] if seeds else torch.randint(0, 2**31 - 1, (n,)).tolist()
         stops = stop_ids(self.model, self.tokenizer)
         params = [
             self.params_cls(
                 n=1,
                 temperature=0.0 if sampling.greedy else sampling.temperature,
                 top_p=sampling.top_p,
-                top_k=sampling.top_k or -1,
+                top_k=sampling.top_k,  # 0 disables it (SamplingParams, 0.22.0-0.31.0)
                 max_tokens=b,
-                logprobs=0,
+                logprobs=0,  # the sampled token's log-prob only
                 stop_token_ids=stops,
                 seed=s,
                 detokenize=False,
             )
-            for b, s in zip(budgets, seeds)
+            for b, s in zip(budgets, request_seeds(seeds, n))
         ]
         prompts = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(prompt_ids, prompt_mask)]
         outs = [o.outputs[0] for o in self.llm.generate(prompts, sampling_params=params, use_tqdm=False)]
-        return self._tensors(outs, prompt_ids.device)
+        return generations([_row(o) for o in outs], stops, self.tokenizer.pad_token_id, prompt_ids.device)
 
-    def _tensors(self, outs, device) -> Generations:
-        """vLLM outputs -> [N, T] tensors padded like the reference backend's."""
-        T = max([len(o.token_ids) for o in outs] + [1])
-        ids = torch.full((len(outs), T), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        logp = torch.zeros(len(outs), T)
-        for i, o in enumerate(outs):
-            toks = list(o.token_ids)
-            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            mask[i, : len(toks)] = 1
-            lps = [(lp.get(t) or next(iter(lp.values()))).logprob for t, lp in zip(toks, o.logprobs or [])]
-            logp[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
-        truncated = torch.tensor([o.finish_reason == "length" for o in outs])
-        return Generations(ids.to(device), mask.to(device), logp.to(device), None, truncated.to(device))
+
+def _row(out) -> tuple[list[int], list[float]]:
+    """A CompletionOutput's token ids and their log-probs (each position's dict holds the sampled token)."""
+    toks = list(out.token_ids)
+    return toks, [(lp.get(t) or next(iter(lp.values()))).logprob for t, lp in zip(toks, out.logprobs or [])]
+
+
+HOST = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a host name or IP address")
+PORT = integer(1, 65535)
 
 
 @register(
     "rollout",
     "vllm",
     rules={
+        "mode": one_of("colocate", "server"),
         "chunk_size": COUNT,
         "gpu_memory_utilization": FRACTION,
         "max_model_len": optional(integer(16)),
+        "max_num_batched_tokens": integer(16),
+        "max_prompt_tokens": COUNT,
+        "max_completion_tokens": COUNT,
         "sleep": one_of(True, False),
         "enforce_eager": one_of(True, False),
         "score_batch_size": COUNT,
+        "host": HOST,
+        "port": PORT,
+        "group_port": PORT,
+        "server_timeout": NON_NEGATIVE,
     },
     check=_check,
 )
@@ -206,37 +250,58 @@ def vllm_backend(
     model,
     tokenizer,
     *,
+    mode: str = "colocate",
     chunk_size: int = 256,
     gpu_memory_utilization: float = 0.3,
     max_model_len: int | None = None,
+    max_num_batched_tokens: int = 4096,
+    max_prompt_tokens: int = 512,
+    max_completion_tokens: int = 48,
     sleep: bool = True,
     enforce_eager: bool = False,
     score_batch_size: int = 8,
-) -> VLLMBackend:
-    """rollout=vllm: builds the engine (see the module docstring)."""
-    vllm = _import_vllm()
+    host: str = "localhost",
+    port: int = 8000,
+    group_port: int = 51216,
+    server_timeout: float = 240.0,
+) -> RolloutBackend:
+    """rollout=vllm: builds the engine, or connects to the server (see the module docstring)."""
+    vllm, batch = _import_vllm(), score_batch_size
     _require_cuda()
+    if mode == "server":
+        from rredcot.stages import vllm_server
+
+        client = vllm_server.connect(vllm, host, port, group_port, server_timeout)
+        return vllm_server.ServerBackend(model, tokenizer, client, chunk_size=chunk_size, score_batch_size=batch)
     scratch = Path(tempfile.mkdtemp(prefix="rredcot_vllm_"))
-    llm = vllm.LLM(
-        model=engine_source(model, scratch),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_len,
-        max_num_seqs=chunk_size,
-        enable_sleep_mode=sleep,
-        enforce_eager=enforce_eager,
-        skip_tokenizer_init=True,  # token ids in and out
-        logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
-        seed=int(torch.randint(0, 2**31 - 1, ()).item()),
-        # data parallel: one engine per rank on its own GPU, inside the trainer's process group (TRL's colocate mode)
-        **({"distributed_executor_backend": "external_launcher"} if collectives.active() else {}),
-    )
+    with kept_rng_state(), launcher_env():
+        llm = vllm.LLM(
+            model=engine_source(model, scratch),
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len or model_len(model, max_prompt_tokens, max_completion_tokens),
+            # TRL 1.16 passes 4096: V1's memory profiler sizes its dummy batch by it (default 8192-32768) and then
+            # finds too little room for the KV cache
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=chunk_size,
+            enable_sleep_mode=sleep,
+            enforce_eager=enforce_eager,
+            skip_tokenizer_init=True,  # token ids in and out
+            logprobs_mode="processed_logprobs",  # after temperature, like the trainer's log-probs
+            seed=0,  # every request has its own seed; this one only reseeds the process (undone: kept_rng_state)
+            distributed_executor_backend="external_launcher",  # the engine core in this process (module docstring)
+        )
     return VLLMBackend(
-        model,
-        tokenizer,
-        llm,
-        vllm.SamplingParams,
-        chunk_size=chunk_size,
-        sleep=sleep,
-        score_batch_size=score_batch_size,
+        model, tokenizer, llm, vllm.SamplingParams, chunk_size=chunk_size, sleep=sleep, score_batch_size=batch
     )
+
+
+def model_len(model, max_prompt_tokens: int, max_completion_tokens: int) -> int:
+    """max_model_len=null: the longest sequence a run asks for, within the model's context. vLLM refuses to start
+    when its KV cache cannot hold one max_model_len sequence, and the model's own context (32k-128k) fails that
+    at a 0.3 share of a 40 GB card. +1: a Monte Carlo continuation of a whole completion still asks for a token,
+    and vLLM refuses a prompt as long as max_model_len (InputProcessor._validate_prompt_len, 0.22.0-0.31.0)."""
+    longest = max_prompt_tokens + max_completion_tokens + 1
+    context = getattr(model.config, "max_position_embeddings", None)  # as startup.model_context reads it
+    context = context if isinstance(context, int) and context > 0 else None
+    return min(longest, context) if context else longest

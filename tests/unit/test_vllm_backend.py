@@ -5,18 +5,23 @@ messages, and the backend driving an engine (tests/fake_vllm.py stands in for vL
 from __future__ import annotations
 
 import math
+import os
+import random
 import sys
 import types
 
+import numpy
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from rredcot.compose import load_config
 from rredcot.errors import UserError
 from rredcot.losses import per_token_terms, sampler_correction
 from rredcot.registry import get
 from rredcot.stages.montecarlo import sample_from_ids
-from rredcot.stages.rollout import sample_rollout
+from rredcot.stages.rollout import Sampling, sample_rollout
+from rredcot.stages.vllm_backend import VLLMBackend
 from rredcot.types import Sample
 
 SAMPLES = [Sample("a=1, b=a+2. b=?\n", "3"), Sample("x=10, y=x*2. y=?\n", "20")]
@@ -59,7 +64,7 @@ def test_an_unsupported_vllm_version_is_named(monkeypatch):
     from rredcot.stages import vllm_backend
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__="0.8.5"))
-    with pytest.raises(UserError, match=r"supports vLLM >=0.10.2,<0.12; this environment has 0.8.5"):
+    with pytest.raises(UserError, match=r"supports vLLM >=0.22.0,<=0.31.0 \(the range TRL 1.16 supports.*has 0.8.5"):
         vllm_backend._import_vllm()
 
 
@@ -75,7 +80,6 @@ def test_the_engine_samples_with_the_trainers_weights_and_sleeps_between(fake_vl
     assert engine.kwargs["enable_sleep_mode"] and engine.kwargs["skip_tokenizer_init"]
     assert engine.kwargs["logprobs_mode"] == "processed_logprobs" and engine.kwargs["dtype"] == "float32"
     assert engine.calls == ["sleep1"]  # asleep until the first sample
-    assert "distributed_executor_backend" not in engine.kwargs  # one process: vLLM's own default
 
     torch.manual_seed(0)
     ro = sample_rollout(backend, tok, SAMPLES, group_size=3, max_new_tokens=12, temperature=0.7)
@@ -199,12 +203,97 @@ def test_a_lora_policy_reaches_the_engine_merged(fake_vllm):
         assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], q.base_layer.weight + delta, atol=1e-6)
 
 
-def test_under_data_parallel_each_rank_runs_its_engine_in_the_trainers_process_group(
-    fake_vllm, tiny_model, monkeypatch
-):
-    from rredcot import collectives
+def test_on_one_gpu_the_engine_core_stays_in_this_process_so_the_first_push_lands(fake_vllm, tiny_model):
+    # vLLM V1 runs its engine core in a child process by default, and there LLMEngine has no model_executor
+    # (tests/fake_vllm.py reproduces it): the trainer's tensors cannot reach the worker by reference
+    model, tok = tiny_model
+    default = fake_vllm.LLM(model=_saved(model), dtype="float32")
+    assert not hasattr(default.llm_engine, "model_executor")
+    with pytest.raises(RuntimeError, match="another process"):
+        VLLMBackend(model, tok, default, fake_vllm.SamplingParams)
 
-    monkeypatch.setattr(collectives, "active", lambda: True)
+    backend = _backend(model, tok)  # one process, no launcher: external_launcher all the same, as TRL does
+    engine = fake_vllm.LLM.instances[-1]
+    assert engine.kwargs["distributed_executor_backend"] == "external_launcher"
+    assert engine.launch_env["RANK"] == "0" and engine.launch_env["LOCAL_RANK"] == "0"
+    sample_rollout(backend, tok, SAMPLES[:1], group_size=2, max_new_tokens=4)
+    assert engine.calls.count("load_weights") == 1
+    assert not {"RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)  # set for the build only
+
+
+def test_under_a_launcher_the_engine_takes_its_rank_and_rendezvous(fake_vllm, tiny_model, monkeypatch):
+    launch = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    for k, v in launch.items():
+        monkeypatch.setenv(k, v)
     model, tok = tiny_model
     _backend(model, tok)
-    assert fake_vllm.LLM.instances[0].kwargs["distributed_executor_backend"] == "external_launcher"
+    assert fake_vllm.LLM.instances[0].launch_env == {
+        k: launch[k] for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    assert {k: os.environ[k] for k in launch} == launch  # the launcher's, left as they were
+
+
+def test_building_the_engine_leaves_the_trainers_random_streams_alone(fake_vllm, tiny_model):
+    # vLLM's worker reseeds python's, numpy's and torch's generators with the engine's seed while it is built
+    model, tok = tiny_model
+    torch.manual_seed(123), random.seed(123), numpy.random.seed(123)
+    expected = torch.rand(3), random.random(), numpy.random.rand()
+    torch.manual_seed(123), random.seed(123), numpy.random.seed(123)
+    _backend(model, tok)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert numpy.random.rand() == expected[2]
+
+
+def test_an_eos_drawn_as_the_last_allowed_token_is_not_a_truncation(fake_vllm, tiny_model):
+    # truncated means "no stop token", whatever finish_reason says: vLLM 0.10.2 answered "length" for an EOS drawn
+    # at max_tokens (0.22.0 and later check the stop ids first and answer "stop")
+    model, tok = tiny_model
+    backend = _backend(model, tok, sleep=False)
+    eos, word = tok.eos_token_id, tok("a", add_special_tokens=False)["input_ids"][0]
+    canned = [([word, word, eos], "length"), ([word, word, word], "length"), ([word, eos], "stop")]
+    outs = [
+        types.SimpleNamespace(
+            outputs=[types.SimpleNamespace(token_ids=t, logprobs=[{i: _Lp(-1.0)} for i in t], finish_reason=r)]
+        )
+        for t, r in canned
+    ]
+    fake_vllm.LLM.instances[0].generate = lambda prompts, sampling_params, use_tqdm=False: outs
+    backend.stale = False  # canned answers: no weights to push
+    ids = torch.tensor([[5, 6]] * 3)
+    gen = backend.generate(ids, torch.ones_like(ids), Sampling(max_new_tokens=3, temperature=1.0))
+    assert gen.truncated.tolist() == [False, True, False]
+    assert gen.mask.sum(1).tolist() == [3, 3, 2]
+
+
+def test_max_model_len_null_is_the_longest_sequence_a_run_makes_within_the_context(fake_vllm, tiny_model):
+    model, tok = tiny_model  # a context of 128 positions
+    _backend(model, tok, max_prompt_tokens=60, max_completion_tokens=20)
+    _backend(model, tok, max_prompt_tokens=200, max_completion_tokens=40)
+    _backend(model, tok, max_model_len=64, max_num_batched_tokens=1024)
+    lens = [(e.kwargs["max_model_len"], e.kwargs["max_num_batched_tokens"]) for e in fake_vllm.LLM.instances]
+    assert lens == [(81, 4096), (128, 4096), (64, 1024)]  # +1: a continuation of a whole completion asks for one
+
+
+def test_the_shipped_config_feeds_max_model_len_from_the_run(fake_vllm):
+    cfg = load_config(["rollout=vllm", "train.max_prompt_tokens=300", "rollout.max_new_tokens=64"])
+    assert cfg.rollout.max_prompt_tokens == 300 and cfg.rollout.max_completion_tokens == 64
+    assert cfg.rollout.max_model_len is None and cfg.rollout.max_num_batched_tokens == 4096
+    assert cfg.rollout.mode == "colocate"
+
+
+def test_an_unknown_mode_is_refused_with_the_valid_names(fake_vllm):
+    with pytest.raises(UserError, match=r"rollout.mode='remote' is out of range: it must be one of colocate, server"):
+        load_config(["rollout=vllm", "rollout.mode=remote"])
+
+
+class _Lp:
+    def __init__(self, logprob):
+        self.logprob = logprob
+
+
+def _saved(model) -> str:
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="rredcot_test_vllm_")
+    model.save_pretrained(path)
+    return path
