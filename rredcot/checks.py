@@ -159,6 +159,7 @@ def _check_entries(cfg: DictConfig) -> None:
     """Each chosen entry's own options (imports the stage modules, so torch): names it takes, ranges."""
     from rredcot.stages.verify import build_reward_funcs
     from rredcot.task.model import check_shape, is_builtin
+    from rredcot.trackers import check_installed
 
     registry.check_options("rollout", cfg.rollout.name, rollout_options(cfg.rollout)[1], "rollout.")
     for stage in ("segment", "redistribute"):
@@ -168,6 +169,7 @@ def _check_entries(cfg: DictConfig) -> None:
         name, opts = estimator_spec(entry)
         registry.check_options("redistribute", name, opts, f"credit.estimators {entry!r}: ")
     build_reward_funcs(cfg.verify)  # a verifier checks its own options when it is built
+    check_installed(cfg)  # the trackers' packages, before any work
     if is_builtin(cfg.model.name):  # a pretrained model brings its own shape
         check_shape(cfg.model)
     for stage, key in ENTRY_KEYS:

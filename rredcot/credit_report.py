@@ -28,6 +28,7 @@ from rredcot.correlation import bootstrap_ci, pearson, spearman
 from rredcot.estimator_spec import estimator_spec
 from rredcot.registry import get
 from rredcot.sections import stage_options
+from rredcot.stages.reward_funcs import completion_id_lists
 from rredcot.stages.segment import PieceDecoder, run_segment, think_marker
 from rredcot.stages.verify import run_verify
 
@@ -179,7 +180,7 @@ def html_page(title: str, traces: list[dict[str, Any]], table: dict[str, Any] | 
 def sample_traces(cfg: DictConfig, backend, tokenizer, stages):
     samples = get("task", cfg.task.name)(cfg.task, cfg.eval.split, tokenizer)[: cfg.credit.prompts]
     ro = stages.rollout(backend, tokenizer, samples)
-    return ro, run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s)
+    return ro, run_verify(ro.texts, ro.samples, stages.reward_funcs, cfg.verify.budget_s, completion_id_lists(ro))
 
 
 def segmenter_rows(ro, ver, ctx, cfg, pieces) -> dict[str, Any]:

@@ -70,6 +70,7 @@ def _records(
     step: int,
 ) -> list[dict[str, Any]]:
     """One plain record per prompt (what summarize needs): greedy text, correctness, length; sampled ones."""
+    reward_funcs = reward_funcs.judged()  # only `correct` is read: no reward function is called on held-out rows
     greedy = _rollout(backend, tokenizer, samples, cfg, 1, greedy=True)
     v = run_verify(greedy.texts, greedy.samples, reward_funcs, cfg.verify.budget_s)
     recs = [

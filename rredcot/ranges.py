@@ -91,6 +91,9 @@ RULES: dict[str, Rule] = {
     "verify.format_weight": NON_NEGATIVE,
     "verify.timeout_s": number(0, 86400),  # a day; a wait past ~24 days overflows the pipe's poll
     "verify.budget_s": NON_NEGATIVE,
+    "verify.reward_funcs": list_of(Rule(lambda v: isinstance(v, str) and ":" in v, "MODULE:FUNCTION")),
+    "verify.reward_weights": optional(list_of(number())),
+    "logging.report_to": list_of(one_of("tensorboard", "wandb", "trackio", "none")),  # rredcot/trackers.py
     "update.eps_low": NON_NEGATIVE,
     "update.eps_high": NON_NEGATIVE,
     "update.beta": NON_NEGATIVE,

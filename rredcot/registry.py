@@ -103,8 +103,9 @@ def register(stage: str, name: str, rules: Mapping[str, Any] | None = None, **co
     return deco
 
 
-def _import_plugin(spec: str) -> None:
-    """A dotted module name (found on sys.path or in the working directory) or a path to a .py file."""
+def _import_plugin(spec: str, reuse: bool = False) -> Any:
+    """A dotted module name (found on sys.path or in the working directory) or a path to a .py file: the module.
+    A file is executed anew unless `reuse` (then a module already made from that file is taken)."""
     if spec.endswith(".py") or os.sep in spec:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
@@ -112,34 +113,41 @@ def _import_plugin(spec: str) -> None:
                 f"Plug-in file {spec!r} does not exist. `plugins` takes module names (importable from "
                 "the working directory or PYTHONPATH) or paths to .py files."
             )
-        module_spec = importlib.util.spec_from_file_location(f"rredcot_plugin_{path.stem}", path)
+        name = f"rredcot_plugin_{path.stem}"
+        if reuse and getattr(sys.modules.get(name), "__file__", None) == str(path):  # a plug-in and reward_funcs both
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
         module_spec.loader.exec_module(module)
-        return
+        return module
     if os.getcwd() not in sys.path:  # `python -m` has it, the `rredcot` console script does not
         sys.path.append(os.getcwd())
-    importlib.import_module(spec)
+    return importlib.import_module(spec)
 
 
 def load_plugins(specs: Iterable[str]) -> None:
     """Import each plug-in once (its @register calls fill the registries); errors name the plug-in."""
     for spec in specs or ():
         spec = str(spec)
-        if spec in _loaded_plugins:
-            continue
-        try:
-            _import_plugin(spec)
-        except UserError:
-            raise
-        except ModuleNotFoundError as e:
-            raise UserError(
-                f"Plug-in {spec!r} could not be imported: {e}. Put its directory on PYTHONPATH, run from "
-                "the directory that holds it, or give the path of the .py file."
-            ) from None
-        except Exception as e:
-            raise UserError(f"Plug-in {spec!r} failed while importing: {type(e).__name__}: {e}") from None
-        _loaded_plugins.add(spec)
+        if spec not in _loaded_plugins:
+            import_module(spec, "Plug-in")
+            _loaded_plugins.add(spec)
+
+
+def import_module(spec: str, what: str, reuse: bool = False) -> Any:
+    """The module `spec` names (a dotted name or a .py path); an import failure is a UserError naming `what`."""
+    try:
+        return _import_plugin(spec, reuse)
+    except UserError:
+        raise
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"{what} {spec!r} could not be imported: {e}. Put its directory on PYTHONPATH, run from "
+            "the directory that holds it, or give the path of the .py file."
+        ) from None
+    except Exception as e:
+        raise UserError(f"{what} {spec!r} failed while importing: {type(e).__name__}: {e}") from None
 
 
 def _load_entry_points() -> None:

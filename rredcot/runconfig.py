@@ -123,24 +123,35 @@ def _values(overrides: list[str], key: str) -> list[str]:
 
 
 def refuse_code_from(run: Path, saved: DictConfig, run_overrides: list[str], mine: list[str]) -> None:
-    """A run directory is data, never code: the plug-in modules, pkg:// config search paths and
-    model.trust_remote_code it names are used only when `mine` (the user's own command line) names them too."""
+    """A run directory is data, never code: the plug-in modules, reward functions (verify.reward_funcs), pkg://
+    config search paths and model.trust_remote_code it names are used only when `mine` (the user's own command
+    line) names them too."""
     plugins = [str(p) for p in (saved.get("plugins") or [])] + _values(run_overrides, "plugins")
     theirs = [p for p in dict.fromkeys(plugins) if p not in _values(mine, "plugins")]
+    rewards = [str(r) for r in ((saved.get("verify") or {}).get("reward_funcs") or [])]
+    rewards += _values(run_overrides, "verify.reward_funcs")
+    theirs_rewards = [r for r in dict.fromkeys(rewards) if r not in _values(mine, "verify.reward_funcs")]
     pkgs = [p for p in _values(run_overrides, "hydra.searchpath") if p.startswith("pkg://")]
     theirs_pkgs = [p for p in pkgs if p not in _values(mine, "hydra.searchpath")]
     mine_remote = _values(mine, "model.trust_remote_code")[-1:] == ["True"]  # the last one given wins
     remote = bool((saved.get("model") or {}).get("trust_remote_code", False)) and not mine_remote
-    if not (theirs or theirs_pkgs or remote):
+    if not (theirs or theirs_rewards or theirs_pkgs or remote):
         return
     fix = []
     if theirs:
         fix.append(f"'plugins=[{','.join(dict.fromkeys(plugins))}]'")
+    if theirs_rewards:
+        fix.append(f"'verify.reward_funcs=[{','.join(dict.fromkeys(rewards))}]'")
     if theirs_pkgs:
         fix.append(f"'hydra.searchpath=[{','.join(pkgs)}]'")
     if remote:
         fix.append("model.trust_remote_code=true")
-    named = [*theirs, *theirs_pkgs, *(["the model's own code (model.trust_remote_code=true)"] if remote else [])]
+    named = [
+        *theirs,
+        *theirs_rewards,
+        *theirs_pkgs,
+        *(["the model's own code (model.trust_remote_code=true)"] if remote else []),
+    ]
     raise UserError(
         f"The run in {str(run)!r} names code to run: {', '.join(named)}. rredcot never runs code because a run "
         "directory names it (a run someone shared could hold anything). If you trust it, name it on your own "

@@ -1,7 +1,7 @@
 """The run directory: config.yaml, metrics.jsonl, samples/, checkpoints/, eval.json.
 
-Everything is a plain file that standard tools open (YAML, JSON lines, safetensors); tensorboard and
-wandb are optional mirrors of metrics.jsonl.
+Everything is a plain file that standard tools open (YAML, JSON lines, safetensors); the trackers of
+logging.report_to (tensorboard, wandb, trackio: rredcot/trackers.py) are optional mirrors of metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -206,10 +206,12 @@ def save_checkpoint(
     keep: int,
     state_dict: dict | None = None,
     config_yaml: str | None = None,
+    moved_in: Path | None = None,
 ) -> Path:
     """save_pretrained (safetensors + tokenizer) plus trainer_state.pt for resume; prune old ones.
     state_dict: the full weights when the model is sharded over ranks (sharding.full_state). config_yaml: the
-    config the weights were trained with (RUN_CONFIG), so a resume can tell a hand-edited config.yaml."""
+    config the weights were trained with (RUN_CONFIG), so a resume can tell a hand-edited config.yaml.
+    moved_in: a folder every rank wrote into (ZeRO-1/2 optimizer partitions), moved in when it exists."""
     final = run / "checkpoints" / f"{CKPT_PREFIX}{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     for leftover in (run / "checkpoints").glob("*.tmp"):  # a write that a kill interrupted
@@ -224,6 +226,8 @@ def save_checkpoint(
     torch.save(state, tmp / "trainer_state.pt")
     if config_yaml is not None:
         (tmp / RUN_CONFIG).write_text(config_yaml)
+    if moved_in is not None and moved_in.exists():
+        moved_in.rename(tmp / moved_in.name)  # before the rename below: the checkpoint is whole or absent
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a crash mid-save never leaves a checkpoint that looks complete
     for old in checkpoints(run)[:-keep] if keep > 0 else []:
@@ -232,30 +236,15 @@ def save_checkpoint(
 
 
 class MetricsLog:
-    """Appends one JSON object per step to metrics.jsonl, mirrored to tensorboard / wandb if asked."""
+    """Appends one JSON object per step to metrics.jsonl, mirrored to the trackers of logging.report_to
+    (rredcot/trackers.py)."""
 
     def __init__(self, run: Path, cfg: DictConfig, enabled: bool = True):
+        from rredcot.trackers import open_trackers
+
         self.path = run / "metrics.jsonl"
         self.run, self.enabled = run, enabled  # enabled=False: a data-parallel rank other than 0 writes nothing
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        if cfg.logging.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "logging.tensorboard=true needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-        if cfg.logging.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("logging.wandb=true needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(
-                project=cfg.logging.wandb_project, dir=str(run), config=OmegaConf.to_container(cfg, resolve=True)
-            )
+        self.trackers = open_trackers(run, cfg) if enabled else []
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -263,12 +252,8 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-        step = int(row["step"])
-        for k, v in row.items():
-            if self.tb is not None and isinstance(v, (int, float)) and k != "step":
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(clean, step=step)
+        for tracker in self.trackers:
+            tracker.log(int(row["step"]), clean)
 
     def keep_until(self, step: int, unfinished: bool = True) -> None:
         """Drop rows after `step` (a resumed run logged them before it was killed; they are redone), and,
@@ -285,12 +270,12 @@ class MetricsLog:
         with (self.run / "samples" / f"step_{step:06d}.jsonl").open("w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        for tracker in self.trackers:  # the completions table (wandb, trackio)
+            tracker.table(step, [{"step": step, **r} for r in rows])
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _is_final(row: dict[str, Any]) -> bool:

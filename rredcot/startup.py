@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from rredcot.errors import UserError, brief
 from rredcot.registry import get
+from rredcot.stages.reward_funcs import only_callables_note
 from rredcot.stages.segment import think_marker
 from rredcot.task.hub import source_of
 from rredcot.task.model import is_builtin
@@ -21,6 +22,8 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
     """One line for each default that does not apply as a user would assume (never silently)."""
     if cfg.task.get("verifier") and cfg.verify.name != cfg.task.verifier:
         note(f"verify.name={cfg.verify.name} scores this run, not the task's own verifier ({cfg.task.verifier}).")
+    if only_callables_note(cfg):
+        note(only_callables_note(cfg))
     marker = think_marker(cfg)
     ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     if marker is None:

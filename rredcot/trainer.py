@@ -30,6 +30,7 @@ from rredcot.errors import UserError
 from rredcot.evaluate import eval_row, evaluate_all
 from rredcot.metrics import gather_step, global_metrics, sample_rows
 from rredcot.runlog import save_checkpoint
+from rredcot.stages.reward_funcs import completion_id_lists
 from rredcot.stages.sampling import row_seeds
 from rredcot.stages.segment import run_segment
 from rredcot.stages.update import update_policy
@@ -87,7 +88,7 @@ class Trainer(Setup):
                 self.backend.wake()  # a colocated engine takes its memory back for sampling (and MC values)
                 ro = self.stages.rollout(self.backend, self.tokenizer, batch, seeds=seeds)
             with timed(times, "verify"):
-                ver = run_verify(ro.texts, ro.samples, funcs, verify_budget)
+                ver = run_verify(ro.texts, ro.samples, funcs, verify_budget, completion_id_lists(ro), step)
             with timed(times, "segment"):
                 seg = run_segment(ro, self.stages.segment, self.pieces, self.stages.marker)
             with timed(times, "redistribute"):
@@ -171,7 +172,8 @@ class Trainer(Setup):
                 f"The weights are not finite after step {step}; no checkpoint was saved, so the last one "
                 "is still good. Lower optim.lr or update.max_grad_norm and resume from it."
             )
-        weights, optim_state = sharding.full_state(self.accelerator, self.model, learner.optimizer)
+        staged = self.run / "checkpoints" / sharding.PARTITIONS  # ZeRO-1/2: every rank writes its partition here
+        weights, optim_state = sharding.full_state(self.accelerator, self.model, learner.optimizer, staged)
         if self.main:
             state = {
                 "step": step,
@@ -190,6 +192,7 @@ class Trainer(Setup):
                 self.cfg.train.save_total_limit,
                 state_dict=weights,
                 config_yaml=OmegaConf.to_yaml(self.cfg, resolve=True),
+                moved_in=staged,
             )
         collectives.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 

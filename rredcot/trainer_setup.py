@@ -19,6 +19,7 @@ from rredcot.errors import UserError
 from rredcot.optim import build_optimizer, compile_layers, enable_checkpointing
 from rredcot.runlock import RunLock
 from rredcot.runlog import MetricsLog, check_run_dir, default_run_dir, init_run_dir, load_state
+from rredcot.stages.reward_funcs import try_callables
 from rredcot.stages.segment import PieceDecoder
 from rredcot.stages.update import Learner
 from rredcot.stages.verify import check_golds
@@ -86,6 +87,7 @@ class Setup:
             self.stages.reward_funcs.verifier,
             cfg.task.get("max_bad_fraction", 0.01),
         )
+        try_callables(self.stages.reward_funcs.callables, self.train_set[:4])  # before the run directory is written
         startup_notes(cfg, self.tokenizer)
         if lora.enabled(cfg):  # the base weights stay; the adapter is new, or the checkpoint's
             model = lora.wrap(model, cfg, resume_from=ckpt)
@@ -122,7 +124,7 @@ class Setup:
         if self.ref_model is not None and not isinstance(self.ref_model, lora.AdapterOff):
             self.ref_model = self.ref_model.to(self.accelerator.device)
         if self.resume_state is not None:
-            sharding.load_optimizer(self.model, optimizer, self.resume_state["optimizer"])
+            sharding.load_optimizer(self.model, optimizer, self.resume_state["optimizer"], self.ckpt)
             scheduler.load_state_dict(self.resume_state["scheduler"])
             torch.set_rng_state(self.resume_state["rng"])
         self.learner = Learner(self.model, optimizer, scheduler, self.accelerator, self.ref_model)

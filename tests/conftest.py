@@ -26,8 +26,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def warmstart_cache(tmp_path_factory):
-    """One warm-start cache for the whole session, so each debug=fast warm start is trained once."""
-    path = tmp_path_factory.mktemp("rredcot_cache")
+    """One warm-start cache for the whole session, shared by the xdist workers (their base temp's parent is
+    common; the cache's own lock lets one worker train an entry while the other waits), so each warm start
+    of the suite is trained once."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "rredcot_cache"
+    path.mkdir(exist_ok=True)
     os.environ["RREDCOT_CACHE"] = str(path)
     return path
 

@@ -9,6 +9,7 @@ and how to judge one answer against the gold, so nothing else ever decides by a 
 Answer forcing (RREDCoT's values) scores candidate answers with `judge`, never by verifying a
 synthetic completion, so a strict verifier cannot silently turn every utility into 0. A reward of None
 means undefined (the row is skipped, never rewarded). Tested with string tables (tests/unit/test_verify.py).
+TRL-style reward functions (plain callables, called per batch) join them: stages/reward_funcs.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from rredcot.stages import guard
 from rredcot.stages.contract import Checked
 from rredcot.stages.contract import check_golds as check_golds  # re-exported: its callers import it from here
 from rredcot.stages.guard import CRASHED, OVER_BUDGET, TIMEOUT, Guarded, run_guarded
+from rredcot.stages.reward_funcs import RewardCallable, build_callables, run_callables
 from rredcot.task.arith import THINK_CLOSE, extract_answer
 from rredcot.types import Sample, Score, Verified
 from rredcot.ui import note
@@ -196,7 +198,8 @@ def build_verifier(name: str, options: Any = None, key: str = "verify.name") -> 
 @dataclass(frozen=True)
 class RewardFuncs:
     """The task's verifier (its reward decides `correct`, its extractor is logged; the value estimators extract
-    and judge with it) and further weighted rewards. Logged as reward/<name>/mean, the verifier's as `accuracy`.
+    and judge with it), further weighted per-completion rewards (`extra`), and TRL-style batch reward functions
+    (`callables`, stages/reward_funcs.py). Logged as reward/<name>/mean, the verifier's as `accuracy`.
 
     Example: RewardFuncs(v, 1.0, {"format": (f, .5)}) scores a right, well-formed completion 1 * 1 + .5 * 1."""
 
@@ -204,15 +207,25 @@ class RewardFuncs:
     weight: float = 1.0
     extra: dict[str, tuple[Verifier, float]] = field(default_factory=dict)
     name: str = "accuracy"  # the metrics name of the verifier's reward
+    callables: dict[str, tuple[RewardCallable, float]] = field(default_factory=dict)
 
     def items(self) -> list[tuple[str, tuple[Verifier, float]]]:
-        """(name, (function, weight)) of every reward, the verifier's first."""
+        """(name, (function, weight)) of every per-completion reward, the verifier's first."""
         return [(self.name, (self.verifier, self.weight)), *self.extra.items()]
+
+    def weights(self) -> dict[str, float]:
+        """name -> weight of every reward, the callables' too."""
+        return {name: w for name, (_, w) in [*self.items(), *self.callables.items()]}
+
+    def judged(self) -> RewardFuncs:
+        """The verifier's reward alone: what `correct` needs (held-out evaluation never calls the others)."""
+        return replace(self, extra={}, callables={})
 
 
 def build_reward_funcs(cfg: Any) -> RewardFuncs:
-    """The task's verifier (verify.name) and, with verify.format_weight > 0, a format reward. With
-    verify.timeout_s > 0 each runs in a worker process under that hard timeout (stages/guard.py)."""
+    """The task's verifier (verify.name), with verify.format_weight > 0 a format reward, and the functions of
+    verify.reward_funcs. With verify.timeout_s > 0 each verifier runs in a worker process under that hard
+    timeout (stages/guard.py)."""
     timeout = cfg.get("timeout_s", 0)
 
     def guarded(name: str, options: Any = None) -> Checked:  # every call is held to the contract (contract.py)
@@ -220,7 +233,8 @@ def build_reward_funcs(cfg: Any) -> RewardFuncs:
         return Checked(Guarded(v, timeout) if timeout else v, name)
 
     extra = {"format": (guarded("format"), float(cfg.format_weight))} if cfg.format_weight else {}
-    return RewardFuncs(guarded(cfg.name, cfg.options), float(cfg.weight), extra)
+    callables = build_callables(cfg, {"accuracy", *extra})
+    return RewardFuncs(guarded(cfg.name, cfg.options), float(cfg.weight), extra, callables=callables)
 
 
 _told: set[str] = set()
@@ -255,22 +269,54 @@ def _say_undefined(name: str, rewards: torch.Tensor) -> None:
         )
 
 
-def run_verify(texts: list[str], samples: list[Sample], funcs: RewardFuncs, budget_s: float = 0.0) -> Verified:
-    """Score N completions. The total is the weighted sum; an undefined verifier reward makes the row NaN.
-    Past `budget_s` seconds per reward function (0 = none), the rest score 0 as "over_budget"."""
+def run_verify(
+    texts: list[str],
+    samples: list[Sample],
+    funcs: RewardFuncs,
+    budget_s: float = 0.0,
+    ids: list[list[int]] | None = None,
+    step: int = 0,
+) -> Verified:
+    """Score N completions (`ids`: their token ids, `step`: the RL step, for the callables). Past `budget_s`
+    seconds per verifier (0 = none), the rest score 0 as "over_budget". The total is combined by `total`."""
     per_func: dict[str, torch.Tensor] = {}
     extractor: list[str] = []
-    for i, (name, (fn, _)) in enumerate(funcs.items()):
+    for i, (name, (fn, w)) in enumerate(funcs.items()):
         scores = run_guarded(fn, texts, samples, budget_s)
         per_func[name] = torch.tensor([math.nan if sc.reward is None else sc.reward for sc in scores])
         if i == 0:  # the verifier's
             extractor = [sc.extractor for sc in scores]
         _say_timeouts(name, scores)
-        _say_undefined(getattr(fn, "name", name), per_func[name])
-    total = sum(w * per_func[name] for name, (_, w) in funcs.items())
-    if bool(total.isinf().any()):  # finite rewards past float32's range, or times a large weight
-        raise UserError(
-            f"The weighted rewards overflow float32 (verify.weight={funcs.weight}): its range ends near 3e38. "
-            "Keep the verifiers' rewards and verify.weight / verify.format_weight to sizes near 1."
+        if w or not funcs.callables:  # an unweighted verifier's None leaves the reward functions' rewards alone
+            _say_undefined(getattr(fn, "name", name), per_func[name])
+    per_func.update(run_callables(funcs.callables, texts, samples, ids, step))
+    rewards = total(per_func, funcs.weights(), funcs.name)
+    if funcs.callables and len(rewards) and bool(rewards.isnan().all()) and "all_none" not in _told:
+        _told.add("all_none")  # TRL warns of the same ("All reward functions returned None")
+        note(
+            f"every reward was undefined (None) for all {len(rewards)} completions of a batch ({', '.join(per_func)}): "
+            "those rows are skipped, so nothing is learned from them (metrics: frac_reward_undefined)."
         )
-    return Verified(rewards=total, per_func=per_func, correct=per_func[funcs.name] == 1.0, extractor=extractor)
+    if bool(rewards.isinf().any()):  # finite rewards past float32's range, or times a large weight
+        raise UserError(
+            f"The weighted rewards overflow float32 (weights {funcs.weights()}): its range ends near 3e38. "
+            "Keep the rewards and their weights (verify.weight, verify.format_weight, verify.reward_weights) "
+            "to sizes near 1."
+        )
+    return Verified(rewards=rewards, per_func=per_func, correct=per_func[funcs.name] == 1.0, extractor=extractor)
+
+
+def total(per_func: dict[str, torch.Tensor], weights: dict[str, float], verifier: str) -> torch.Tensor:
+    """The weighted sum, undefined (NaN) rows as TRL has them: a reward that is None adds nothing, and a row whose
+    every weighted reward is None is undefined (TRL 1.16.0 trl/trainer/grpo_trainer.py,
+    _generate_and_score_completions: nansum, then NaN where all are NaN, the `unscorable_mask`).
+    One rule of ours on top: where the verifier is weighted, its None (a gold that cannot be judged) makes the
+    row undefined, as it always has. Example: accuracy None, fmt 1 -> NaN; with verify.weight=0 -> 1 * w_fmt."""
+    stacked = torch.stack([per_func[k] for k in weights], 1)
+    w = torch.tensor(list(weights.values()), dtype=stacked.dtype)
+    out = (stacked * w).nansum(1)
+    active = [k for k, wk in weights.items() if wk != 0] or [verifier]
+    undefined = torch.stack([per_func[k] for k in active], 1).isnan().all(1)
+    if weights[verifier] != 0:
+        undefined |= per_func[verifier].isnan()
+    return out.masked_fill(undefined, math.nan)

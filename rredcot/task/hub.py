@@ -15,6 +15,7 @@ from rredcot import ranges
 from rredcot.errors import UserError
 from rredcot.ranges import COUNT, FRACTION, NATURAL, one_of, optional
 from rredcot.registry import register
+from rredcot.task.conversation import apply_template, is_conversational, render
 from rredcot.task.rows import diagnose_file, load_error, not_a_file, not_text
 from rredcot.task.splits import carve_dev
 from rredcot.types import Sample
@@ -28,8 +29,11 @@ def gold_from(answer: str, fmt: str) -> str:
     """The gold answer in a dataset field ("" when there is none: the row is then counted as bad).
 
     'gsm8k': the text after '####', commas removed ('... #### 1,234' -> '1234');
-    'boxed': the content of the last \\boxed{...} (nested braces kept); 'plain': the field as is.
+    'boxed': the content of the last \\boxed{...} (nested braces kept); 'plain': the field as is;
+    'auto' (an open-r1 `solution`, a worked solution or a bare answer): boxed if it has \\boxed{, else plain.
     """
+    if fmt == "auto":
+        return gold_from(answer, "boxed" if "\\boxed{" in answer else "plain")
     if fmt == "gsm8k":
         return answer.split("####")[-1].strip().replace(",", "") if "####" in answer else ""
     if fmt == "boxed":
@@ -44,7 +48,7 @@ def gold_from(answer: str, fmt: str) -> str:
         return ""
     if fmt == "plain":
         return str(answer).strip()
-    raise UserError(f"Unknown task.answer_format {fmt!r}; use gsm8k, boxed or plain.")
+    raise UserError(f"Unknown task.answer_format {fmt!r}; use gsm8k, boxed, plain or auto.")
 
 
 def solution_text(trace: str, fmt: str) -> str:
@@ -60,28 +64,14 @@ def solution_text(trace: str, fmt: str) -> str:
     return text.strip() + "\n" if text.strip() else ""
 
 
-def format_prompt(question: str, cfg: Any, tokenizer: Any) -> str:
-    """The question plus the task's instruction, through the model's chat template when it has one."""
+def format_prompt(question: Any, cfg: Any, tokenizer: Any) -> str:
+    """The question plus the task's instruction, through the model's chat template when it has one; a
+    conversation (TRL's list of chat messages, task/conversation.py) is rendered as it is, with no instruction."""
+    if is_conversational(question):
+        return render(question, cfg, tokenizer)
     text = f"{question}\n{cfg.instruction}".strip() if cfg.instruction else question
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        kwargs = dict(cfg.get("chat_template_kwargs") or {})  # e.g. Qwen3's enable_thinking
-        try:
-            out = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
-            )
-        except Exception as e:  # a template's raise_exception(...), a syntax error, a variable it lacks
-            raise UserError(
-                f"The chat template of {tokenizer.name_or_path!r} fails on a one-message prompt (role user"
-                f"{', with ' + str(kwargs) if kwargs else ''}): {type(e).__name__}: {' '.join(str(e).split())[:200]}. "
-                "Use plain-text prompts with task.chat_template=false, or fix the template (chat_template in the "
-                "model's tokenizer_config.json or chat_template.jinja); its arguments are model.chat_template_kwargs."
-            ) from None
-        if not isinstance(out, str):
-            raise UserError(
-                f"The chat template of {tokenizer.name_or_path!r} gave a {type(out).__name__}, not the prompt text. "
-                "Use task.chat_template=false, or a template that renders one conversation to text."
-            )
-        return out
+        return apply_template([{"role": "user", "content": text}], cfg, tokenizer)
     return text + "\n"
 
 
@@ -126,6 +116,8 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
     """Rows -> Samples; rows without a question or a gold answer are skipped and counted (refused above
     task.max_bad_fraction, so a wrong answer_format cannot train on nothing)."""
     columns = list(rows[0]) if rows else []
+    # answer_field null: open-r1's convention, the gold in `solution`, else in `answer`
+    src = {**src, "answer_field": src["answer_field"] or next((c for c in GOLD_COLUMNS if c in columns), "solution")}
     missing = [f for f in (src["question_field"], src["answer_field"]) if f not in columns]
     local = Path(str(src["path"])).expanduser()
     why = diagnose_file(local) if missing and local.is_file() else None
@@ -143,15 +135,10 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
             continue
         q, a = row[src["question_field"]], row[src["answer_field"]]
         gold = gold_from(str(a), src["answer_format"]) if a is not None else ""
-        if q is None or not str(q).strip() or not gold:
+        if q is None or not (q if is_conversational(q) else str(q).strip()) or not gold:
             bad.append(i)
             continue
-        trace = row.get(src["trace_field"]) if src.get("trace_field") else None
-        meta = {
-            "row": i,
-            **({"trace": str(trace), "solution": solution_text(str(trace), src["answer_format"])} if trace else {}),
-        }
-        out.append(Sample(prompt=format_prompt(re.sub(r"\s+$", "", str(q)), cfg, tokenizer), gold=gold, meta=meta))
+        out.append(_sample(i, row, q, gold, src, cfg, tokenizer))
     if bad and len(bad) > cfg.get("max_bad_fraction", 0.01) * max(len(rows), 1):
         raise UserError(
             f"{where}: {len(bad)} of {len(rows)} rows have no question or no gold answer in the "
@@ -163,10 +150,32 @@ def _rows_to_samples(rows: Any, src: dict[str, Any], cfg: Any, tokenizer: Any, w
     return out
 
 
+GOLD_COLUMNS = ("solution", "answer")
+
+
+def _sample(i: int, row: dict[str, Any], q: Any, gold: str, src: dict[str, Any], cfg: Any, tokenizer: Any) -> Sample:
+    """One row as a Sample. meta keeps what TRL-style reward functions are given (stages/reward_funcs.py): the
+    dataset's own prompt and every other column by name."""
+    trace = row.get(src["trace_field"]) if src.get("trace_field") else None
+    meta = {
+        "row": i,
+        **({"trace": str(trace), "solution": solution_text(str(trace), src["answer_format"])} if trace else {}),
+        "prompt": q,
+        "columns": {k: v for k, v in row.items() if k != src["question_field"]},
+    }
+    prompt = format_prompt(q if is_conversational(q) else re.sub(r"\s+$", "", str(q)), cfg, tokenizer)
+    return Sample(prompt=prompt, gold=gold, meta=meta)
+
+
 def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
     src = source_of(cfg, split)
-    local = Path(str(src["path"])).expanduser()
     key = "task.path" if cfg.get("sources", {}).get(split, {}).get("path") is None else f"task.sources.{split}.path"
+    if src["path"] is None:
+        raise UserError(
+            f"{key} is not set, so the {split} split has no data. Set it to a local jsonl/json/parquet/csv file "
+            f"or a hub dataset name, e.g. {key}=train.jsonl."
+        )
+    local = Path(str(src["path"])).expanduser()
     if local.suffix in _LOCAL_FORMATS and not local.is_file():
         raise UserError(f"{key}={src['path']}: {not_a_file(local)}")
     rows = load_rows(str(src["path"]), src["config_name"], str(src["split"] or split))
@@ -174,7 +183,7 @@ def _source_samples(cfg: Any, split: str, tokenizer: Any) -> list[Sample]:
 
 
 HF_RULES = {
-    "answer_format": one_of("gsm8k", "boxed", "plain"),
+    "answer_format": one_of("gsm8k", "boxed", "plain", "auto"),
     "dev_size": NATURAL,
     "max_bad_fraction": FRACTION,
     "train_size": optional(COUNT),

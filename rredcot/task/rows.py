@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rredcot.errors import UserError, brief
+from rredcot.task.conversation import well_formed
 from rredcot.ui import note
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -93,6 +94,8 @@ def not_text(rows: Any, src: dict[str, Any], where: str, max_bad: float) -> set[
     for i, row in enumerate(rows):
         for name, kinds in fields:
             v = row.get(name)
+            if name == src["question_field"] and well_formed(v):  # a conversation (TRL's chat messages)
+                continue
             if v is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
                 odd.setdefault(i, (name, v))
     if not odd:
@@ -104,7 +107,8 @@ def not_text(rows: Any, src: dict[str, Any], where: str, max_bad: float) -> set[
         key[src["question_field"]] = "question_field"
         raise UserError(
             f"{where}: field {name!r} holds a {kind}, not text, in {len(odd)} of {len(rows)} rows (row {i}: "
-            f"{brief(v, 60)}). A question, a gold answer and a trace are strings (a gold answer may be a number). "
+            f"{brief(v, 60)}). A question, a gold answer and a trace are strings (a gold answer may be a number; "
+            'a question may be a list of chat messages, [{"role": "user", "content": "..."}]). '
             f"Point task.{key[name]} at the field that holds the text, or write the rows with that field as "
             "text (e.g. the list's first element)."
         )

@@ -10,8 +10,10 @@ everything that affects it, the traces included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +26,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from rredcot.errors import UserError
 from rredcot.task.model import build_tiny, check_fits, is_builtin, load_pretrained, load_tokenizer, trusts_remote_code
 from rredcot.task.rows import check_samples
+
+try:  # POSIX; elsewhere two parallel runs may both train the same entry (correct, only slower)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 CACHE_VERSION = 1  # bump when the warm start's code changes what it produces
 
@@ -128,6 +135,31 @@ def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, samples: list,
     return losses
 
 
+@contextlib.contextmanager
+def _held(lock: Path):
+    """An exclusive lock on `lock` for the block (released by the kernel if the process dies: never stale)."""
+    with open(lock, "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _train_into(path: Path, cfg: Any, tokenizer, samples: list, progress) -> None:
+    """Warm-start a fresh model and write it to `path` atomically: a killed run never leaves half an entry."""
+    model = build_tiny(cfg.model, len(tokenizer), cfg.warmstart.seed)
+    losses = train_warm_start(model, tokenizer, cfg, samples, progress)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: a second writer cannot clobber it
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    info = {"loss_first": losses[0], "loss_last": losses[-1], "config": OmegaConf.to_container(cfg.warmstart)}
+    (tmp / "warmstart.json").write_text(json.dumps(info))
+    if path.exists():  # written by a process that does not lock (an older rredcot): its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
 def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The starting policy and tokenizer: built-in (warm-started, cached) or a pretrained model."""
     remote = trusts_remote_code(cfg)
@@ -141,19 +173,8 @@ def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTok
     samples = warmstart_samples(cfg, tokenizer)
     path = Path(cfg.cache_dir).expanduser() / "warmstart" / cache_key(cfg, samples)
     if not (path / "config.json").exists():
-        model = build_tiny(cfg.model, len(tokenizer), cfg.warmstart.seed)
-        losses = train_warm_start(model, tokenizer, cfg, samples, progress)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "warmstart.json").write_text(
-            json.dumps(
-                {"loss_first": losses[0], "loss_last": losses[-1], "config": OmegaConf.to_container(cfg.warmstart)}
-            )
-        )
-        if path.exists():  # a parallel run finished first; its copy is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(path)  # atomic: a killed run never leaves a half-written cache entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _held(path.with_name(path.name + ".lock")):  # parallel runs of one sweep: one trains, the rest wait
+            if not (path / "config.json").exists():  # (another process may have written it while we waited)
+                _train_into(path, cfg, tokenizer, samples, progress)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer

@@ -17,6 +17,8 @@ FREE = {
     "logging.tensorboard",
     "logging.wandb",
     "logging.wandb_project",
+    "logging.project",
+    "logging.run_name",
     "update.mask_truncated_completions",
     "update.gradient_checkpointing",
     "credit.against",

@@ -45,7 +45,8 @@ def cli(
 class _Zygote:
     """The fork server of this test process, started on first use and restarted if it died."""
 
-    APPLIED = ("RREDCOT_", "COLUMNS", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_")  # what a child can take on
+    # what a child can take on; the trackers read theirs when imported, which the server never does
+    APPLIED = ("RREDCOT_", "COLUMNS", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTEST_", "WANDB_", "TRACKIO_")
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None

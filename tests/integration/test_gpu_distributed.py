@@ -1,7 +1,10 @@
 """Sharded training through accelerate on CUDA (marker `gpu`): the shipped FSDP2 and DeepSpeed ZeRO configs,
-on every GPU the machine has (one is enough to run each engine's code paths: sharding, the full-weight
-no-grad passes, checkpoints of sharded state, a resume). Not run on the CPU machine (accelerate gives no FSDP
-there and DeepSpeed needs CUDA); the CPU tests are test_distributed.py and test_distributed_fsdp.py."""
+on every GPU the machine has. One is enough to run each engine's code paths: rredcot/sharding.py takes its
+sharded paths by what the model is (DTensor weights, a ZeRO engine), not by the world size, so on one GPU too
+the no-grad passes gather the weights, checkpoints gather them (checked below: full shapes, not shards or
+ZeRO-3 stubs) and ZeRO-1/2 save one optimizer partition per rank. What one GPU cannot show is ranks waiting on
+each other: that is test_distributed_fsdp.py (two CPU ranks). Not run on the CPU machine (accelerate gives no
+FSDP there); the CPU tests are test_distributed.py, test_distributed_fsdp.py and test_distributed_zero.py."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ import sys
 
 import pytest
 import torch
+
+from rredcot.runlog import latest_checkpoint
+from rredcot.sharding import PARTITIONS
 
 from .conftest import REPO
 
@@ -68,3 +74,26 @@ def test_sharded_configs_train_checkpoint_and_resume(tmp_path, config):
     import yaml
 
     assert yaml.safe_load((run / "config.yaml").read_text())["world_size"] == n
+    ckpt = latest_checkpoint(run)
+    assert_full_weights(ckpt)
+    if config == "zero2.yaml":  # one optimizer partition per rank, on one GPU too (the resume above read them)
+        names = sorted(p.name for p in (ckpt / PARTITIONS).glob("*.pt"))
+        assert names == [f"rank_{r:05d}_of_{n:05d}.pt" for r in range(n)]
+
+
+def assert_full_weights(ckpt) -> None:
+    """Every saved tensor has the model's full shape (not a rank's shard, not a ZeRO-3 placeholder)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt)).state_dict().items()
+        }
+    files = list(ckpt.glob("*.safetensors"))
+    assert files
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                assert tuple(st.get_slice(key).get_shape()) == shapes[key], key
