@@ -7,6 +7,9 @@ import pytest
 
 from .conftest import cli
 
+# one xdist worker runs this file (make test passes --dist loadgroup): tiny_compare trains four runs, once
+pytestmark = pytest.mark.xdist_group("compare")
+
 
 @pytest.fixture(scope="module")
 def tiny_compare(tmp_path_factory):
@@ -175,7 +178,6 @@ def test_differences_without_variance_print_no_p_value(tiny_compare, tmp_path):
         assert "p = n/a" in text and "p = 0.0" not in text and "± 0.0" not in text
 
 
-@pytest.mark.slow  # trains or builds several reports: make test-all
 def test_a_report_file_of_the_user_is_never_overwritten(tiny_compare, tmp_path):
     out, _ = tiny_compare
     runs, report = [str(out / r) for r in RUNS], tmp_path / "r"
@@ -195,7 +197,6 @@ def test_a_report_file_of_the_user_is_never_overwritten(tiny_compare, tmp_path):
     assert proc.returncode == 2 and "summary.json" in proc.stderr and _hashes(report) == mine
 
 
-@pytest.mark.slow  # trains or builds several reports: make test-all
 def test_a_rerun_keeps_finished_seeds_and_refuses_other_overrides(tiny_compare, tmp_path):
     out, _ = tiny_compare
     again = tmp_path / "again"
@@ -208,7 +209,6 @@ def test_a_rerun_keeps_finished_seeds_and_refuses_other_overrides(tiny_compare, 
     assert proc.returncode == 2 and "train.steps: 2 -> 3" in proc.stderr and "another --out" in proc.stderr
 
 
-@pytest.mark.slow  # trains or builds several reports: make test-all
 def test_a_run_that_stopped_before_its_first_checkpoint_is_restarted_only_if_nothing_else_is_there(
     tiny_compare, tmp_path
 ):

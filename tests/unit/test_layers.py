@@ -31,7 +31,7 @@ LAYERS = [
     ("collectives", {"collectives", "sharding"}),
     ("log-probs and losses", {"logprobs", "losses", "advantages", "lora", "optim"}),
     ("stages and tasks", {"stages", "stages.*", "task", "task.*"}),
-    ("config", {"compose", "checks", "startup"}),
+    ("config", {"compose", "checks", "startup", "trackers"}),
     (
         "metrics and run directory",
         {"metrics", "evaluate", "runlog", "runlock", "runconfig", "runs", "critic", "assemble"},
