@@ -130,6 +130,23 @@ def run_main(line: str, **fmt) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory that `build(dir)` fills once per test session and every xdist worker shares (their base
+    temp's parent is common): the first worker to ask builds it under an exclusive lock, the others wait and
+    reuse it. For fixtures that train (each build is CPU the suite's 8 minutes cannot pay twice)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if the worker dies
+        if not (root / ".done").exists():
+            build(root)
+            (root / ".done").write_text("")
+    return root
+
+
 @pytest.fixture(scope="session")
 def fast_run(tmp_path_factory) -> Path:
     """One real debug=fast training run shared by the tests that only read its results."""

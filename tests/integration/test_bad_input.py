@@ -74,7 +74,10 @@ MODEL = [
     ("train model.name={A}/no_config warmstart.enabled=false", "has no config.json"),
     ("train rollout.max_new_tokens=300 warmstart.enabled=false", "leaves no room for a prompt"),
     ("train warmstart.examples=10", "fewer than warmstart.batch_size"),
-    ("train model.lora.r=4 model.lora.target_modules=[nope]", "This model's linear layers are named"),
+    (
+        "train model.lora.r=4 model.lora.target_modules=[nope] warmstart.enabled=false",
+        "This model's linear layers are named",
+    ),
 ]
 # Data files: task=gsm8k on local files, with the hub-shaped tiny model.
 HF = "train task=gsm8k model.name={M} warmstart.enabled=false task.sources.test.path={A}/test.jsonl "

@@ -2,33 +2,27 @@
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
-from .conftest import cli
+from .conftest import built_once, cli
 
 # one xdist worker runs this file (make test passes --dist loadgroup): tiny_compare trains four runs, once
 pytestmark = pytest.mark.xdist_group("compare")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_compare(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cmp") / "report"
-    proc = cli(
-        "compare",
-        "--baseline",
-        "grpo",
-        "--seeds",
-        "2",
-        "--out",
-        str(out),
-        "debug=fast",
-        "train.steps=2",
-        "eval.n_samples=1",
-        "eval.ks=[1]",
-        "eval.extra_splits=[dev]",
-    )
-    return out, proc
+    """A two-seed compare of debug-size runs (four trains), built once for the session: (its --out, its process)."""
+
+    def build(root):
+        proc = cli("compare", "--baseline", "grpo", "--seeds", "2", "--out", str(root / "report"), *TINY)
+        (root / "proc.json").write_text(json.dumps([proc.returncode, proc.stdout, proc.stderr]))
+
+    root = built_once(tmp_path_factory, "tiny_compare", build)
+    code, out, err = json.loads((root / "proc.json").read_text())
+    return root / "report", subprocess.CompletedProcess(["rredcot", "compare"], code, out, err)
 
 
 def test_report_files_exist_and_numbers_match_the_runs(tiny_compare):
