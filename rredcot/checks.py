@@ -51,6 +51,7 @@ def validate(cfg: DictConfig, check_entries: bool = True, world_size: int | None
         )
     _check_batches(cfg)
     check_data_parallel(cfg, world_size)
+    _check_loss_options(cfg)
     if max(cfg.eval.ks) > cfg.eval.n_samples:
         raise UserError(
             f"eval.ks={list(cfg.eval.ks)} asks for pass@{max(cfg.eval.ks)}, but eval.n_samples={cfg.eval.n_samples} "
@@ -98,6 +99,35 @@ def _check_batches(cfg: DictConfig) -> None:
             f"Each generation batch of {brief(n)} completions is split into update.steps_per_generation={spg} "
             f"optimizer steps of micro-batches of update.micro_batch_size={micro}, so {brief(n)} must be a whole "
             f"multiple of {spg} x {micro}. Set {fix}."
+        )
+
+
+def _check_loss_options(cfg: DictConfig) -> None:
+    """What the ranges cannot say alone: bounds in order, the overlong buffer within the completion budget, and
+    the two loss-type combinations that do something else than asked (TRL 1.16.0 refuses the second too)."""
+    upd, budget = cfg["update"], cfg.rollout.max_new_tokens
+    if upd.is_cap > 0 and upd.is_cap_min >= upd.is_cap:
+        raise UserError(
+            f"update.is_cap_min={upd.is_cap_min} must be below update.is_cap={upd.is_cap} (the importance weight's "
+            "bounds, TRL's vllm_importance_sampling_clip_min and clip_max). Lower is_cap_min (0 = no lower bound)."
+        )
+    if cfg.verify.overlong_buffer > budget:
+        raise UserError(
+            f"verify.overlong_buffer={cfg.verify.overlong_buffer} is longer than rollout.max_new_tokens={budget}: the "
+            f"penalty covers the last overlong_buffer tokens of the budget. Set verify.overlong_buffer={budget // 4} "
+            "(DAPO: 4096 of 20480), or 0 for no overlong shaping."
+        )
+    if upd.loss_type == "cispo" and upd.eps_high <= 1:
+        raise UserError(
+            f"update.loss_type=cispo caps the importance ratio itself at update.eps_high={upd.eps_high} (TRL's "
+            "epsilon_high, ScaleRL's eps_max), which scales every token's gradient down. Set update.eps_high=5.0 "
+            "(ScaleRL's value)."
+        )
+    if upd.loss_type == "vespo" and upd.is_mode.startswith("sequence") and upd.is_cap > 0:
+        raise UserError(
+            f"update.loss_type=vespo folds the sampler's token weights into its own sequence weight, so "
+            f"update.is_mode={upd.is_mode} has no meaning for it (TRL 1.16 refuses it too). Set "
+            "update.is_mode=token_truncate or token_mask."
         )
 
 

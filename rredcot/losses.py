@@ -1,5 +1,7 @@
-"""Losses: GRPO's clipped surrogate, the k3 KL, the external sampler's importance weights, and the loss
-aggregations (the `loss` registry, chosen by update.loss_type), at TRL parity (docs/training.md, "GRPO conventions").
+"""Losses: the loss types (the `loss` registry, chosen by update.loss_type), each a per-token surrogate and an
+aggregation, at TRL parity (TRL 1.16.0 trl/trainer/grpo_trainer.py, _compute_loss; docs/training.md, "GRPO
+conventions"). The per-token terms (ratios, surrogates, the KL, the sampler's importance weights):
+rredcot/surrogates.py, re-exported here.
 
 Shapes: B rows in a micro-batch, T completion tokens. Pure tensor functions; the optimisation loop that
 calls them is rredcot/stages/update.py.
@@ -7,15 +9,16 @@ calls them is rredcot/stages/update.py.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from rredcot.registry import get, register
+from rredcot.registry import entry, register
+from rredcot.surrogates import Surrogate, per_token_terms
+from rredcot.surrogates import sampler_correction as sampler_correction  # re-exported: its callers import it here
 
 # ---- loss aggregations: per-token loss [B, T], mask [B, T] -> scalar --------------------------------
-# Each entry declares `divide_by_accum`: whether the trainer divides it by the accumulation steps (all but dapo,
-# whose denominator is the whole batch's active tokens).
+# Each entry declares `divide_by_accum`: whether the trainer divides it by the accumulation steps (all but
+# those whose denominator is the whole batch's active tokens: dapo, cispo, vespo), and `surrogate`: the
+# per-token term it aggregates (surrogates.SURROGATES; PPO's clip unless named). TRL 1.16.0 pairs them so.
 
 
 @register("loss", "grpo")
@@ -46,59 +49,18 @@ def agg_dapo(loss: torch.Tensor, mask: torch.Tensor, *, num_items: float | None 
     return (loss * mask).sum() / max(denom, 1.0)
 
 
-def per_token_terms(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.0,
-    ref_logp: torch.Tensor | None = None,
-    is_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(per-token loss [B, T], ratio rho [B, T], k3 KL [B, T] or None). advantages [B] or [B, T].
-
-    Example: logp = old_logp (rho = 1), A = 2: loss = -min(1 * 2, 1 * 2) = -2 per token.
-    rho = 1.5, A = 1: -min(1.5, clip(1.5, .8, 1.2) = 1.2) = -1.2 (clipped); A = -1: -min(-1.5, -1.2) = 1.5.
-    is_weight [B, T] (an external sampler's truncated importance weight) scales the surrogate, not the KL.
-    """
-    adv = advantages if advantages.ndim == 2 else advantages[:, None]  # [B, T] or [B, 1]
-    rho = torch.exp(logp - old_logp)
-    clipped = torch.clamp(rho, 1 - eps_low, 1 + eps_high)
-    loss = -torch.min(rho * adv, clipped * adv)
-    if is_weight is not None:
-        loss = loss * is_weight
-    kl = None
-    if beta > 0:
-        if ref_logp is None:
-            raise ValueError("beta > 0 needs ref_logp")
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1  # k3 >= 0; e.g. delta = .1 -> 1.10517 - .1 - 1 = .00517
-        loss = loss + beta * kl
-    return loss, rho, kl
+@register("loss", "luspo")
+def agg_luspo(loss: torch.Tensor, mask: torch.Tensor, **_: object) -> torch.Tensor:
+    """LUSPO: mean over rows of each row's token *sum* (a sequence-level loss scaled by its length; meant for
+    update.importance_sampling_level=sequence, where every token of a row carries the same loss)."""
+    return (loss * mask).sum(-1).mean()
 
 
-def sampler_correction(
-    old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float
-) -> tuple[torch.Tensor | None, dict[str, float]]:
-    """Truncated importance weights for tokens another engine sampled (vLLM), and the mismatch stats.
-
-    w = min(exp(old_logp - sampler_logp), cap) per token [B, T] (None when cap == 0: no correction).
-    Example: old -1.0, sampler -1.5: w = e^0.5 = 1.65; old -1.0, sampler -2.0, cap 2: min(e^1, 2) = 2.
-    """
-    m = mask.bool()
-    diff = (old_logp - sampler_logp)[m]
-    ratio = torch.exp(old_logp - sampler_logp)
-    stats = {
-        "sampler/logp_diff_mean": float(diff.abs().mean()) if diff.numel() else 0.0,
-        "sampler/logp_diff_max": float(diff.abs().max()) if diff.numel() else 0.0,
-        "sampler/is_ratio_mean": float(ratio[m].mean()) if diff.numel() else 1.0,
-    }
-    if cap <= 0:
-        return None, stats
-    stats["sampler/is_capped_frac"] = float((ratio[m] > cap).float().mean()) if diff.numel() else 0.0
-    return ratio.clamp(max=cap), stats
+# The other loss types of TRL 1.16.0 reuse an aggregation with their own surrogate: sapo is grpo's row mean,
+# cispo and vespo dapo's whole-batch token mean.
+register("loss", "sapo", surrogate="sapo")(agg_grpo)
+register("loss", "cispo", divide_by_accum=False, surrogate="cispo")(agg_dapo)
+register("loss", "vespo", divide_by_accum=False, surrogate="vespo")(agg_dapo)
 
 
 def policy_loss(
@@ -114,17 +76,28 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     num_items: float | None = None,
+    options: Surrogate | None = None,
 ) -> torch.Tensor:
-    """GRPO's clipped surrogate (+ beta * k3 KL), aggregated by `loss_type`. Returns a scalar.
+    """The `loss_type`'s surrogate (+ beta * k3 KL), aggregated by its entry. Returns a scalar.
 
-    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] or [B, T]. Not divided by the
-    gradient-accumulation steps: the trainer does that for the types that declare `divide_by_accum`.
+    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B] or [B, T]. `options` (surrogates.Surrogate)
+    replaces eps_low/eps_high/beta when given. Not divided by the gradient-accumulation steps: the trainer
+    does that for the types that declare `divide_by_accum`.
     """
+    e = entry("loss", loss_type, "update.loss_type")
     loss, _, _ = per_token_terms(
-        logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logp=ref_logp
+        logp,
+        old_logp,
+        advantages,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        ref_logp=ref_logp,
+        mask=mask,
+        surrogate=e.surrogate,
+        options=options,
     )
-    agg: Callable[..., torch.Tensor] = get("loss", loss_type)
-    return agg(loss, mask.to(loss.dtype), max_completion_length=max_completion_length, num_items=num_items)
+    return e.obj(loss, mask.to(loss.dtype), max_completion_length=max_completion_length, num_items=num_items)
 
 
 def clip_stats(
@@ -141,3 +114,17 @@ def clip_stats(
         "clip_ratio/high_mean": float((high & m).sum()) / denom,
         "clip_ratio/region_mean": float(((low | high) & m).sum()) / denom,
     }
+
+
+def surrogate_stats(
+    surrogate: str, rho: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, o: Surrogate
+) -> dict[str, float]:
+    """What TRL 1.16.0 logs per surrogate (_compute_loss): the clip ratios for PPO's clip, cispo_clip_ratio
+    (rho > eps_high with A > 0) for cispo, none for the soft ones (sapo, vespo)."""
+    if surrogate == "clip":
+        return clip_stats(rho, advantages, mask, o.eps_low, o.eps_high)
+    if surrogate == "cispo":
+        adv = advantages if advantages.ndim == 2 else advantages[:, None]
+        hit, m = (rho > o.eps_high) & (adv > 0), mask.bool()
+        return {"cispo_clip_ratio": float((hit & m).sum()) / max(float(m.sum()), 1.0)}
+    return {}

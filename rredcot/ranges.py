@@ -91,6 +91,8 @@ RULES: dict[str, Rule] = {
     "verify.format_weight": NON_NEGATIVE,
     "verify.timeout_s": number(0, 86400),  # a day; a wait past ~24 days overflows the pipe's poll
     "verify.budget_s": NON_NEGATIVE,
+    "verify.overlong_buffer": NATURAL,  # at most rollout.max_new_tokens (rredcot/checks.py)
+    "verify.overlong_penalty": NON_NEGATIVE,
     "verify.reward_funcs": list_of(Rule(lambda v: isinstance(v, str) and ":" in v, "MODULE:FUNCTION")),
     "verify.reward_weights": optional(list_of(number())),
     "logging.report_to": list_of(one_of("tensorboard", "wandb", "trackio", "none")),  # rredcot/trackers.py
@@ -103,6 +105,18 @@ RULES: dict[str, Rule] = {
     "update.max_grad_norm": POSITIVE,
     "update.autocast": optional(one_of("bfloat16", "float16")),
     "update.is_cap": NON_NEGATIVE,
+    "update.is_cap_min": NON_NEGATIVE,  # below is_cap (rredcot/checks.py)
+    "update.is_mode": one_of("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+    "update.delta": optional(Rule(number(1, lo_open=True).ok, "a number > 1")),
+    "update.importance_sampling_level": one_of("token", "sequence"),
+    "update.off_policy_mask_threshold": optional(NON_NEGATIVE),
+    "update.use_bias_correction_kl": one_of(True, False),
+    "update.sapo_temperature_pos": POSITIVE,
+    "update.sapo_temperature_neg": POSITIVE,
+    "update.vespo_k_pos": NON_NEGATIVE,
+    "update.vespo_lambda_pos": NON_NEGATIVE,
+    "update.vespo_k_neg": NON_NEGATIVE,
+    "update.vespo_lambda_neg": NON_NEGATIVE,
     "update.compile": one_of(True, False),
     "optim.lr": POSITIVE,
     "optim.beta1": number(0, 1, hi_open=True),
@@ -114,6 +128,8 @@ RULES: dict[str, Rule] = {
     "optim.schedule": one_of("constant", "cosine"),
     "train.steps": NATURAL,
     "train.generation_batch_size": COUNT,
+    "train.dynamic_sampling": one_of(True, False),
+    "train.max_extra_generation_batches": NATURAL,
     "train.log_every": COUNT,
     "train.eval_every": NATURAL,
     "train.save_every": NATURAL,

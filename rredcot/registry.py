@@ -41,7 +41,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         n: _S + "redistribute"
         for n in ("uniform", "rredcot", "reference", "vps", "verdict", "mc", "attention", "gradient")
     },
-    "loss": {n: "rredcot.losses" for n in ("grpo", "bnpo", "dr_grpo", "dapo")},
+    "loss": {n: "rredcot.losses" for n in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo")},
 }
 
 
@@ -60,6 +60,7 @@ class Entry:
     runs_backward: bool = False  # redistribute: a backward pass per trace (not under FSDP2 / ZeRO-3)
     warmstart: Callable[[Any, Any], list] | None = None  # task: (cfg, tokenizer) -> warm-start samples
     divide_by_accum: bool = True  # loss: the trainer divides it by the accumulation steps (False: global denominator)
+    surrogate: str = "clip"  # loss: the per-token term it aggregates (rredcot/surrogates.py, SURROGATES)
     label: str | None = None  # the name reports give it (uniform credit is GRPO); default: its name
 
     @property
@@ -85,7 +86,7 @@ _entry_points_loaded = False
 def register(stage: str, name: str, rules: Mapping[str, Any] | None = None, **contract: Any) -> Callable[[Any], Any]:
     """Decorator: file `obj` under `stage` as `name`, with what it declares (the fields of `Entry`:
     `rules`, option name -> rredcot.ranges.Rule, checked at config time before any work; `check`,
-    needs_task_keys, runs_backward, warmstart, divide_by_accum, label). A duplicate name raises at import
+    needs_task_keys, runs_backward, warmstart, divide_by_accum, surrogate, label). A duplicate name raises at import
     time; so does a contract field that Entry does not have."""
     if stage not in _REGISTRY:
         hint = f" (the loss aggregations are stage {RENAMED[stage]!r} now)" if stage in RENAMED else ""

@@ -24,6 +24,8 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
         note(f"verify.name={cfg.verify.name} scores this run, not the task's own verifier ({cfg.task.verifier}).")
     if only_callables_note(cfg):
         note(only_callables_note(cfg))
+    for line in loss_notes(cfg):
+        note(line)
     marker = think_marker(cfg)
     ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     if marker is None:
@@ -48,6 +50,31 @@ def startup_notes(cfg: DictConfig, tokenizer) -> None:
             f"the dev split is {cfg.task.dev_size} rows carved out of the training rows (by question hash); "
             "they are never trained on."
         )
+
+
+def loss_notes(cfg: DictConfig) -> list[str]:
+    """The combinations TRL 1.16.0 warns of (grpo_trainer.py, GRPOTrainer.__init__), and dynamic sampling over
+    credit that all-equal groups still carry. Example: loss_type=luspo at token level -> one line."""
+    upd, out = cfg["update"], []
+    level, loss = upd.get("importance_sampling_level", "token"), upd.loss_type
+    if loss == "luspo" and level != "sequence":
+        out.append("update.loss_type=luspo is meant for update.importance_sampling_level=sequence (the paper's setup).")
+    if loss == "vespo" and level != "token":
+        out.append(
+            "update.loss_type=vespo makes its own sequence weight: update.importance_sampling_level=token fits it."
+        )
+    if level == "sequence" and loss in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        out.append(
+            f"update.importance_sampling_level=sequence with loss_type={loss} sums per-token terms, so each completion "
+            "weighs by its length; GSPO's own setup is update.loss_type=grpo."
+        )
+    red = cfg.redistribute
+    if cfg.train.get("dynamic_sampling") and red.get("equal_groups") == "keep" and red.get("mode") != "reweight":
+        out.append(
+            f"train.dynamic_sampling=true drops groups whose rewards are all equal, but redistribute={red.name} "
+            "(equal_groups=keep) gives their traces credit: that signal is dropped too (docs/training.md)."
+        )
+    return out
 
 
 def prompt_limit(cfg: DictConfig, model) -> int:

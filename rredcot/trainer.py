@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rredcot import collectives, sharding
 from rredcot.assemble import policy_context
+from rredcot.dynamic_sampling import fill_batch
 from rredcot.errors import UserError
 from rredcot.evaluate import eval_row, evaluate_all
 from rredcot.metrics import gather_step, global_metrics, sample_rows
@@ -33,6 +34,7 @@ from rredcot.runlog import save_checkpoint
 from rredcot.stages.reward_funcs import completion_id_lists
 from rredcot.stages.sampling import row_seeds
 from rredcot.stages.segment import run_segment
+from rredcot.stages.shaping import shape_overlong
 from rredcot.stages.update import update_policy
 from rredcot.stages.verify import run_verify
 from rredcot.stopping import STOP_FILE, GracefulStop
@@ -52,16 +54,18 @@ class StepRecord:
     credit: Credit
     update: dict[str, float]
     times: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    sampling: dict[str, float] = field(default_factory=dict)  # train.dynamic_sampling's counts (sampling/*)
 
 
 @contextmanager
 def timed(times: dict[str, float], name: str):
-    """times[name] = the block's wall time (one line per stage in `Trainer.step`, as verl's marked_timer)."""
+    """times[name] += the block's wall time (one line per stage in `Trainer.step`, as verl's marked_timer; a stage
+    run once per generation batch, as dynamic sampling does, adds up)."""
     t = time.perf_counter()
     try:
         yield
     finally:
-        times[name] = time.perf_counter() - t
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t
 
 
 class Trainer(Setup):
@@ -77,18 +81,13 @@ class Trainer(Setup):
 
     def step(self, step: int) -> StepRecord:
         """Sample, verify, segment, redistribute and update on this rank's block of the step's prompt groups."""
-        cfg, G, times = self.cfg, self.cfg.rollout.group_size, {}
-        funcs, verify_budget = self.stages.reward_funcs, cfg.verify.budget_s
+        cfg, times = self.cfg, {}
         with ExitStack() as gathered:  # the rollout's time includes gathering sharded weights, the update's resharding
             with timed(times, "rollout"):
-                offset, batch = collectives.shard([self.train_set[i] for i in self.sampler.take(self.prompts_per_step)])
-                seeds = row_seeds(cfg.seed, "train", step, range(offset * G, (offset + len(batch)) * G))
                 ctx = policy_context(cfg, self.critic.model, self.tokenizer, self.stages, self.backend, step)
                 gathered.enter_context(sharding.full_weights(self.model))  # generation, probe chunks differ per rank
                 self.backend.wake()  # a colocated engine takes its memory back for sampling (and MC values)
-                ro = self.stages.rollout(self.backend, self.tokenizer, batch, seeds=seeds)
-            with timed(times, "verify"):
-                ver = run_verify(ro.texts, ro.samples, funcs, verify_budget, completion_id_lists(ro), step)
+            ro, ver, sampling = self._sample(step, times)
             with timed(times, "segment"):
                 seg = run_segment(ro, self.stages.segment, self.pieces, self.stages.marker)
             with timed(times, "redistribute"):
@@ -107,7 +106,33 @@ class Trainer(Setup):
                 # the next samples come from the new weights
                 self.backend.sync(self.accelerator.unwrap_model(self.model))
                 self.critic.after_step(step)
-        return StepRecord(step, ro, ver, seg, credit, upd, times)
+        return StepRecord(step, ro, ver, seg, credit, upd, times, sampling)
+
+    def _sample(self, step: int, times: dict[str, float]) -> tuple[Rollout, Verified, dict[str, float]]:
+        """This rank's completions of the step, verified (and overlong-shaped); with train.dynamic_sampling,
+        drawn in as many generation batches as fill the step with groups that carry a signal."""
+        cfg, G, P = self.cfg, self.cfg.rollout.group_size, self.prompts_per_step
+
+        def draw(round_: int) -> tuple[Rollout, Verified]:
+            with timed(times, "rollout"):
+                offset, batch = collectives.shard([self.train_set[i] for i in self.sampler.take(P)])
+                first = (round_ * P + offset) * G  # global rows: round 0's are the plain step's
+                seeds = row_seeds(cfg.seed, "train", step, range(first, first + len(batch) * G))
+                ro = self.stages.rollout(self.backend, self.tokenizer, batch, seeds=seeds)
+            with timed(times, "verify"):
+                ver = run_verify(
+                    ro.texts, ro.samples, self.stages.reward_funcs, cfg.verify.budget_s, completion_id_lists(ro), step
+                )
+                v = cfg.verify
+                ver = shape_overlong(
+                    ro, ver, cfg.rollout.max_new_tokens, v.get("overlong_buffer", 0), v.get("overlong_penalty", 1.0)
+                )
+            return ro, ver
+
+        if not cfg.train.get("dynamic_sampling", False):
+            return (*draw(0), {})
+        extra = cfg.train.get("max_extra_generation_batches", 10)
+        return fill_batch(draw, P, G, extra, self.tokenizer.pad_token_id)
 
     @property
     def prompts_per_step(self) -> int:
@@ -120,7 +145,7 @@ class Trainer(Setup):
         is served at this step's boundary."""
         cfg, step = self.cfg, rec.step
         records = gather_step(rec.rollout, rec.verified, rec.segmented, rec.credit)  # the whole batch's
-        row = {"step": step, **global_metrics(records, rec.update, rec.times, cfg.rollout.group_size)}
+        row = {"step": step, **global_metrics(records, rec.update, rec.times, cfg.rollout.group_size), **rec.sampling}
         warning = self.watch.update(step, row)
         if warning:
             note(warning)

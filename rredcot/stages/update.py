@@ -14,9 +14,10 @@ import torch
 
 from rredcot import collectives
 from rredcot.logprobs import completion_logprobs, no_grad_logprobs
-from rredcot.losses import clip_stats, per_token_terms, sampler_correction
+from rredcot.losses import sampler_correction, surrogate_stats
 from rredcot.optim import grad_mode
 from rredcot.registry import Entry, entry
+from rredcot.surrogates import Surrogate, per_token_terms
 from rredcot.types import Credit, Rollout
 
 
@@ -42,6 +43,7 @@ class Plan:
     old: torch.Tensor | None  # [N, T] old log-probs when completions are reused, else None (rho == 1)
     ref: torch.Tensor | None  # [N, T] reference log-probs (beta > 0), else None
     loss: Entry  # the `loss` entry update.loss_type chose
+    terms: Surrogate  # the update.* options of the per-token terms
     num_items: float  # dapo's denominator: active tokens of the whole generation batch, every rank's
     temperature: float
     max_completion_length: int
@@ -86,6 +88,7 @@ def update_policy(
             old=no_grad_logprobs(learner.model, *batch)[0] if reuse else None,
             ref=no_grad_logprobs(learner.ref_model, *batch)[0] if cfg.beta > 0 else None,
             loss=entry("loss", cfg.loss_type),
+            terms=Surrogate.from_cfg(cfg),
             num_items=collectives.total(float(mask.sum())),
             temperature=temperature,
             max_completion_length=max_completion_length,
@@ -136,29 +139,43 @@ def _micro_batch(
         plan.temperature,
     )  # [B, T]
     old = logp.detach() if plan.old is None else plan.old[r]
-    w = None
-    if rollout.sampler_logprobs is not None:  # another engine sampled these tokens (rollout=vllm)
-        w, mismatch = sampler_correction(old, rollout.sampler_logprobs[r], plan.mask[r], cfg.get("is_cap", 2.0))
-        _append(stats, mismatch)
+    m = plan.mask[r].to(logp.dtype)
+    sampler = None if rollout.sampler_logprobs is None else rollout.sampler_logprobs[r]
+    w = _sampler_weights(cfg, old, sampler, m, stats)
     tok_loss, rho, kl = per_token_terms(
         logp,
         old,
         credit.advantages[r],
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        beta=cfg.beta,
         ref_logp=None if plan.ref is None else plan.ref[r],
         is_weight=w,
+        mask=m,
+        surrogate=plan.loss.surrogate,
+        options=plan.terms,
+        sampler_logp=sampler,
     )
-    m = plan.mask[r].to(tok_loss.dtype)
     loss = plan.loss.obj(tok_loss, m, max_completion_length=plan.max_completion_length, num_items=plan.num_items)
     logged = loss.item()
-    # per-row losses: / accum; dapo (global denominator): x W against DDP's mean over ranks
+    # per-row losses: / accum; dapo, cispo, vespo (a global denominator): x W against DDP's mean over ranks
     loss = loss / plan.accum if plan.loss.divide_by_accum else loss * collectives.size()
     _backward(learner.accelerator, learner.model, loss, last)
-    _append(stats, {"loss": logged}, clip_stats(rho.detach(), credit.advantages[r], m, cfg.eps_low, cfg.eps_high))
+    _append(
+        stats, {"loss": logged}, surrogate_stats(plan.loss.surrogate, rho.detach(), credit.advantages[r], m, plan.terms)
+    )
     if kl is not None:
         _append(stats, {"kl": float((kl.detach() * m).sum() / m.sum().clamp(min=1))})
+
+
+def _sampler_weights(
+    cfg, old: torch.Tensor, sampler: torch.Tensor | None, m: torch.Tensor, stats
+) -> torch.Tensor | None:
+    """The importance weights [B, T] or [B, 1] of tokens another engine sampled (rollout=vllm; None otherwise or
+    with update.is_cap=0), in update.is_mode; the mismatch statistics go to `stats`."""
+    if sampler is None:
+        return None
+    modes = (cfg.get("is_cap", 2.0), cfg.get("is_mode", "token_truncate"), cfg.get("is_cap_min", 0.0))
+    w, mismatch = sampler_correction(old, sampler, m, *modes)
+    _append(stats, mismatch)
+    return w
 
 
 def _backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:

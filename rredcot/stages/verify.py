@@ -30,6 +30,7 @@ from rredcot.stages.contract import Checked
 from rredcot.stages.contract import check_golds as check_golds  # re-exported: its callers import it from here
 from rredcot.stages.guard import CRASHED, OVER_BUDGET, TIMEOUT, Guarded, run_guarded
 from rredcot.stages.reward_funcs import RewardCallable, build_callables, run_callables
+from rredcot.stages.shaping import NAME as OVERLONG
 from rredcot.task.arith import THINK_CLOSE, extract_answer
 from rredcot.types import Sample, Score, Verified
 from rredcot.ui import note
@@ -233,7 +234,7 @@ def build_reward_funcs(cfg: Any) -> RewardFuncs:
         return Checked(Guarded(v, timeout) if timeout else v, name)
 
     extra = {"format": (guarded("format"), float(cfg.format_weight))} if cfg.format_weight else {}
-    callables = build_callables(cfg, {"accuracy", *extra})
+    callables = build_callables(cfg, {"accuracy", *extra, OVERLONG})  # the overlong shaping's name is taken too
     return RewardFuncs(guarded(cfg.name, cfg.options), float(cfg.weight), extra, callables=callables)
 
 

@@ -79,9 +79,31 @@ def test_debug_fast_is_small():
     assert cfg.train.steps <= 5 and cfg.warmstart.steps <= 50
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "vespo"])
 def test_loss_types_compose(loss_type):
     assert load_config([f"update.loss_type={loss_type}"])["update"].loss_type == loss_type
+
+
+def test_cispo_needs_its_own_cap():
+    # cispo caps the ratio itself at eps_high (TRL's epsilon_high): our 0.2 would shrink every gradient
+    assert "update.eps_high=5.0" in _error(["update.loss_type=cispo"])
+    assert load_config(["update.loss_type=cispo", "update.eps_high=5.0"])["update"].loss_type == "cispo"
+
+
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["update.is_cap_min=2.5"], "must be below update.is_cap=2.0"),
+        (["update.is_mode=sequence"], "token_truncate, token_mask, sequence_truncate, sequence_mask"),
+        (["update.loss_type=vespo", "update.is_mode=sequence_mask"], "update.is_mode=token_truncate"),
+        (["update.importance_sampling_level=row"], "one of token, sequence"),
+        (["update.delta=0.9"], "a number > 1 (or null)"),
+        (["verify.overlong_buffer=49"], "longer than rollout.max_new_tokens=48"),
+        (["train.max_extra_generation_batches=-1"], "an integer >= 0"),
+    ],
+)
+def test_trl_and_dapo_options_are_checked_at_config_time(overrides, said):
+    assert said in _error(overrides)
 
 
 def _error(overrides) -> str:

@@ -41,6 +41,18 @@ CASES = {
         "update.micro_batch_size=2",
         "verify.format_weight=0.5",
     ],
+    # DAPO's dynamic sampling: which groups are dropped is decided on both ranks' rewards, extra batches are
+    # drawn on both, and the kept groups are dealt out again (rank 1 trains groups rank 0 sampled); overlong
+    # shaping in the rewards, and GSPO's sequence-level ratio over two passes
+    "dynamic": [
+        "algo=grpo",
+        "train.dynamic_sampling=true",
+        "train.max_extra_generation_batches=2",
+        "verify.format_weight=0.5",
+        "verify.overlong_buffer=8",
+        "update.num_iterations=2",
+        "update.importance_sampling_level=sequence",
+    ],
 }
 WEIGHT_TOL = 1e-5  # float32 sums in another order (DDP's average vs one process's accumulation); measured ~3e-7
 

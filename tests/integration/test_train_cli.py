@@ -296,3 +296,53 @@ def test_resume_uses_the_runs_own_config(tmp_path):
     assert [
         json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "reward/mean" in line
     ] == [1, 2, 3]
+
+
+DAPO = [  # dynamic sampling and overlong shaping, with TRL 1.16's GSPO ratio, two-sided clip and off-policy mask
+    "debug=fast",
+    "logging.progress=false",
+    "train.steps=2",
+    "train.save_every=1",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "train.samples_per_log=16",
+    "train.dynamic_sampling=true",
+    "train.max_extra_generation_batches=3",
+    "verify.format_weight=0.5",  # groups that differ (the debug model answers nothing right)
+    "verify.overlong_buffer=8",
+    "verify.overlong_penalty=0.5",
+    "update.num_iterations=2",  # ratios away from 1: the options below act
+    "update.importance_sampling_level=sequence",
+    "update.delta=1.5",
+    "update.off_policy_mask_threshold=0.5",
+]
+
+
+def test_dynamic_sampling_counts_and_a_resume_is_the_run_that_never_stopped(tmp_path):
+    """The counts add up (every generated group is trained on, dropped or surplus), the overlong penalty
+    is in the rewards, and a run resumed from step 1 draws step 2's prompts and extra batches exactly as the
+    uninterrupted run did (the prompt stream's state is in the checkpoint)."""
+    import shutil
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    cli("train", *DAPO, f"run_dir={whole}")
+    rows = _step_rows(whole)
+    P = 16 // 4  # prompts per step (debug=fast)
+    for r in rows:
+        drawn = P * (1 + r["sampling/extra_batches"])
+        assert drawn == P + r["sampling/dropped_groups"] + r["sampling/surplus_groups"], r
+        assert r["reward/overlong/mean"] < 0 and r["frac_reward_zero_std"] == 0  # nothing was filled
+    assert sum(r["sampling/dropped_groups"] for r in rows) > 0  # not vacuous: groups were dropped and redrawn
+
+    shutil.copytree(whole, resumed)  # as if it had stopped after step 1's checkpoint
+    shutil.rmtree(resumed / "checkpoints" / "step_000002")
+    (resumed / "eval.json").unlink()
+    cli("train", "resume=true", f"run_dir={resumed}", "logging.progress=false")
+    step2 = "samples/step_000002.jsonl"
+    assert (resumed / step2).read_text() == (whole / step2).read_text()
+    got, want = _step_rows(resumed)[-1], rows[-1]
+    for k, v in want.items():
+        if not k.startswith(("time/", "tokens/s", "memory/")):
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    a, b = (load_file(str(r / "checkpoints" / "step_000002" / "model.safetensors")) for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -29,7 +29,7 @@ LAYERS = [
         },
     ),
     ("collectives", {"collectives", "sharding"}),
-    ("log-probs and losses", {"logprobs", "losses", "advantages", "lora", "optim"}),
+    ("log-probs and losses", {"logprobs", "surrogates", "losses", "advantages", "lora", "optim", "dynamic_sampling"}),
     ("stages and tasks", {"stages", "stages.*", "task", "task.*"}),
     ("config", {"compose", "checks", "startup", "trackers"}),
     (

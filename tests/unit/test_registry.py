@@ -18,7 +18,16 @@ def test_every_stage_has_its_entries():
         "verdict",
         "vps",
     ]
-    assert registry.names("loss") == ["bnpo", "dapo", "dr_grpo", "grpo"]  # chosen by update.loss_type
+    assert registry.names("loss") == [  # chosen by update.loss_type: TRL 1.16's loss types
+        "bnpo",
+        "cispo",
+        "dapo",
+        "dr_grpo",
+        "grpo",
+        "luspo",
+        "sapo",
+        "vespo",
+    ]
     assert {"builtin", "gsm8k", "math", "format"} <= set(registry.names("verify"))
     assert registry.names("task") == ["builtin", "hf", "search"]
     assert registry.names("rollout") == ["sample", "vllm"]

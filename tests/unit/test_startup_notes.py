@@ -37,3 +37,18 @@ def test_a_carved_dev_split_is_said(capsys):
 def test_a_missing_chat_template_is_said(capsys):
     startup_notes(load_config(["task=gsm8k"]), load_tokenizer("builtin"))
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_trls_loss_warnings_and_dynamic_sampling_over_credit_are_said():
+    from rredcot.startup import loss_notes
+
+    said = lambda *o: " ".join(loss_notes(load_config(list(o))))  # noqa: E731
+    assert "meant for update.importance_sampling_level=sequence" in said("update.loss_type=luspo")
+    assert "importance_sampling_level=token fits it" in said(
+        "update.loss_type=vespo", "update.importance_sampling_level=sequence"
+    )
+    assert "GSPO's own setup is update.loss_type=grpo" in said("update.importance_sampling_level=sequence")
+    assert said("update.loss_type=grpo", "update.importance_sampling_level=sequence") == ""
+    assert "(equal_groups=keep) gives their traces credit" in said("train.dynamic_sampling=true")  # RREDCoT
+    assert said("train.dynamic_sampling=true", "algo=grpo") == ""  # GRPO: an all-equal group has advantage 0
+    assert said("train.dynamic_sampling=true", "redistribute.equal_groups=zero") == ""

@@ -116,7 +116,7 @@ def test_dapo_normaliser_is_the_whole_batch_when_given():
 def test_unknown_loss_type_lists_the_valid_ones():
     from rredcot.errors import UserError
 
-    with pytest.raises(UserError, match="bnpo, dapo, dr_grpo, grpo"):
+    with pytest.raises(UserError, match="bnpo, cispo, dapo, dr_grpo, grpo, luspo, sapo, vespo"):
         policy_loss(LOGP, LOGP, ADV, MASK, loss_type="ppo")
 
 
