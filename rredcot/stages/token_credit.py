@@ -164,7 +164,9 @@ def reweight_sigma(
       s = [.3, -.1], neutral .1, u = [.3, 0, .1], sum_j u_j n_j = .8 over L = 6 tokens -> sigma = [2.25, 0, .75].
     """
     K = len(bounds) - 1
-    inner = credits[:K].float() * (1.0 if advantage >= 0 else -1.0)
+    # float64: credits far below float32's normal range (hypothesis found r = 2.9e-43) lose the precision that
+    # sigma's normalisation needs; sigma itself goes back as float32
+    inner = credits[:K].double() * (1.0 if advantage >= 0 else -1.0)
     if K == 0 or advantage == 0 or bool(inner.max() == inner.min()):
         return torch.ones(K + 1)
     n = segment_tokens(bounds, length)
@@ -172,12 +174,12 @@ def reweight_sigma(
     s = torch.cat([inner, neutral.view(1)])
     if how == "signed":
         unit = ((s - neutral).abs() * n).sum() / n.sum()
-        return 1 + alpha * (s - neutral) / unit if unit > 0 else torch.ones(K + 1)
+        return (1 + alpha * (s - neutral) / unit).float() if unit > 0 else torch.ones(K + 1)
     u = torch.exp((s - s.max()) / tau) if how == "softmax" else s.clamp(min=0)
     total = (u * n).sum()
     if total <= 0:
         return torch.ones(K + 1)
-    return floor + (1 - floor) * u * n.sum() / total
+    return (floor + (1 - floor) * u * n.sum() / total).float()
 
 
 def sigma_weighted(ro: Rollout, seg: Segmented, A: torch.Tensor, sigmas: list[torch.Tensor]) -> torch.Tensor:
