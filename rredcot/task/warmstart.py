@@ -136,8 +136,10 @@ def train_warm_start(model: PreTrainedModel, tokenizer, cfg: Any, samples: list,
 
 
 @contextlib.contextmanager
-def _held(lock: Path):
-    """An exclusive lock on `lock` for the block (released by the kernel if the process dies: never stale)."""
+def exclusive(lock: Path):
+    """An exclusive lock on the file `lock` for the block, waiting for it if another process holds it
+    (flock: released by the kernel if the holder dies, so never stale). runlock.RunLock refuses instead of
+    waiting, for one writer per run directory."""
     with open(lock, "a") as fh:
         if fcntl is not None:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -174,7 +176,7 @@ def load_policy(cfg: Any, progress=None) -> tuple[PreTrainedModel, PreTrainedTok
     path = Path(cfg.cache_dir).expanduser() / "warmstart" / cache_key(cfg, samples)
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _held(path.with_name(path.name + ".lock")):  # parallel runs of one sweep: one trains, the rest wait
+        with exclusive(path.with_name(path.name + ".lock")):  # parallel runs of one sweep: one trains, the rest wait
             if not (path / "config.json").exists():  # (another process may have written it while we waited)
                 _train_into(path, cfg, tokenizer, samples, progress)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer

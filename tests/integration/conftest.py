@@ -134,13 +134,12 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     """A directory that `build(dir)` fills once per test session and every xdist worker shares (their base
     temp's parent is common): the first worker to ask builds it under an exclusive lock, the others wait and
     reuse it. For fixtures that train (each build is CPU the suite's 8 minutes cannot pay twice)."""
-    import fcntl
+    from rredcot.task.warmstart import exclusive
 
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
     root.mkdir(exist_ok=True)
-    with open(root / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if the worker dies
+    with exclusive(root / ".lock"):  # the warm-start cache's own lock
         if not (root / ".done").exists():
             build(root)
             (root / ".done").write_text("")

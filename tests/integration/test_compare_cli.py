@@ -8,10 +8,6 @@ import pytest
 
 from .conftest import built_once, cli
 
-# meant to keep this file on one xdist worker (make test passes --dist loadgroup), but measured 2026-12-03 with
-# xdist 3.x: both workers still get its tests; tiny_compare is built once either way (built_once: the other waits)
-pytestmark = pytest.mark.xdist_group("compare")
-
 
 @pytest.fixture(scope="session")
 def tiny_compare(tmp_path_factory):
