@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from rredcot.registry import get
+from rredcot.registry import entry, get
 from rredcot.sections import rollout_options, stage_options
 from rredcot.stages.context import PolicyContext
 from rredcot.stages.montecarlo import sample_from_ids
@@ -35,8 +35,9 @@ class Stages:
 
 def build_stages(cfg: DictConfig) -> Stages:
     sampling, backend = rollout_options(cfg.rollout)
+    reads_kv = entry("redistribute", cfg.redistribute.name).reads_kv  # the probes read the sampler's KV cache
     return Stages(
-        rollout=partial(sample_rollout, **sampling),
+        rollout=partial(sample_rollout, **sampling, keep_kv=reads_kv),
         make_backend=partial(get("rollout", cfg.rollout.name), **backend),
         reward_funcs=build_reward_funcs(cfg.verify),
         segment=partial(get("segment", cfg.segment.name), **stage_options(cfg.segment)),

@@ -58,6 +58,7 @@ class Entry:
     check: Callable[[Any, str], None] | None = None  # (options, key prefix) -> None: checks across several options
     needs_task_keys: tuple[str, ...] = ()  # task.* keys it reads (e.g. answer forcing: forcing_text)
     runs_backward: bool = False  # redistribute: a backward pass per trace (not under FSDP2 / ZeRO-3)
+    reads_kv: bool = False  # redistribute: its probes read the traces' keys and values (the sampler keeps its KV cache)
     warmstart: Callable[[Any, Any], list] | None = None  # task: (cfg, tokenizer) -> warm-start samples
     divide_by_accum: bool = True  # loss: the trainer divides it by the accumulation steps (False: global denominator)
     surrogate: str = "clip"  # loss: the per-token term it aggregates (rredcot/surrogates.py, SURROGATES)
@@ -86,8 +87,8 @@ _entry_points_loaded = False
 def register(stage: str, name: str, rules: Mapping[str, Any] | None = None, **contract: Any) -> Callable[[Any], Any]:
     """Decorator: file `obj` under `stage` as `name`, with what it declares (the fields of `Entry`:
     `rules`, option name -> rredcot.ranges.Rule, checked at config time before any work; `check`,
-    needs_task_keys, runs_backward, warmstart, divide_by_accum, surrogate, label). A duplicate name raises at import
-    time; so does a contract field that Entry does not have."""
+    needs_task_keys, runs_backward, reads_kv, warmstart, divide_by_accum, surrogate, label). A duplicate name raises at
+    import time; so does a contract field that Entry does not have."""
     if stage not in _REGISTRY:
         hint = f" (the loss aggregations are stage {RENAMED[stage]!r} now)" if stage in RENAMED else ""
         raise KeyError(f"unknown stage {stage!r}{hint}; stages are {', '.join(STAGES)}")

@@ -92,6 +92,7 @@ class Trainer(Setup):
                 seg = run_segment(ro, self.stages.segment, self.pieces, self.stages.marker)
             with timed(times, "redistribute"):
                 credit = self.stages.redistribute(ro, ver, seg, ctx)
+                ro.kv = None  # the probes are done: the sampler's KV cache goes before the gradient passes need memory
             with timed(times, "update"):
                 gathered.close()  # reshard: the gradient passes run sharded
                 self.backend.sleep()  # ... and the engine gives its memory to them
@@ -119,6 +120,8 @@ class Trainer(Setup):
                 first = (round_ * P + offset) * G  # global rows: round 0's are the plain step's
                 seeds = row_seeds(cfg.seed, "train", step, range(first, first + len(batch) * G))
                 ro = self.stages.rollout(self.backend, self.tokenizer, batch, seeds=seeds)
+                if cfg.train.get("dynamic_sampling", False):
+                    ro.kv = None  # the kept groups are regrouped into a new batch: the cache's rows would not match
             with timed(times, "verify"):
                 ver = run_verify(
                     ro.texts, ro.samples, self.stages.reward_funcs, cfg.verify.budget_s, completion_id_lists(ro), step

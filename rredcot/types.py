@@ -43,11 +43,26 @@ class Rollout:
     samples: list[Sample]  # N samples, each repeated group_size times
     group_size: int
     sampler_logprobs: torch.Tensor | None = None  # [N, T] an external sampler's own log-probs (rollout=vllm), else None
+    kv: list[RolloutKV] | None = None  # the sampler's KV caches, kept for the probes if asked (the trainer drops them)
 
     @property
     def lengths(self) -> torch.Tensor:
         """[N] completion tokens per row (including EOS)."""
         return self.completion_mask.sum(-1)
+
+
+@dataclass(frozen=True)
+class RolloutKV:
+    """The KV cache rollout=sample's sampler filled for rows lo .. lo + len(starts) - 1 of a Rollout: answer-forcing
+    probes attend to it instead of forwarding the traces again. Row i's trace position j (its prompt without the
+    left padding, then its completion) is cache column starts[i] + j, for j < held[i]: the cache holds every token
+    the sampler fed, which is all but the last sampled one."""
+
+    lo: int
+    cache: Any  # transformers DynamicCache: [rows, kv heads, columns, head dim] per layer
+    starts: list[int]
+    held: list[int]
+    model: Any  # the model that filled it: another one (a lagged critic) cannot read it
 
 
 @dataclass

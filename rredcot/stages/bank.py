@@ -106,10 +106,10 @@ def solution_values(
             for b in seg.boundaries[row]:
                 done = lines_written(ctx.tokenizer, completion, b) if solution_from == "aligned" else 0
                 own.append([_blocks(ctx.tokenizer, ctx.force_text, tail, s[done:]) for s in sols])
-            items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], [], [], own=own))
+            items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], [], [], own=own, row=row))
             owners.append(row)
             lens[row] = torch.tensor([[len(blk) - s0 for blk, s0 in probes] for probes in own], dtype=torch.float64)
-    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens)
+    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens, ro.kv)
     for row, logp in zip(owners, scored):  # logp [K+1, |bank|]
         logp = logp.double() / lens[row] if length_normalize else logp.double()
         values[row] = logp.exp().sum(-1).clamp(max=1.0).float()

@@ -20,12 +20,14 @@ with a 150k vocabulary no longer materialises gigabytes of logits to read a few 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from rredcot.logprobs import selective_log_softmax
+from rredcot.stages.probe_layout import Query, build_query, packed_layout, scores
 from rredcot.stages.rollout import cache_kwarg, forward_takes
+from rredcot.types import RolloutKV
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class ProbeItem:
     blocks: list[torch.Tensor]
     scored_from: list[int]
     own: list[list[tuple[torch.Tensor, int]]] | None = None
+    row: int | None = None  # the rollout row it came from (its trace may be in the rollout's KV cache)
 
     def at(self, k: int) -> list[tuple[torch.Tensor, int]]:
         """The probes after boundary k: [(block ids, scored_from)] in answer order."""
@@ -66,62 +69,59 @@ class ProbeItem:
         return len(self.trace_ids) + self.probe_tokens
 
 
-def _layout(item: ProbeItem):
-    """ids [S], positions [S], allowed [S, S] bool, and per probe (k, a): (scored indices, predictor indices)."""
-    L = len(item.trace_ids)
-    ids, pos, spans = [item.trace_ids], [torch.arange(L)], []
-    start = L
-    for k, b in enumerate(item.boundaries):
-        for blk, s0 in item.at(k):
-            ids.append(blk)
-            pos.append(torch.arange(b, b + len(blk)))
-            spans.append((start, len(blk), b, s0))
-            start += len(blk)
-    allowed = torch.zeros(start, start, dtype=torch.bool)
-    allowed[:L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
-    targets, predictors = [], []
-    for s, n, b, s0 in spans:
-        allowed[s : s + n, :b] = True  # the trace prefix
-        allowed[s : s + n, s : s + n] = torch.ones(n, n, dtype=torch.bool).tril()  # itself, causally
-        tgt = torch.arange(s + s0, s + n)
-        prd = tgt - 1
-        if s0 == 0:
-            prd[0] = b - 1  # the first scored token is predicted by the last token of the prefix
-        targets.append(tgt)
-        predictors.append(prd)
-    return torch.cat(ids), torch.cat(pos), allowed, targets, predictors
+def _queries(item: ProbeItem, cached: int | None, budget: int, columns: int) -> list[tuple[int, Query]]:
+    """item's Query (cached: the trace tokens a cache of `columns` columns holds), split by boundaries into
+    pieces whose mask (Q x (columns + Q)) stays within `budget` elements: [(first boundary, Query)]."""
+    K, out, k0 = len(item.boundaries), [], 0
+    per = max(1, item.probe_tokens // max(K, 1))  # probe tokens per boundary
+    step = max(1, min(K, budget // max(per * (columns + item.probe_tokens), 1))) if cached is not None else K
+    while k0 < K:
+        part = replace(
+            item,
+            boundaries=item.boundaries[k0 : k0 + step],
+            own=None if item.own is None else item.own[k0 : k0 + step],
+        )
+        out.append((k0, build_query(part, cached)))
+        k0 += step
+    return out
+
+
+def _logits(model, ids, pos, allowed, keep, **kw) -> torch.Tensor:
+    """One no-grad forward with a custom 4-D mask (allowed [B, 1, Q, keys] bool), projecting only the `keep`
+    rows to the vocabulary: [B, len(keep), V]."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}
+    return model(
+        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), **extra, **kw
+    ).logits
+
+
+def _read(logits, row: int, q: Query, predictors, keep, width: int, temperature: float) -> torch.Tensor:
+    """Row `row`'s [K+1, |A|] summed log-probs from logits [B, len(keep), V] (predictors: sequence indices)."""
+    column = torch.full((int(keep.max()) + 1,), -1, dtype=torch.long)
+    column[keep] = torch.arange(len(keep))
+    lg = logits[row, column[predictors].to(logits.device)].float() / temperature  # [M, V]
+    return scores(selective_log_softmax(lg, q.ids[q.targets].to(logits.device)), q, width).cpu()
 
 
 @torch.no_grad()
 def probe_logprobs_batch(model, items: list[ProbeItem], temperature: float = 1.0) -> list[torch.Tensor]:
     """Packed path for several traces in one forward: per item a [K+1, |A|] tensor of summed log-probs."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    layouts = [_layout(it) for it in items]
+    queries = [build_query(it) for it in items]
+    layouts = [packed_layout(it, q) for it, q in zip(items, queries)]
     S, B = max(len(lay[0]) for lay in layouts), len(items)
     ids = torch.zeros(B, S, dtype=torch.long)
     pos = torch.zeros(B, S, dtype=torch.long)
     allowed = torch.zeros(B, 1, S, S, dtype=torch.bool)
-    for i, (x, p, a, _, _) in enumerate(layouts):
+    for i, (x, p, a, _) in enumerate(layouts):
         n = len(x)
         ids[i, :n], pos[i, :n], allowed[i, 0, :n, :n] = x, p, a
         allowed[i, 0, n:, 0] = True  # padding rows attend to something, so softmax stays finite
-    mask = torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    keep = torch.unique(torch.cat([torch.cat(lay[4]) for lay in layouts]))  # [P] rows any probe reads
-    extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}
-    logits = model(
-        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), **extra
-    ).logits
-    column = torch.full((S,), -1, dtype=torch.long)
-    column[keep] = torch.arange(len(keep))
-    out = []
-    for i, (x, _, _, targets, predictors) in enumerate(layouts):
-        rows = [column[prd] if extra else prd for prd in predictors]
-        scores = [
-            selective_log_softmax(logits[i, r.to(device)].float() / temperature, x[t].to(device)).sum()
-            for t, r in zip(targets, rows)
-        ]
-        out.append(torch.stack(scores).view(len(items[i].boundaries), items[i].width).cpu())
-    return out
+    keep = torch.unique(torch.cat([lay[3] for lay in layouts]))  # [P] rows any probe reads
+    logits = _logits(model, ids, pos, allowed, keep)
+    rows = enumerate(zip(items, queries, layouts))
+    return [_read(logits, i, q, lay[3], keep, it.width, temperature) for i, (it, q, lay) in rows]
 
 
 def _crop(cache, length: int) -> None:
@@ -132,33 +132,109 @@ def _crop(cache, length: int) -> None:
 
 
 @torch.no_grad()
-def probe_logprobs_cached(model, item: ProbeItem, temperature: float = 1.0) -> torch.Tensor:
-    """Cached path for one (long) trace: [K+1, |A|], the same numbers as the packed path."""
+def _on_cache(model, cache, rows: list[tuple[Query, int]], temperature: float, widths: list[int]) -> list[torch.Tensor]:
+    """One forward of several rows' queries on a KV cache of as many rows ([B, heads, C, d] per layer); row i's
+    trace position j is cache column starts[i] + j. rows: (Query, start) per cache row. The cache is cropped
+    back to its C columns afterwards (it may be read again)."""
+    C, B = cache.get_seq_length(), len(rows)
+    Qm = max(len(q.ids) for q, _ in rows)
+    ids = torch.zeros(B, Qm, dtype=torch.long)
+    pos = torch.zeros(B, Qm, dtype=torch.long)
+    allowed = torch.zeros(B, 1, Qm, C + Qm, dtype=torch.bool)
+    cols = torch.arange(C)
+    for i, (q, start) in enumerate(rows):
+        n = len(q.ids)
+        ids[i, :n], pos[i, :n] = q.ids, q.pos
+        allowed[i, 0, :n, :C] = (cols[None, :] >= start) & (cols[None, :] < start + q.prefix[:, None])
+        allowed[i, 0, :n, C : C + n] = q.visible()
+        pad = torch.arange(n, Qm)
+        allowed[i, 0, pad, C + pad] = True  # padding rows attend to themselves, so softmax stays finite
+    keep = torch.unique(torch.cat([q.predictors for q, _ in rows]))  # cached queries: every predictor is a query token
+    try:
+        logits = _logits(model, ids, pos, allowed, keep, use_cache=True, **{cache_kwarg(model): cache})
+    finally:
+        _crop(cache, C)
+    return [_read(logits, i, q, q.predictors, keep, w, temperature) for i, ((q, _), w) in enumerate(zip(rows, widths))]
+
+
+@torch.no_grad()
+def probe_logprobs_cached(model, item: ProbeItem, temperature: float = 1.0, budget: int = 1 << 26) -> torch.Tensor:
+    """Cached path for one (long) trace: one forward of the trace fills a KV cache (no logits but the last),
+    then every probe runs on it, in as few forwards as keep the mask within `budget` elements: [K+1, |A|],
+    the same numbers as the packed path. Memory grows with L, not with S^2."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    trace = item.trace_ids.to(device)
-    cache, kw = DynamicCache(), cache_kwarg(model)
-    model(input_ids=trace[None], use_cache=True, logits_to_keep=1, **{kw: cache})
-    out = torch.zeros(len(item.boundaries), item.width)
-    for k in sorted(range(len(item.boundaries)), key=lambda k: -item.boundaries[k]):
-        b = item.boundaries[k]
-        for j, (blk, s0) in enumerate(item.at(k)):
-            _crop(cache, b - 1)  # re-feed the prefix's last token: it predicts the first answer token when s0 == 0
-            seq = torch.cat([trace[b - 1 : b], blk.to(device)])
-            logits = (
-                model(
-                    input_ids=seq[None],
-                    position_ids=torch.arange(b - 1, b - 1 + len(seq), device=device)[None],
-                    use_cache=True,
-                    **{kw: cache},
-                )
-                .logits[0]
-                .float()
-                / temperature
+    cache, L = DynamicCache(), len(item.trace_ids)
+    model(input_ids=item.trace_ids.to(device)[None], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    parts = [_on_cache(model, cache, [(q, 0)], temperature, [item.width])[0] for _, q in _queries(item, L, budget, L)]
+    return torch.cat(parts)
+
+
+def _usable(model, kv: list[RolloutKV] | None) -> bool:
+    """Whether the rollout's caches can serve this model's probes: filled by this very model (a lagged critic is
+    another), every layer a full-length cache (a sliding-window layer has dropped the trace's start)."""
+    if not kv or any(c.model is not model for c in kv):
+        return False
+    return all(type(layer).__name__ == "DynamicLayer" for c in kv for layer in getattr(c.cache, "layers", [None]))
+
+
+def _rows_of(cache, rows: list[int]):
+    """A DynamicCache of some of the cache's rows (a copy: the probe forward appends to it)."""
+    from transformers import DynamicCache
+
+    sub, index = DynamicCache(), torch.tensor(rows, device=cache.layers[0].keys.device)
+    for i, layer in enumerate(cache.layers):
+        sub.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), i)
+    return sub
+
+
+def _on_rollout_cache(model, items, kv, out, temperature: float, budget: int, max_tokens: int) -> set[int]:
+    """Scores (into `out`) the items whose row's trace is in the rollout's KV cache; returns their indices."""
+    if not _usable(model, kv):
+        return set()
+    done: set[int] = set()
+    for c in kv:
+        C, n = c.cache.get_seq_length(), len(c.starts)
+        mine = [i for i, it in enumerate(items) if it.row is not None and c.lo <= it.row < c.lo + n]
+        pieces = [  # (item, first boundary, cache row, Query)
+            (i, k0, items[i].row - c.lo, q)
+            for i in mine
+            for k0, q in _queries(items[i], c.held[items[i].row - c.lo], budget, C)
+        ]
+        parts: dict[int, list[tuple[int, torch.Tensor]]] = {i: [] for i in mine}
+        for batch in _batches(pieces, C, budget, max_tokens):
+            rows = [r for _, _, r, _ in batch]
+            cache = c.cache if rows == list(range(n)) else _rows_of(c.cache, rows)
+            got = _on_cache(
+                model,
+                cache,
+                [(q, c.starts[r]) for _, _, r, q in batch],
+                temperature,
+                [items[i].width for i, _, _, _ in batch],
             )
-            out[k, j] = selective_log_softmax(logits[s0 : len(seq) - 1], seq[s0 + 1 :]).sum().cpu()
-    return out
+            for (i, k0, _, _), g in zip(batch, got):
+                parts[i].append((k0, g))
+        for i in mine:
+            out[i] = torch.cat([g for _, g in sorted(parts[i], key=lambda p: p[0])])
+        done.update(mine)
+    return done
+
+
+def _batches(pieces, C: int, budget: int, max_tokens: int):
+    """Consecutive pieces grouped into forwards: rows x Q_max x (C + Q_max) mask elements within `budget`,
+    query tokens within `max_tokens`."""
+    batch, qmax, tokens = [], 0, 0
+    for p in pieces:
+        q = len(p[3].ids)
+        wider = max(qmax, q)
+        if batch and ((len(batch) + 1) * wider * (C + wider) > budget or tokens + q > max_tokens):
+            yield batch
+            batch, wider, tokens = [], q, 0
+        batch.append(p)
+        qmax, tokens = wider, tokens + q
+    if batch:
+        yield batch
 
 
 def score_items(
@@ -167,24 +243,34 @@ def score_items(
     temperature: float = 1.0,
     max_batch_tokens: int = 16384,
     packed_max_tokens: int = 8192,
-):
-    """Yields each item's [K+1, |A|] log-probs in order: items whose packed sequence fits
-    `packed_max_tokens` go packed, several per forward up to `max_batch_tokens`; longer ones cached."""
+    kv: list[RolloutKV] | None = None,
+) -> list[torch.Tensor]:
+    """Each item's [K+1, |A|] log-probs, in order. Items of rows whose trace the rollout's KV cache holds
+    (`kv`, filled by this same model) are scored on it: only their probe tokens are forwarded. Others whose
+    packed sequence fits `packed_max_tokens` go packed, several per forward up to `max_batch_tokens`; longer
+    ones through a KV cache of their own."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    cached = _on_rollout_cache(model, items, kv, out, temperature, packed_max_tokens**2, max_batch_tokens)
+    rest = [i for i in range(len(items)) if i not in cached]
     chunk, size = [], 0
-    for it in items:
+
+    def flush():
+        for i, s in zip(chunk, probe_logprobs_batch(model, [items[j] for j in chunk], temperature)):
+            out[i] = s
+
+    for i in rest:
+        it = items[i]
         if it.packed_tokens > packed_max_tokens:
-            if chunk:
-                yield from probe_logprobs_batch(model, chunk, temperature)
-                chunk, size = [], 0
-            yield probe_logprobs_cached(model, it, temperature)
+            out[i] = probe_logprobs_cached(model, it, temperature, budget=packed_max_tokens**2)
             continue
         if chunk and size + it.packed_tokens > max_batch_tokens:
-            yield from probe_logprobs_batch(model, chunk, temperature)
+            flush()
             chunk, size = [], 0
-        chunk.append(it)
+        chunk.append(i)
         size += it.packed_tokens
     if chunk:
-        yield from probe_logprobs_batch(model, chunk, temperature)
+        flush()
+    return out
 
 
 def probe_logprobs(

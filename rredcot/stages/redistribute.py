@@ -82,7 +82,7 @@ def uniform(
     return Credit(advantages=adv[:, None] * ro.completion_mask, valid=~torch.isnan(ver.rewards), segment_credit=per_seg)
 
 
-@register("redistribute", "rredcot", RULES, needs_task_keys=("forcing_text",))
+@register("redistribute", "rredcot", RULES, needs_task_keys=("forcing_text",), reads_kv=True)
 def rredcot(
     ro,
     ver,
@@ -154,10 +154,10 @@ reference.__signature__ = inspect.signature(rredcot).replace(
         for p in inspect.signature(rredcot).parameters.values()
     ]
 )
-register("redistribute", "reference", RULES, needs_task_keys=("forcing_text",))(reference)
+register("redistribute", "reference", RULES, needs_task_keys=("forcing_text",), reads_kv=True)(reference)
 
 
-@register("redistribute", "vps", RULES, needs_task_keys=("forcing_text",))
+@register("redistribute", "vps", RULES, needs_task_keys=("forcing_text",), reads_kv=True)
 def vps(
     ro,
     ver,
@@ -192,7 +192,7 @@ def vps(
     return _credit(ro, ver, seg, values, stats, group_size, **modes, sigma=sigma, tau=tau, sigma_floor=sigma_floor)
 
 
-@register("redistribute", "verdict", RULES)
+@register("redistribute", "verdict", RULES, reads_kv=True)
 def verdict(
     ro,
     ver,

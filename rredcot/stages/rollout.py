@@ -22,7 +22,7 @@ from rredcot.lora import base_model
 from rredcot.ranges import COUNT
 from rredcot.registry import register
 from rredcot.stages.sampling import draw, filter_logits, keyed_uniforms, pad_cat
-from rredcot.types import Rollout, Sample
+from rredcot.types import Rollout, RolloutKV, Sample
 
 
 def forward_takes(model, name: str) -> bool:
@@ -60,6 +60,7 @@ def generate(
     top_k: int = 0,
     greedy: bool = False,
     uniforms: torch.Tensor | None = None,
+    keep_cache: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Sample completions for left-padded prompts [N, P].
 
@@ -67,6 +68,8 @@ def generate(
     and truncated [N]. Rows stop at any of the EOS ids (included in the mask); the loop ends when all
     have stopped. Token t of row i is drawn with uniforms[i, t] ([N, >= max_new_tokens], keyed per row:
     a row's completion does not depend on which other rows share its batch); None: torch's generator.
+    keep_cache: also return the KV cache and how many completion tokens it holds (all but the last sampled one:
+    no forward is spent on a token nothing will be sampled after).
     """
     n = prompt_ids.shape[0]
     mask = prompt_mask.clone()
@@ -78,7 +81,7 @@ def generate(
     kw = cache_kwarg(model)
     toks, alive, logps, ents = [], [], [], []
     pos = pos[:, -1:]
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         scaled = out.logits[:, -1].float() / (1.0 if greedy else temperature)  # [N, V]
         logp_all = torch.log_softmax(scaled, dim=-1)
         if greedy:
@@ -93,7 +96,7 @@ def generate(
         logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1))
         ents.append(entropy_from_logits(scaled))
         done = done | torch.isin(tok, stops)
-        if bool(done.all()):
+        if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos + 1
@@ -101,7 +104,8 @@ def generate(
     completion_mask = torch.stack(alive, 1).long()  # [N, T]
     logprobs = torch.stack(logps, 1) * completion_mask
     entropies = torch.stack(ents, 1) * completion_mask
-    return torch.stack(toks, 1), completion_mask, logprobs, entropies, ~done
+    out = (torch.stack(toks, 1), completion_mask, logprobs, entropies, ~done)
+    return (*out, cache, len(toks) - 1) if keep_cache else out
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Generations:
     logprobs: torch.Tensor  # [N, T] the sampler's log-prob of each token (temperature-scaled logits)
     entropies: torch.Tensor | None  # [N, T] the sampler's entropy per step; None: the sampler does not give them
     truncated: torch.Tensor  # [N] bool, no stop token within the budget
+    kv: list[RolloutKV] | None = None  # the sampler's KV caches, when asked for and the backend has them
 
 
 class RolloutBackend:
@@ -138,6 +143,7 @@ class RolloutBackend:
     """
 
     external = False
+    keeps_kv = False  # generate(..., keep_kv=True) returns its KV caches (Generations.kv)
     chunk_size = 256
     score_batch_size = 8  # rows per trainer forward when an external backend's tokens are re-scored
 
@@ -163,7 +169,11 @@ class RolloutBackend:
 
 class KVCacheBackend(RolloutBackend):
     """The reference backend: the trainer's own model sampled with its KV cache, `chunk_size` rows at a
-    time. Its log-probs are the trainer's, so there is nothing to correct and nothing to copy."""
+    time. Its log-probs are the trainer's, so there is nothing to correct and nothing to copy. With keep_kv
+    the chunks' caches are returned for the answer-forcing probes (held until the trainer drops them: the
+    whole batch's cache at once, not one chunk's)."""
+
+    keeps_kv = True
 
     def __init__(self, model, tokenizer, chunk_size: int = 256):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
@@ -178,11 +188,12 @@ class KVCacheBackend(RolloutBackend):
         sampling: Sampling,
         budgets: list[int] | None = None,
         seeds: list[int] | None = None,
+        keep_kv: bool = False,
     ) -> Generations:
         model, tok = self.model, self.tokenizer
         was_training = model.training
         model.eval()
-        parts = []
+        parts, kv = [], []
         for lo in range(0, prompt_ids.shape[0], self.chunk_size):
             sl = slice(lo, lo + self.chunk_size)
             budget = max(budgets[sl]) if budgets else sampling.max_new_tokens
@@ -200,12 +211,23 @@ class KVCacheBackend(RolloutBackend):
                     top_k=sampling.top_k,
                     greedy=sampling.greedy,
                     uniforms=u,
+                    keep_cache=keep_kv,
                 )
             )
+            if keep_kv:
+                kv.append(_rollout_kv(lo, prompt_mask[sl], parts[-1], model))
+                parts[-1] = parts[-1][:5]
         model.train(was_training)
         fill = (tok.pad_token_id, 0, 0.0, 0.0)
         ids, mask, logp, ent = (pad_cat([p[i] for p in parts], fill[i]) for i in range(4))
-        return Generations(ids, mask, logp, ent, torch.cat([p[4] for p in parts]))
+        return Generations(ids, mask, logp, ent, torch.cat([p[4] for p in parts]), kv=kv or None)
+
+
+def _rollout_kv(lo: int, prompt_mask: torch.Tensor, out: tuple, model) -> RolloutKV:
+    """A chunk's cache and where each row's trace lies in it: prompt_mask [n, P]; out: generate()'s 7-tuple."""
+    plen = prompt_mask.sum(-1)  # [n] real prompt tokens (left padding before them)
+    fed = out[1].sum(-1).clamp(max=out[6])  # [n] completion tokens in the cache
+    return RolloutKV(lo, out[5], (prompt_mask.shape[1] - plen).tolist(), (plen + fed).tolist(), model)
 
 
 @register("rollout", "sample", rules={"chunk_size": COUNT})
@@ -247,6 +269,7 @@ def sample_rollout(
     greedy: bool = False,
     score: bool = True,
     seeds: list[int] | None = None,
+    keep_kv: bool = False,
 ) -> Rollout:
     """`group_size` completions for each sample from `backend` (or a model: the reference backend).
 
@@ -254,14 +277,18 @@ def sample_rollout(
 
     An external backend's tokens are re-scored by the trainer (log-probs, entropies) when `score`
     (evaluation needs neither); its own log-probs are kept as `sampler_logprobs` for the update's
-    importance correction."""
+    importance correction. keep_kv: keep the sampler's KV caches (Rollout.kv) for the probes, where the backend
+    has them (rollout=sample)."""
     backend = as_backend(backend, tokenizer)
     repeated = [s for s in samples for _ in range(group_size)]
     device = next(backend.model.parameters()).device
     enc = tokenizer([s.prompt for s in repeated], return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k, greedy)
-    gen = backend.generate(prompt_ids, prompt_mask, sampling, **({"seeds": seeds} if seeds is not None else {}))
+    extra = {"seeds": seeds} if seeds is not None else {}
+    if keep_kv and backend.keeps_kv:
+        extra["keep_kv"] = True
+    gen = backend.generate(prompt_ids, prompt_mask, sampling, **extra)
     logp, ent, sampler_logp = gen.logprobs, gen.entropies, None
     if backend.external:
         sampler_logp = gen.logprobs
@@ -284,4 +311,5 @@ def sample_rollout(
         repeated,
         group_size,
         sampler_logprobs=sampler_logp,
+        kv=gen.kv,
     )

@@ -121,11 +121,11 @@ def _forced_once(
         blocks, starts = probe_blocks(ctx.tokenizer, force, [cands[i] + close for i in keep])
         for row in range(g0, g0 + group_size):
             ids, plen = trace_ids(ro, row)
-            items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], blocks, starts))
+            items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], blocks, starts, row=row))
             owners.append(row)
             utils[row] = torch.tensor([u[i] for i in keep])
             lens[row] = torch.tensor([len(b) - s for b, s in zip(blocks, starts)], dtype=torch.float)
-    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens)
+    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens, ro.kv)
     for row, logp in zip(owners, scored):  # logp [K+1, |A|]
         if length_normalize:
             logp = logp / lens[row]
@@ -157,7 +157,7 @@ def verdict_values(
     items = []
     for row, bounds in enumerate(seg.boundaries):
         ids, plen = trace_ids(ro, row)
-        items.append(ProbeItem(ids, [plen + b for b in bounds], blocks, starts))
-    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens)
+        items.append(ProbeItem(ids, [plen + b for b in bounds], blocks, starts, row=row))
+    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens, ro.kv)
     values = [torch.sigmoid(logp[:, 0] - logp[:, 1]) for logp in scored]  # logp [K+1, 2]
     return values, {"credit/probe_tokens_per_trace": sum(it.probe_tokens for it in items) / max(len(items), 1)}

@@ -89,8 +89,11 @@ def test_only_the_predictor_rows_reach_the_lm_head():
     item = ProbeItem.from_parts(TRACE, [21, 39], FORCE, ANSWERS)
     probe_logprobs_batch(model, [item])
     S = item.packed_tokens
-    rows = sum(len(a) for a in ANSWERS) * 2  # one predictor per scored answer token, 2 boundaries
-    assert seen[0][1] == rows < S  # not every packed position (the old path built S x V logits)
+    # answers 1 4 </s> | 1 3 </s> | 1 4 0 </s> share their "1", scored once per boundary: the predictors are
+    # the forcing text's last token (-> 1), the shared 1 (-> 4, 3, 4), then 4 | 3 | 4, 0 of the branches:
+    # 6 rows x 2 boundaries
+    assert [len(a) for a in ANSWERS] == [3, 3, 4]
+    assert seen[0][1] == 12 < S  # not every packed position (the old path built S x V logits)
 
 
 def test_probe_tokens_count():
