@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rredcot.logprobs import selective_log_softmax
+from rredcot.lora import base_model
 from rredcot.stages.probe_layout import Query, build_query, packed_layout, scores
 from rredcot.stages.rollout import cache_kwarg, forward_takes
 from rredcot.types import RolloutKV
@@ -86,23 +87,56 @@ def _queries(item: ProbeItem, cached: int | None, budget: int, columns: int) -> 
     return out
 
 
-def _logits(model, ids, pos, allowed, keep, **kw) -> torch.Tensor:
-    """One no-grad forward with a custom 4-D mask (allowed [B, 1, Q, keys] bool), projecting only the `keep`
-    rows to the vocabulary: [B, len(keep), V]."""
+# Model types whose logits are exactly lm_head(the decoder's last hidden state): their probe pass projects only
+# the (row, position) pairs a probe reads (checked against transformers 5.24's modeling_llama, _qwen2, _qwen3,
+# _qwen3_moe, _qwen2_moe, _mistral, _mixtral, _phi3). Others (Gemma's soft-capping, Cohere's logit_scale, Granite,
+# Falcon-H1, ...) go through the model's own forward with logits_to_keep (the union of the rows' positions).
+PLAIN_HEAD = {"llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mistral", "mixtral", "phi3"}
+HEAD_ROWS = 256  # rows projected to the vocabulary at a time: 256 x 151,936 fp32 logits = 156 MB
+
+
+def _split_head(model):
+    """(decoder, lm_head) when the model's logits are lm_head(decoder(...).last_hidden_state), else None."""
+    base = base_model(model)
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD:
+        return None
+    dec, head = base.get_decoder(), base.get_output_embeddings()
+    return (dec, head) if dec is not None and dec is not base and head is not None else None
+
+
+def _token_logprobs(model, ids, pos, allowed, preds, tgts, temperature: float, **kw) -> list[torch.Tensor]:
+    """One no-grad forward of ids [B, Q] with a custom 4-D mask (allowed [B, 1, Q, keys] bool); per row i the
+    log-probs [M_i] of tokens tgts[i] at the positions preds[i] that predict them. Each distinct (row, position)
+    is projected to the vocabulary once, HEAD_ROWS at a time (its log-normaliser shared by every token it predicts)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}
-    return model(
-        input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device), **extra, **kw
-    ).logits
-
-
-def _read(logits, row: int, q: Query, predictors, keep, width: int, temperature: float) -> torch.Tensor:
-    """Row `row`'s [K+1, |A|] summed log-probs from logits [B, len(keep), V] (predictors: sequence indices)."""
-    column = torch.full((int(keep.max()) + 1,), -1, dtype=torch.long)
-    column[keep] = torch.arange(len(keep))
-    lg = logits[row, column[predictors].to(logits.device)].float() / temperature  # [M, V]
-    return scores(selective_log_softmax(lg, q.ids[q.targets].to(logits.device)), q, width).cpu()
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).to(device)
+    uniq = [torch.unique(p, return_inverse=True) for p in preds]  # per row: (positions [U_i], index of each [M_i])
+    rows = torch.cat([torch.full((len(u),), i) for i, (u, _) in enumerate(uniq)])  # [U]
+    where = torch.cat([u for u, _ in uniq])  # [U]
+    offsets = torch.tensor([0] + [len(u) for u, _ in uniq]).cumsum(0)
+    pair = torch.cat([inv + offsets[i] for i, (_, inv) in enumerate(uniq)]).to(device)  # [M] each token's pair
+    target = torch.cat(tgts).to(device)  # [M]
+    inputs = dict(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask, **kw)
+    split = _split_head(model)
+    if split is not None:
+        hidden = split[0](**inputs).last_hidden_state[rows.to(device), where.to(device)]  # [U, H]
+        project = split[1]
+    else:  # the model's own logits, at the union of the rows' positions
+        keep = torch.unique(where)
+        extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}
+        logits = model(**inputs, **extra).logits  # [B, len(keep), V]
+        hidden = logits[rows.to(device), torch.searchsorted(keep, where).to(device)]  # [U, V]
+        project = None
+    out = torch.empty(len(target), device=device)
+    for lo in range(0, len(where), HEAD_ROWS):
+        lg = hidden[lo : lo + HEAD_ROWS]
+        lg = (project(lg) if project is not None else lg.clone()).float()  # [c, V], a tensor of its own
+        if temperature != 1.0:
+            lg.div_(temperature)  # in place: no second [c, V] copy
+        sel = ((pair >= lo) & (pair < lo + HEAD_ROWS)).nonzero().squeeze(-1)
+        r = pair[sel] - lo
+        out[sel] = lg[r, target[sel]] - torch.logsumexp(lg, -1)[r]
+    return list(out.cpu().split([len(t) for t in tgts]))
 
 
 @torch.no_grad()
@@ -118,10 +152,9 @@ def probe_logprobs_batch(model, items: list[ProbeItem], temperature: float = 1.0
         n = len(x)
         ids[i, :n], pos[i, :n], allowed[i, 0, :n, :n] = x, p, a
         allowed[i, 0, n:, 0] = True  # padding rows attend to something, so softmax stays finite
-    keep = torch.unique(torch.cat([lay[3] for lay in layouts]))  # [P] rows any probe reads
-    logits = _logits(model, ids, pos, allowed, keep)
-    rows = enumerate(zip(items, queries, layouts))
-    return [_read(logits, i, q, lay[3], keep, it.width, temperature) for i, (it, q, lay) in rows]
+    tgts = [q.ids[q.targets] for q in queries]
+    got = _token_logprobs(model, ids, pos, allowed, [lay[3] for lay in layouts], tgts, temperature)
+    return [scores(g, q, it.width) for g, q, it in zip(got, queries, items)]
 
 
 def _crop(cache, length: int) -> None:
@@ -149,12 +182,13 @@ def _on_cache(model, cache, rows: list[tuple[Query, int]], temperature: float, w
         allowed[i, 0, :n, C : C + n] = q.visible()
         pad = torch.arange(n, Qm)
         allowed[i, 0, pad, C + pad] = True  # padding rows attend to themselves, so softmax stays finite
-    keep = torch.unique(torch.cat([q.predictors for q, _ in rows]))  # cached queries: every predictor is a query token
+    preds, tgts = [q.predictors for q, _ in rows], [q.ids[q.targets] for q, _ in rows]  # cached: predictors >= 0
     try:
-        logits = _logits(model, ids, pos, allowed, keep, use_cache=True, **{cache_kwarg(model): cache})
+        kw = {"use_cache": True, cache_kwarg(model): cache}
+        got = _token_logprobs(model, ids, pos, allowed, preds, tgts, temperature, **kw)
     finally:
         _crop(cache, C)
-    return [_read(logits, i, q, q.predictors, keep, w, temperature) for i, ((q, _), w) in enumerate(zip(rows, widths))]
+    return [scores(g, q, w) for g, (q, _), w in zip(got, rows, widths)]
 
 
 @torch.no_grad()

@@ -93,7 +93,8 @@ def test_only_the_predictor_rows_reach_the_lm_head():
     # the forcing text's last token (-> 1), the shared 1 (-> 4, 3, 4), then 4 | 3 | 4, 0 of the branches:
     # 6 rows x 2 boundaries
     assert [len(a) for a in ANSWERS] == [3, 3, 4]
-    assert seen[0][1] == 12 < S  # not every packed position (the old path built S x V logits)
+    rows = seen[0].numel() // seen[0][-1]  # the head's input: [12, H] hidden states (of the one packed row)
+    assert len(seen) == 1 and rows == 12 < S  # not every packed position (the old path built S x V logits)
 
 
 def test_probe_tokens_count():
