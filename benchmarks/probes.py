@@ -144,7 +144,8 @@ def run(quick: bool = False) -> Report:
         grid += [("qwen2-vocab", L, K, 4) for L in (256, 1024, 4096, 16384, 32768) for K in (8, 32, 128)]
         grid += [("qwen2-vocab", 1024, 32, 1)]
         lengths, repeats = [1024, 4096, 16384, 32768], 3
-    rep = Report("Probe scoring: packed and KV-cache paths against one forward per probe" + (" [quick]" if quick else ""))
+    title = "Probe scoring: packed and KV-cache paths against one forward per probe"
+    rep = Report(title + (" [quick]" if quick else ""))
     models: dict[tuple[str, int], object] = {}
     for kind, L, K, A in grid:
         model = models.setdefault((kind, L), ns["model_of"](L, kind))

@@ -71,8 +71,15 @@ def run(quick: bool = False) -> Report:
     med = measure(overrides, steps)
     r, g = med["rredcot"], med["grpo"]
     rep = Report("Step overhead: algo=rredcot against algo=grpo (built-in default)" + (" [quick]" if quick else ""))
-    rep.rows = [{"stage": s, "grpo (s)": g[s], "rredcot (s)": r[s], "rredcot - grpo (s)": r[s] - g[s]} for s in STAGES]
-    rep.rows.append({"stage": "whole step", "grpo (s)": g["step"], "rredcot (s)": r["step"], "rredcot - grpo (s)": r["step"] - g["step"]})
+    rep.rows = [
+        {
+            "stage": s if s != "step" else "whole step",
+            "grpo (s)": g[s],
+            "rredcot (s)": r[s],
+            "rredcot - grpo (s)": r[s] - g[s],
+        }
+        for s in (*STAGES, "step")
+    ]
     rep.results = {
         "step_overhead_ratio": r["step"] / g["step"],
         "redistribute_share": r["redistribute"] / r["step"],
