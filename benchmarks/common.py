@@ -138,8 +138,14 @@ def show(report: Report) -> None:
 
 
 def cli(run: Callable[[bool], Report]) -> None:
-    """`python -m benchmarks.NAME [--quick]`: run one benchmark and print its table and results."""
+    """`python -m benchmarks.NAME [--quick] [--json FILE]`: run one benchmark, print its table and results
+    (and write them to FILE: how `python -m benchmarks` collects them)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the smallest sizes, for a smoke test")
+    ap.add_argument("--json", help="also write the report here")
     args = ap.parse_args()
-    show(run(args.quick))
+    report = run(args.quick)
+    show(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"name": report.name, "results": report.results, "rows": report.rows, "notes": report.notes}, f)
