@@ -1,6 +1,7 @@
 # make run   : install, then train the built-in default (offline, CPU is fine)
 # make test  : install, then the test suite (unit, config, integration; slow/gpu skipped), two workers
 # make lint  : ruff's lint and format check (configured in pyproject.toml)
+# make bench : the benchmark suite (benchmarks/; ~10 min on 2 cores), writes benchmarks/results.json
 # make test-compat         : a subset of the suite on the lowest supported releases (.venv-compat; not in CI)
 # make check-vllm-resolves : whether the vllm extra resolves on PyPI beside today's torch/transformers (network)
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN     = $(VENV)/bin
 # Set TORCH_INDEX to a PyTorch wheel index (e.g. its CPU index) to choose the build pip installs.
 TORCH_INDEX ?=
 
-.PHONY: install run test test-all test-compat check-vllm-resolves lint format clean
+.PHONY: install run test test-all test-compat check-vllm-resolves lint format clean bench
 
 install: $(VENV)/.installed
 
@@ -46,6 +47,11 @@ test-compat: $(COMPAT_VENV)/.installed
 
 check-vllm-resolves: install
 	PIP=$(BIN)/pip sh scripts/compat/resolve_vllm.sh
+
+# Not part of `make test` (tests/integration/test_benchmarks.py runs each benchmark's --quick size there).
+# The README's performance table: `$(BIN)/python -m benchmarks.report` after a run.
+bench: install
+	$(BIN)/python -m benchmarks $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rredcot.logprobs import entropy_from_logits, no_grad_logprobs, position_ids
 from rredcot.lora import base_model
-from rredcot.ranges import COUNT
+from rredcot.ranges import COUNT, number
 from rredcot.registry import register
 from rredcot.stages.sampling import draw, filter_logits, keyed_uniforms, pad_cat
 from rredcot.types import Rollout, RolloutKV, Sample
@@ -175,8 +175,8 @@ class KVCacheBackend(RolloutBackend):
 
     keeps_kv = True
 
-    def __init__(self, model, tokenizer, chunk_size: int = 256):
-        self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
+    def __init__(self, model, tokenizer, chunk_size: int = 256, kv_keep_gb: float = 8.0):
+        self.model, self.tokenizer, self.chunk_size, self.kv_keep_gb = model, tokenizer, chunk_size, kv_keep_gb
 
     def sync(self, model) -> None:
         self.model = model
@@ -215,12 +215,20 @@ class KVCacheBackend(RolloutBackend):
                 )
             )
             if keep_kv:
-                kv.append(_rollout_kv(lo, prompt_mask[sl], parts[-1], model))
+                kept = _rollout_kv(lo, prompt_mask[sl], parts[-1], model)
+                if sum(_nbytes(c.cache) for c in [*kv, kept]) <= self.kv_keep_gb * 2**30:
+                    kv.append(kept)  # past the budget a chunk's probes re-forward its traces: slower, never more memory
                 parts[-1] = parts[-1][:5]
         model.train(was_training)
         fill = (tok.pad_token_id, 0, 0.0, 0.0)
         ids, mask, logp, ent = (pad_cat([p[i] for p in parts], fill[i]) for i in range(4))
         return Generations(ids, mask, logp, ent, torch.cat([p[4] for p in parts]), kv=kv or None)
+
+
+def _nbytes(cache) -> int:
+    """Bytes of a DynamicCache's keys and values."""
+    layers = getattr(cache, "layers", [])
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
 
 
 def _rollout_kv(lo: int, prompt_mask: torch.Tensor, out: tuple, model) -> RolloutKV:
@@ -230,10 +238,10 @@ def _rollout_kv(lo: int, prompt_mask: torch.Tensor, out: tuple, model) -> Rollou
     return RolloutKV(lo, out[5], (prompt_mask.shape[1] - plen).tolist(), (plen + fed).tolist(), model)
 
 
-@register("rollout", "sample", rules={"chunk_size": COUNT})
-def kv_cache_backend(model, tokenizer, *, chunk_size: int = 256) -> KVCacheBackend:
+@register("rollout", "sample", rules={"chunk_size": COUNT, "kv_keep_gb": number(0)})
+def kv_cache_backend(model, tokenizer, *, chunk_size: int = 256, kv_keep_gb: float = 8.0) -> KVCacheBackend:
     """rollout=sample: the built-in sampler (any transformers causal LM, CPU or GPU)."""
-    return KVCacheBackend(model, tokenizer, chunk_size)
+    return KVCacheBackend(model, tokenizer, chunk_size, kv_keep_gb)
 
 
 def as_backend(model_or_backend, tokenizer) -> RolloutBackend:

@@ -127,3 +127,13 @@ def test_a_model_whose_head_is_not_plain_goes_through_its_own_forward(arch, monk
     for it, a, b in zip(items, fast, slow):
         ref = probe_logprobs_reference(model, it)
         assert torch.allclose(a, ref, atol=1e-4) and torch.allclose(b, ref, atol=1e-4)
+
+
+def test_past_its_budget_the_sampler_keeps_no_cache_and_the_probes_reforward():
+    model = _model("llama")
+    enc = TOK(["a=3. a=?\n<think>\n"] * 2, return_tensors="pt", padding=True, add_special_tokens=False)
+    backend = KVCacheBackend(model, TOK, chunk_size=1, kv_keep_gb=0.0)  # rollout.kv_keep_gb=0: nothing is kept
+    gen = backend.generate(enc["input_ids"], enc["attention_mask"], Sampling(4), keep_kv=True)
+    assert gen.kv is None
+    backend.kv_keep_gb = 1.0
+    assert len(backend.generate(enc["input_ids"], enc["attention_mask"], Sampling(4), keep_kv=True).kv) == 2
