@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     "update.num_iterations": COUNT,
     "update.steps_per_generation": COUNT,
     "update.micro_batch_size": COUNT,
+    "update.micro_batch_tokens": optional(COUNT),  # a token budget per micro-batch; null: micro_batch_size rows
     "update.max_grad_norm": POSITIVE,
     "update.autocast": optional(one_of("bfloat16", "float16")),
     "update.is_cap": NON_NEGATIVE,

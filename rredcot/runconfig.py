@@ -38,7 +38,9 @@ RESUMABLE = (
     "world_size",  # a run is the same at any world size (docs/scaling.md)
     "update.gradient_checkpointing",
     "update.compile",
-)  # the last two: memory and speed, the same arithmetic
+    "update.micro_batch_tokens",
+    "rollout.kv_keep_gb",
+)  # the last four: memory and speed, the same arithmetic
 
 
 def save_overrides(run: Path, overrides: list[str]) -> None:
