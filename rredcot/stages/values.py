@@ -107,7 +107,7 @@ def _forced_once(
 ) -> tuple[list[torch.Tensor], int]:
     """forced_values for one forcing text: (per trace [K+1] values, probe tokens scored)."""
     values: list[torch.Tensor] = [torch.zeros(len(b)) for b in seg.boundaries]
-    items, owners, utils, lens = [], [], {}, {}
+    items, owners, utils, lens, first = [], [], {}, {}, {}
     for g0 in range(0, len(ro.texts), group_size):
         cands = (
             [ro.samples[g0].gold.strip()]
@@ -121,12 +121,19 @@ def _forced_once(
         blocks, starts = probe_blocks(ctx.tokenizer, force, [cands[i] + close for i in keep])
         for row in range(g0, g0 + group_size):
             ids, plen = trace_ids(ro, row)
-            items.append(ProbeItem(ids, [plen + b for b in seg.boundaries[row]], blocks, starts, row=row))
-            owners.append(row)
+            bounds = [plen + b for b in seg.boundaries[row]]
+            if row > g0 and seg.boundaries[row][:1] == [0] == seg.boundaries[g0][:1]:
+                bounds, first[row] = bounds[1:], g0  # b_0 = the prompt alone: the same probes for the whole group
+            if bounds:
+                items.append(ProbeItem(ids, bounds, blocks, starts, row=row))
+                owners.append(row)
             utils[row] = torch.tensor([u[i] for i in keep])
             lens[row] = torch.tensor([len(b) - s for b, s in zip(blocks, starts)], dtype=torch.float)
-    scored = score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens, ro.kv)
-    for row, logp in zip(owners, scored):  # logp [K+1, |A|]
+    got = dict(zip(owners, score_items(ctx.model, items, ctx.temperature, max_batch_tokens, packed_max_tokens, ro.kv)))
+    for row in utils:
+        logp = got.get(row, torch.zeros(0, len(utils[row])))  # [K+1, |A|]
+        if row in first:  # b_0's row, scored once on the group's first trace
+            logp = torch.cat([got[first[row]][:1], logp])
         if length_normalize:
             logp = logp / lens[row]
         p = logp.exp()

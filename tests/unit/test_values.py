@@ -180,3 +180,31 @@ def test_vps_values_are_the_gold_answers_probability_alone(batch):
     group, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=True)
     for a, b in zip(vps, group):
         assert torch.allclose(a, b, atol=1e-6) and (a >= 0).all() and (a <= 1).all()
+
+
+def test_the_prompt_only_boundary_is_scored_once_per_group(batch, monkeypatch):
+    import rredcot.stages.values as values_mod
+    from rredcot.stages.probes import probe_logprobs_reference
+
+    ro, ver, seg, ctx = batch
+    assert all(b[0] == 0 for b in seg.boundaries)  # b_0: the prompt alone
+    seen = []
+    real = values_mod.score_items
+    monkeypatch.setattr(
+        values_mod, "score_items", lambda model, items, *a: seen.extend(items) or real(model, items, *a)
+    )
+    values, _ = forced_values(ro, ver, seg, ctx, group_size=2, include_reference=True)
+    plen = [int(m.sum()) for m in ro.prompt_mask]
+    for it in seen:  # only the rows that open their groups (0 and 2) score b_0; the others start after it
+        assert (it.boundaries[0] == plen[it.row]) == (it.row in (0, 2))
+    assert {0, 2} <= {it.row for it in seen}
+    for g0 in (0, 2):
+        assert torch.equal(values[g0][0], values[g0 + 1][0])  # one prompt, one value at b_0
+    # and row 1's values, b_0 included, equal one forward per probe of its own trace
+    ids = torch.cat(
+        [ro.prompt_ids[1][ro.prompt_mask[1].bool()], ro.completion_ids[1, : int(ro.completion_mask[1].sum())]]
+    )
+    first = next(it for it in seen if it.row == 0)
+    item = type(first)(ids, [plen[1] + b for b in seg.boundaries[1]], first.blocks, first.scored_from)
+    p = probe_logprobs_reference(ctx.model, item).exp()  # [K+1, |A|]; U = [1, 0] for answers 7 (right) and 8
+    assert torch.allclose(values[1], p[:, 0], atol=1e-5)
