@@ -76,6 +76,7 @@ def _queries(item: ProbeItem, cached: int | None, budget: int, columns: int) -> 
     K, out, k0 = len(item.boundaries), [], 0
     per = max(1, item.probe_tokens // max(K, 1))  # probe tokens per boundary
     step = max(1, min(K, budget // max(per * (columns + item.probe_tokens), 1))) if cached is not None else K
+    step = -(-K // -(-K // step)) if K else 1  # pieces of even size (124 + 4 boundaries would pad 4 to 124)
     while k0 < K:
         part = replace(
             item,
@@ -92,6 +93,7 @@ def _queries(item: ProbeItem, cached: int | None, budget: int, columns: int) -> 
 # _qwen3_moe, _qwen2_moe, _mistral, _mixtral, _phi3). Others (Gemma's soft-capping, Cohere's logit_scale, Granite,
 # Falcon-H1, ...) go through the model's own forward with logits_to_keep (the union of the rows' positions).
 PLAIN_HEAD = {"llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mistral", "mixtral", "phi3"}
+WASTE = 3  # a rollout-cache forward pads its rows' queries to the longest: at most this many times their tokens
 HEAD_ROWS = 256  # rows projected to the vocabulary at a time: 256 x 151,936 fp32 logits = 156 MB
 
 
@@ -257,12 +259,13 @@ def _on_rollout_cache(model, items, kv, out, temperature: float, budget: int, ma
 
 def _batches(pieces, C: int, budget: int, max_tokens: int):
     """Consecutive pieces grouped into forwards: rows x Q_max x (C + Q_max) mask elements within `budget`,
-    query tokens within `max_tokens`."""
+    query tokens within `max_tokens`, and padding at most WASTE x the real query tokens (rows are padded to Q_max)."""
     batch, qmax, tokens = [], 0, 0
     for p in pieces:
         q = len(p[3].ids)
         wider = max(qmax, q)
-        if batch and ((len(batch) + 1) * wider * (C + wider) > budget or tokens + q > max_tokens):
+        full = (len(batch) + 1) * wider * (C + wider) > budget or tokens + q > max_tokens
+        if batch and (full or (len(batch) + 1) * wider > WASTE * (tokens + q)):
             yield batch
             batch, wider, tokens = [], q, 0
         batch.append(p)
