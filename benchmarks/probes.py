@@ -149,7 +149,7 @@ def run(quick: bool = False) -> Report:
     models: dict[tuple[str, int], object] = {}
     for kind, L, K, A in grid:
         model = models.setdefault((kind, L), ns["model_of"](L, kind))
-        baseline = (L <= 1024) or (L <= 4096 and K <= 8)
+        baseline = (L <= 1024 and K <= 32) or (L == 256) or (L <= 4096 and K <= 8)  # it costs (K+1) x A forwards
         packed = (L + K * A * 16) <= 8192
         rep.rows.append(_time_point(ns, kind, model, L, K, A, repeats, baseline, packed))
         models.pop((kind, L // 4), None)

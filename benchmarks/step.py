@@ -67,7 +67,7 @@ def measure(overrides: list[str], steps: int) -> dict[str, dict[str, float]]:
 
 def run(quick: bool = False) -> Report:
     torch.set_num_threads(torch.get_num_threads())
-    overrides, steps = (["debug=fast"], 2) if quick else ([], 8)
+    overrides, steps = (["debug=fast"], 2) if quick else ([], 6)
     med = measure(overrides, steps)
     r, g = med["rredcot"], med["grpo"]
     rep = Report("Step overhead: algo=rredcot against algo=grpo (built-in default)" + (" [quick]" if quick else ""))
