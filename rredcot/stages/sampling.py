@@ -57,15 +57,71 @@ def keyed_uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
     )
 
 
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+DRAW_BLOCK = 1024  # tokens per block of draw's two-level inverse CDF
+DRAW_SCRATCH = 1 << 20  # float64 elements of block-sum scratch (8 MiB, cache-sized): 6 rows of 151,936 at a time
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor, block: int = DRAW_BLOCK) -> torch.Tensor:
     """Inverse-CDF sampling: probs [N, V] (rows need not sum to 1), u [N] in [0, 1) -> token ids [N].
 
-    Token i is drawn when cdf[i-1] <= u * total < cdf[i]; a zero-probability token never is.
+    Token i is drawn when cdf[i-1] <= u * total < cdf[i] (cdf in float64); a zero-probability token never is.
     Example: probs [.2, 0, .5, .3] (cdf .2 .2 .7 1.0): u=.1 -> 0, u=.2 -> 2 (not 1), u=.69 -> 2, u=.95 -> 3.
+
+    Two levels, so that no [N, V] float64 cumsum is built (310 MB at 256 x 151,936): the float64 CDF over
+    sums of `block` tokens picks the block, a float64 cumsum inside that block picks the token. The same
+    choices as one full cumsum up to summation order (~1e-16); row i's token depends on row i alone.
     """
-    cdf = probs.double().cumsum(-1)  # float64: the boundaries do not drift with the vocabulary size
-    target = u.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
-    return (cdf <= target).sum(-1).clamp(max=probs.shape[-1] - 1)
+    n, v = probs.shape
+    u = u.to(probs.device, torch.float64)
+    if v <= block:  # one block: the code before issue 23, bitwise (fl(u * total) < total for u < 1, so the
+        # count stops at the last token with mass; the clamp only catches u = 1)
+        cdf = probs.double().cumsum(-1)  # [N, V]
+        return (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=v - 1)
+    cum = block_sums(probs, block).cumsum(-1)  # [N, nb]: the float64 CDF at each block's end
+    total = cum[:, -1:]  # [N, 1]
+    target = u[:, None] * total  # [N, 1]
+    # the first block whose CDF passes the target, and never past the last block with mass: a defence, as
+    # fl(u * total) < total for any u < 1 and a float32 row's total (checked with numpy, IEEE nearest)
+    b = torch.minimum((cum <= target).sum(-1), (cum < total).sum(-1))  # [N]
+    before = torch.where(b > 0, cum.gather(-1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)  # [N] CDF before block b
+    idx = b[:, None] * block + torch.arange(block, device=probs.device)  # [N, block]; the last block may overrun V
+    vals = probs.gather(-1, idx.clamp(max=v - 1)).double().masked_fill(idx >= v, 0.0)  # [N, block]
+    # residual target - before >= 0 exactly (a rounded subtraction of a <= b is >= 0)
+    return b * block + _first_past(vals, vals.cumsum(-1), target[:, 0] - before)
+
+
+def _first_past(vals: torch.Tensor, cdf: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """vals, cdf [N, B] float64, r [N] -> [N]: the first index with cdf > r, i.e. cdf[i-1] <= r < cdf[i].
+
+    Such an index has mass (cdf rises there). When none passes (r at or past the end through rounding),
+    the last index with mass, never a zero-probability one; a row with no mass at all gives 0.
+    """
+    k = (cdf <= r[:, None]).sum(-1)  # [N]
+    pos = torch.arange(vals.shape[-1], device=vals.device)
+    last = torch.where(vals > 0, pos, 0).amax(-1)  # [N]
+    return torch.minimum(k, last)
+
+
+def block_sums(probs: torch.Tensor, block: int) -> torch.Tensor:
+    """probs [N, V] -> [N, ceil(V / block)] float64 sums of consecutive `block` tokens (the last block partial).
+
+    The float64 cast goes through a reused scratch of a fixed number of rows (no [N, V] float64 copy), and
+    every chunk is summed at that same shape: a reduction's order may depend on the shape it is given (CUDA
+    picks its strategy by the number of outputs), so it must not depend on how many rows share the batch.
+    The last chunk's spare rows hold stale or uninitialised values; each sum reads its own row, and theirs
+    are dropped.
+    """
+    n, v = probs.shape
+    nb = -(-v // block)
+    rows = max(1, DRAW_SCRATCH // (nb * block))
+    buf = probs.new_empty(rows, nb * block, dtype=torch.float64)  # not zeros: a fill of 8 MiB per call costs
+    buf[:, v:] = 0.0  # as much as the sums; only the columns past V must be 0
+    out = probs.new_empty(n, nb, dtype=torch.float64)
+    for lo in range(0, n, rows):
+        k = min(rows, n - lo)
+        buf[:k, :v] = probs[lo : lo + k]  # the float32 -> float64 cast, into the scratch
+        out[lo : lo + k] = buf.view(rows, nb, block).sum(-1)[:k]
+    return out
 
 
 def prefix_seeds(seed: int, step: int, prefixes: list[list[int]], n: int) -> list[int]:
