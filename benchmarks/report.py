@@ -25,12 +25,13 @@ def _memory(mem: dict | None) -> str:
     if not mem:
         return "not run"
     before, after = mem.get("before", {}), mem.get("after", {})
+    both = [k for k in after if isinstance(before.get(k), (int, float))]
     longest = max(after, key=int)
-
-    def mib(v: Any) -> str:
-        return f"{v:,.0f} MiB" if isinstance(v, (int, float)) else "not run (too large)"
-
-    return f"{mib(before.get(longest))} -> {mib(after.get(longest))} at {int(longest):,} tokens"
+    text = ""
+    if both:
+        k = max(both, key=int)
+        text = f"{before[k]:,.0f} -> {after[k]:,.0f} MiB at {int(k):,} tokens; "
+    return text + f"{after[longest]:,.0f} MiB at {int(longest):,} (before: too large to run)"
 
 
 def table(r: dict[str, Any]) -> str:

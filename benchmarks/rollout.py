@@ -43,14 +43,14 @@ def draw_full_cumsum(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 # ---- the batches ----
 
 
-def builtin_case(rows: int, new_tokens: int) -> dict:
-    """The warm-started built-in model and `rows` dev prompts, left-padded."""
+def builtin_case(rows: int, new_tokens: int, overrides: tuple[str, ...] = ()) -> dict:
+    """The warm-started built-in model and `rows` dev prompts, left-padded (--quick: debug=fast's small warm start)."""
     from rredcot.compose import load_config
     from rredcot.registry import entry
     from rredcot.stages.rollout import stop_ids
     from rredcot.task.warmstart import load_policy
 
-    cfg = load_config([])
+    cfg = load_config(list(overrides))
     model, tok = load_policy(cfg)
     prompts = [s.prompt for s in entry("task", cfg.task.name).obj(cfg.task, "dev", tok)[:rows]]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -322,7 +322,7 @@ def run(quick: bool = False) -> Report:
     transformers.logging.set_verbosity_error()  # generate's notes on the settings passed
     repeats = 1 if quick else 3
     cases = (
-        {"builtin": builtin_case(16, 16), "qwen2_vocab": qwen2_case(4, 16)}
+        {"builtin": builtin_case(16, 16, ("debug=fast",)), "qwen2_vocab": qwen2_case(4, 16)}
         if quick
         else {"builtin": builtin_case(64, 48), "qwen2_vocab": qwen2_case(16, 64)}
     )

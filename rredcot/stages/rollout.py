@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rredcot.logprobs import entropy_from_logits, no_grad_logprobs, position_ids
+from rredcot.logprobs import no_grad_logprobs, position_ids
 from rredcot.lora import base_model
 from rredcot.ranges import COUNT, number
 from rredcot.registry import register
@@ -81,8 +81,11 @@ def generate(
     kw = cache_kwarg(model)
     toks, alive, logps, ents = [], [], [], []
     pos = pos[:, -1:]
+    div = 1.0 if greedy else temperature
+    p_logp = None  # [N, V] scratch for p * log p, reused every step (fresh [N, V] tensors also pay for new pages)
     for t in range(max_new_tokens):
-        scaled = out.logits[:, -1].float() / (1.0 if greedy else temperature)  # [N, V]
+        scaled = out.logits[:, -1].float()  # [N, V]
+        scaled = scaled if div == 1.0 else scaled / div  # x / 1.0 is x: no copy
         logp_all = torch.log_softmax(scaled, dim=-1)
         if greedy:
             tok = scaled.argmax(-1)
@@ -94,7 +97,10 @@ def generate(
         toks.append(tok)
         alive.append(~done)
         logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1))
-        ents.append(entropy_from_logits(scaled))
+        # the entropy -sum p log p from this step's log_softmax (entropy_from_logits would compute a second one):
+        # bitwise the same numbers, 1.29x the tokens/s at a 151,936-token vocabulary (benchmarks/rollout.py)
+        p_logp = torch.exp(logp_all, out=p_logp if p_logp is not None else torch.empty_like(logp_all))
+        ents.append(-p_logp.mul_(logp_all).sum(-1))
         done = done | torch.isin(tok, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
