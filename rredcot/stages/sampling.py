@@ -67,9 +67,11 @@ def draw(probs: torch.Tensor, u: torch.Tensor, block: int = DRAW_BLOCK) -> torch
     Token i is drawn when cdf[i-1] <= u * total < cdf[i] (cdf in float64); a zero-probability token never is.
     Example: probs [.2, 0, .5, .3] (cdf .2 .2 .7 1.0): u=.1 -> 0, u=.2 -> 2 (not 1), u=.69 -> 2, u=.95 -> 3.
 
-    Two levels, so that no [N, V] float64 cumsum is built (310 MB at 256 x 151,936): the float64 CDF over
-    sums of `block` tokens picks the block, a float64 cumsum inside that block picks the token. The same
-    choices as one full cumsum up to summation order (~1e-16); row i's token depends on row i alone.
+    Two levels, so that no [N, V] float64 copy or cumsum is built (one full cumsum peaked at 630 MiB of
+    scratch at 256 x 151,936 and took 0.5-1.4 s on one CPU thread; this takes 8 MiB and ~15-20 ms): the
+    float64 CDF over sums of `block` tokens picks the block, a float64 cumsum inside that block picks the
+    token. The same choices as one full cumsum up to summation order (~1e-16); row i's token depends on
+    row i alone (benchmarks/rollout.py measures it, tests/unit/test_sampling_draw.py checks it).
     """
     n, v = probs.shape
     u = u.to(probs.device, torch.float64)
@@ -105,7 +107,9 @@ def _first_past(vals: torch.Tensor, cdf: torch.Tensor, r: torch.Tensor) -> torch
 def block_sums(probs: torch.Tensor, block: int) -> torch.Tensor:
     """probs [N, V] -> [N, ceil(V / block)] float64 sums of consecutive `block` tokens (the last block partial).
 
-    The float64 cast goes through a reused scratch of a fixed number of rows (no [N, V] float64 copy), and
+    The float64 cast goes through a reused scratch of a fixed number of rows (no [N, V] float64 copy: torch
+    2.13's sum(dtype=torch.float64) of a float32 tensor casts the whole input first, measured as slow as
+    .double()), and
     every chunk is summed at that same shape: a reduction's order may depend on the shape it is given (CUDA
     picks its strategy by the number of outputs), so it must not depend on how many rows share the batch.
     The last chunk's spare rows hold stale or uninitialised values; each sum reads its own row, and theirs
