@@ -11,10 +11,7 @@ settings (temperature 1, top_p 1, top_k 0, the same max_new_tokens and EOS ids),
 Tokens are counted honestly on both sides: each row's tokens up to and including its first EOS, never a finished
 row's padding. Each side draws its own samples, so the counts may differ by a few tokens (in the table).
 ratio = our tokens/s over generate's (target >= 1.0); medians of interleaved repeats after a warm-up.
-Also timed, on the same batches: `proposed`, a private copy of generate's loop with the change this benchmark
-proposes for it (its tokens, log-probs and entropies bitwise equal to generate's: checked, `proposed bitwise`);
-full run: `proposed_p`, the same with the entropy taken from the draw's softmax (not bitwise: `proposed_p
-entropy diff`), and on the Qwen2 vocabulary `before`, generate with the full-cumsum draw issue 23 replaced.
+Full run, on the Qwen2 vocabulary: also `before`, generate with the full-cumsum draw issue 23 replaced.
 
 Sampler: draw() (stages/sampling.py, the two-level inverse CDF) against the one float64 cumsum over the
 vocabulary it replaced, torch.multinomial (what model.generate samples with) and torch.softmax alone (for
@@ -97,11 +94,11 @@ def _case(model, ids, mask, stops, pad, new_tokens) -> dict:
 # ---- the two samplers, each returning its generated token count ----
 
 
-def ours(case: dict, fn=None, **kw) -> int:
-    """rollout=sample's generate() (or `fn`, a copy of it): the tokens in its completion mask."""
+def ours(case: dict) -> int:
+    """rollout=sample's generate(): the tokens in its completion mask."""
     from rredcot.stages.rollout import generate
 
-    out = (fn or generate)(
+    out = generate(
         case["model"],
         case["ids"],
         case["mask"],
@@ -109,7 +106,6 @@ def ours(case: dict, fn=None, **kw) -> int:
         pad_id=case["pad"],
         max_new_tokens=case["T"],
         uniforms=case["u"],
-        **kw,
     )
     return int(out[1].sum())
 
@@ -134,104 +130,12 @@ def theirs(case: dict) -> int:
     return int(((stop.cumsum(1) - stop) == 0).sum())  # no stop strictly before: the stop itself counts
 
 
-# ---- the proposed decode loop (a private copy of rollout.generate; rollout.py is not edited here) ----
-
-
-@torch.no_grad()
-def generate_proposed(
-    model,
-    prompt_ids,
-    prompt_mask,
-    *,
-    eos_id,
-    pad_id,
-    max_new_tokens,
-    temperature=1.0,
-    top_p=1.0,
-    top_k=0,
-    greedy=False,
-    uniforms=None,
-    keep_cache=False,
-    entropy_from_probs=False,
-):
-    """rollout.generate (as of issue 23) with three [N, V] passes and two [N, V] allocations fewer per token,
-    the same tokens, log-probs and entropies bitwise (same_as_generate checks it):
-    - the entropy reuses the step's log_softmax (entropy_from_logits(scaled) computed a second one);
-    - its exp(logp) goes into one scratch reused by every step and is multiplied in place (fresh [N, V]
-      tensors of 10 MB are fresh pages: measured 2x the cost of the arithmetic on this machine, torch 2.13);
-    - logits are not divided by a temperature of 1 (x / 1.0 is x; the division is a copy).
-    entropy_from_probs (not bitwise: entropies within ~1e-6 relative): unfiltered sampling takes the entropy's
-    p from the draw's softmax instead of exp(logp), one exp pass fewer."""
-    from rredcot.logprobs import position_ids
-    from rredcot.stages.rollout import cache_kwarg
-    from rredcot.stages.sampling import draw, filter_logits
-
-    n = prompt_ids.shape[0]
-    mask = prompt_mask.clone()
-    pos = position_ids(mask)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # transformers 5 / 4
-    done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
-    stops = torch.tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id], device=prompt_ids.device)
-    kw = cache_kwarg(model)
-    toks, alive, logps, ents = [], [], [], []
-    pos = pos[:, -1:]
-    div = 1.0 if greedy else temperature
-    p_logp = None  # [N, V] scratch: p * log p of the step
-    for t in range(max_new_tokens):
-        scaled = out.logits[:, -1].float()  # [N, V]; a no-op for an fp32 model
-        scaled = scaled if div == 1.0 else scaled / div
-        logp_all = torch.log_softmax(scaled, dim=-1)  # [N, V]
-        probs = None
-        if greedy:
-            tok = scaled.argmax(-1)
-        else:
-            filtered = filter_logits(scaled, top_k, top_p)  # `scaled` itself when nothing is filtered
-            probs = torch.softmax(filtered, dim=-1)
-            u = uniforms[:, len(toks)] if uniforms is not None else torch.rand(n, device=probs.device)
-            tok = draw(probs, u)  # [N]
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        toks.append(tok)
-        alive.append(~done)
-        logps.append(logp_all.gather(-1, tok[:, None]).squeeze(-1))
-        if entropy_from_probs and probs is not None and filtered is scaled:
-            ents.append(-(probs * logp_all).sum(-1))
-        else:  # entropy_from_logits(scaled): -(exp(logp) * logp).sum(-1), its log_softmax and scratch reused
-            p_logp = torch.exp(logp_all, out=p_logp if p_logp is not None else torch.empty_like(logp_all))
-            ents.append(-p_logp.mul_(logp_all).sum(-1))
-        done = done | torch.isin(tok, stops)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos + 1
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{kw: cache})
-    completion_mask = torch.stack(alive, 1).long()  # [N, T]
-    logprobs = torch.stack(logps, 1) * completion_mask
-    entropies = torch.stack(ents, 1) * completion_mask
-    out = (torch.stack(toks, 1), completion_mask, logprobs, entropies, ~done)
-    return (*out, cache, len(toks) - 1) if keep_cache else out
-
-
-def against_generate(case: dict, **kw) -> dict:
-    """generate_proposed's outputs against generate's: bitwise equal, and the largest entropy difference."""
-    from rredcot.stages.rollout import generate
-
-    args = (case["model"], case["ids"], case["mask"])
-    opts = {"eos_id": case["stops"], "pad_id": case["pad"], "max_new_tokens": case["T"], "uniforms": case["u"]}
-    ref, got = generate(*args, **opts), generate_proposed(*args, **opts, **kw)
-    return {
-        "bitwise": all(torch.equal(a, b) for a, b in zip(ref, got)),
-        "entropy_max_diff": float((ref[3] - got[3]).abs().max()),
-    }
-
-
 # ---- measurements ----
 
 
 def rollout_row(name: str, case: dict, repeats: int, extras: bool) -> dict:
-    """Tokens/s of each sampler on `case`, interleaved. extras: also generate_proposed with entropy_from_probs
-    (`proposed_p`) and, above DRAW_BLOCK tokens (below it draw runs the old code), generate with the
-    full-cumsum draw (`before`)."""
+    """Tokens/s of each sampler on `case`, interleaved. extras: above DRAW_BLOCK tokens (below it draw runs the
+    old code), also generate with the full-cumsum draw (`before`)."""
     import rredcot.stages.rollout as rollout
     from rredcot.stages.sampling import DRAW_BLOCK
 
@@ -247,10 +151,7 @@ def rollout_row(name: str, case: dict, repeats: int, extras: bool) -> dict:
     fns = {
         "ours": timed("ours", lambda: ours(case)),
         "generate": timed("generate", lambda: theirs(case)),
-        "proposed": timed("proposed", lambda: ours(case, generate_proposed)),
     }
-    if extras:
-        fns["proposed_p"] = timed("proposed_p", lambda: ours(case, generate_proposed, entropy_from_probs=True))
     if extras and case["model"].config.vocab_size > DRAW_BLOCK:
         fns["before"] = timed("before", before)
     sec = interleaved_medians(fns, repeats=repeats)
@@ -260,9 +161,6 @@ def rollout_row(name: str, case: dict, repeats: int, extras: bool) -> dict:
     row |= {"ours tokens": counts["ours"], "generate tokens": counts["generate"]}
     row["ours / generate"] = rate["ours"] / rate["generate"]
     row |= {f"{k} / ours": rate[k] / rate["ours"] for k in fns if k not in ("ours", "generate")}
-    row["proposed bitwise"] = against_generate(case)["bitwise"]
-    if extras:
-        row["proposed_p entropy diff"] = against_generate(case, entropy_from_probs=True)["entropy_max_diff"]
     return row
 
 
@@ -341,8 +239,6 @@ def run(quick: bool = False) -> Report:
     head = next(r for r in samplers if r["N x V"] == f"{at[0]} x {at[1]}")
     rep.results = {
         "rollout_vs_generate": {r["model"]: r["ours / generate"] for r in rows},
-        "proposed_loop_speedup": {r["model"]: r["proposed / ours"] for r in rows},
-        "proposed_loop_bitwise": all(r["proposed bitwise"] for r in rows),
         "rollout": rows,
         "sampler": {
             "at": f"{at[0]} x {at[1]}",

@@ -136,12 +136,12 @@ def _chunked_logprobs(model, ids, mask, completion_ids, temperature, with_entrop
     # The KL reference of a LoRA run: the projections below must also run with the adapter off (an adapter
     # on lm_head), so the context is entered here once and the forward goes to the peft model inside it.
     net, ctx = (model.model, model.model.disable_adapter()) if isinstance(model, AdapterOff) else (model, nullcontext())
-    head = _output_head(net)
+    head = output_head(net)
     if head is None:
         return None
     n, T = completion_ids.shape
     with ctx:
-        hidden, autocast = _hidden_states(net, head, ids, mask, T)  # [n, T+1, H]
+        hidden, autocast = hidden_states(net, head, lambda m: _forward(m, ids, mask, T))  # [n, T+1, H]
         if hidden is None:
             return None
         h = hidden[:, :-1].reshape(n * T, hidden.shape[-1])  # [n T, H]; position t predicts token t
@@ -199,7 +199,7 @@ class _PassThrough(torch.nn.Module):
         return x
 
 
-# Models that need the full path, found after a forward (see _hidden_states): not tried again.
+# Models that need the full path, found after a forward (see hidden_states): not tried again.
 _FULL_ONLY: set[type] = set()
 
 
@@ -210,7 +210,7 @@ def _softcap(cap: float | None) -> Transform | None:
 
 
 # What transformers 5.24.0's forward of these classes does to lm_head's output (read in their modeling_*.py);
-# the check in _hidden_states catches a version that changed it. Gemma3ForConditionalGeneration: nothing.
+# the check in hidden_states catches a version that changed it. Gemma3ForConditionalGeneration: nothing.
 _TRANSFORMS: dict[str, Callable[[PreTrainedModel], Transform | None]] = {
     "Gemma2ForCausalLM": lambda m: _softcap(m.config.final_logit_softcapping),
     "Gemma3ForCausalLM": lambda m: _softcap(m.config.final_logit_softcapping),
@@ -257,7 +257,7 @@ def _transform(base) -> tuple[bool, Transform | None]:
     return not knobs, None
 
 
-def _output_head(net) -> _Head | None:
+def output_head(net) -> _Head | None:
     """The output layer of the model `net` runs, or None where the full path must run."""
     base = _unwrap(net)
     get = getattr(base, "get_output_embeddings", None)
@@ -274,17 +274,18 @@ def _output_head(net) -> _Head | None:
     return None
 
 
-def _hidden_states(net, head: _Head, ids, mask, T: int):
-    """(final hidden states [n, T+1, H], the forward's autocast state), from the model's own forward with
-    the output layer swapped out; (None, None) if `.logits` shows the forward did more than that layer
-    (then the model is remembered in _FULL_ONLY and the caller runs the full path)."""
+def hidden_states(net, head: _Head, run: Callable[[torch.nn.Module], torch.Tensor]):
+    """(final hidden states, the forward's autocast state), from run(net) (the model's own forward, returning its
+    `.logits`) with the output layer swapped out; (None, None) if `.logits` shows the forward did more than that
+    layer (then the model is remembered in _FULL_ONLY and the caller runs the full path). The update's passes
+    and the probe pass (stages/probes.py) both read them."""
     stand_in = _PassThrough()
     setattr(head.parent, head.name, stand_in)
     try:
         with warnings.catch_warnings():  # FSDP2 warns that a root returning a view would lose its hook to an
             # in-place op (the hidden states are a slice): nothing here writes into them in place
             warnings.filterwarnings("ignore", message=".*returned a view tensor.*", category=UserWarning)
-            got = _forward(net, ids, mask, T)
+            got = run(net)
     finally:
         setattr(head.parent, head.name, head.module)
     x, version, autocast = getattr(stand_in, "seen", (None, None, None))

@@ -24,8 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rredcot.logprobs import selective_log_softmax
-from rredcot.lora import base_model
+from rredcot.logprobs import hidden_states, output_head, selective_log_softmax
 from rredcot.stages.probe_layout import Query, build_query, packed_layout, scores
 from rredcot.stages.rollout import cache_kwarg, forward_takes
 from rredcot.types import RolloutKV
@@ -88,22 +87,8 @@ def _queries(item: ProbeItem, cached: int | None, budget: int, columns: int) -> 
     return out
 
 
-# Model types whose logits are exactly lm_head(the decoder's last hidden state): their probe pass projects only
-# the (row, position) pairs a probe reads (checked against transformers 5.24's modeling_llama, _qwen2, _qwen3,
-# _qwen3_moe, _qwen2_moe, _mistral, _mixtral, _phi3). Others (Gemma's soft-capping, Cohere's logit_scale, Granite,
-# Falcon-H1, ...) go through the model's own forward with logits_to_keep (the union of the rows' positions).
-PLAIN_HEAD = {"llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mistral", "mixtral", "phi3"}
-WASTE = 3  # a rollout-cache forward pads its rows' queries to the longest: at most this many times their tokens
 HEAD_ROWS = 256  # rows projected to the vocabulary at a time: 256 x 151,936 fp32 logits = 156 MB
-
-
-def _split_head(model):
-    """(decoder, lm_head) when the model's logits are lm_head(decoder(...).last_hidden_state), else None."""
-    base = base_model(model)
-    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD:
-        return None
-    dec, head = base.get_decoder(), base.get_output_embeddings()
-    return (dec, head) if dec is not None and dec is not base and head is not None else None
+WASTE = 3  # a rollout-cache forward pads its rows' queries to the longest: at most this many times their tokens
 
 
 def _token_logprobs(model, ids, pos, allowed, preds, tgts, temperature: float, **kw) -> list[torch.Tensor]:
@@ -119,10 +104,13 @@ def _token_logprobs(model, ids, pos, allowed, preds, tgts, temperature: float, *
     pair = torch.cat([inv + offsets[i] for i, (_, inv) in enumerate(uniq)]).to(device)  # [M] each token's pair
     target = torch.cat(tgts).to(device)  # [M]
     inputs = dict(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask, **kw)
-    split = _split_head(model)
-    if split is not None:
-        hidden = split[0](**inputs).last_hidden_state[rows.to(device), where.to(device)]  # [U, H]
-        project = split[1]
+    head = output_head(model)  # the update's mechanism (rredcot/logprobs.py): the forward with lm_head swapped out
+    hidden = None if head is None else hidden_states(model, head, lambda m: m(**inputs).logits)[0]
+    if hidden is not None:  # [B, Q, H]: only the pairs a probe reads go through lm_head (and its post-processing)
+        hidden = hidden[rows.to(device), where.to(device)]  # [U, H]
+
+        def project(h):
+            return head.module(h) if head.transform is None else head.transform(head.module(h))
     else:  # the model's own logits, at the union of the rows' positions
         keep = torch.unique(where)
         extra = {"logits_to_keep": keep.to(device)} if forward_takes(model, "logits_to_keep") else {}

@@ -114,15 +114,15 @@ def test_the_cached_path_splits_long_queries_and_keeps_their_order():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_model_whose_head_is_not_plain_goes_through_its_own_forward(arch, monkeypatch):
-    # Gemma's soft-capping or Cohere's logit_scale change the logits after lm_head: those models are scored from
-    # their own forward's logits (at the union of the rows' positions), not from lm_head(hidden states)
+    # a model whose post-processing of lm_head's output rredcot/logprobs.py cannot reproduce is scored from its
+    # own forward's logits (at the union of the rows' positions), not from lm_head(hidden states)
     model = _model(arch)
     ids = _ids("a=3, b=a+4. b=?\n<think>\nb=3+4=7\n</think>\n7</s>")
     items = [
         ProbeItem.from_parts(ids[: 20 + i], [9, 20], _ids("</think>\n"), [_ids("7</s>"), _ids("8</s>")]) for i in (0, 5)
     ]
     fast = score_items(model, items)
-    monkeypatch.setattr(probes, "PLAIN_HEAD", set())
+    monkeypatch.setattr(probes, "output_head", lambda model: None)  # as rredcot.logprobs says of such a model
     slow = score_items(model, items)
     for it, a, b in zip(items, fast, slow):
         ref = probe_logprobs_reference(model, it)
